@@ -1,0 +1,261 @@
+"""Ingest: validate, persist with the topic's next seq, and hand to the router after commit.
+
+Contract (DESIGN.md, guarantees): a returned result means the row is committed. Per topic, ``seq``
+is 1, 2, 3... with no gap and no duplicate, in commit order: the topic row is locked and its
+``last_seq`` advanced inside the same transaction that inserts the notification, so a rolled-back
+insert also rolls back its seq. A retried item with the same ``(source, idempotency_key)`` returns
+the first answer; racing retries are serialized by a transaction-scoped advisory lock on the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from . import router
+from .models import SEVERITIES, SOURCES, Notification, Topic
+from .topics import is_valid_topic
+
+EVENT_MAX_LENGTH = 100
+IDEMPOTENCY_KEY_MAX_LENGTH = 200
+BATCH_MAX_ITEMS = 1000
+
+
+class IngestError(Exception):
+    """Bad input. ``errors`` is a list of ``{"loc": [...], "msg": str}`` (JSON paths)."""
+
+    status = 400
+
+    def __init__(self, errors: list[dict]):
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+class IdempotencyConflict(IngestError):
+    """The idempotency key was used before with a different body."""
+
+    status = 422
+
+
+@dataclass
+class NotificationIn:
+    topic: str
+    event: str
+    data: dict = field(default_factory=dict)
+    severity: str = "info"
+    source: str = "api"
+    idempotency_key: str | None = None
+    recipients: list[str] = field(default_factory=list)
+
+    def body_hash(self) -> str:
+        body = [self.topic, self.event, self.data, self.severity, sorted(self.recipients)]
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class IngestResult:
+    id: str
+    topic: str
+    seq: int
+    created: bool
+
+    def answer(self) -> dict:
+        return {"id": self.id, "topic": self.topic, "seq": self.seq}
+
+
+def validate(item: NotificationIn, loc: tuple = ()) -> list[dict]:
+    """Return the errors of one item (empty when valid). Checks what the schema cannot."""
+    errors = []
+
+    def bad(name: str, msg: str) -> None:
+        errors.append({"loc": [*loc, name], "msg": msg})
+
+    if not is_valid_topic(item.topic):
+        bad(
+            "topic",
+            "use lowercase segments of a-z, 0-9, _ or - separated by '.' or ':', "
+            "at most 200 characters (e.g. 'alerts.k8s', 'user:42')",
+        )
+    if not item.event or len(item.event) > EVENT_MAX_LENGTH:
+        bad("event", f"give an event name of 1 to {EVENT_MAX_LENGTH} characters, e.g. 'pod.crash'")
+    if item.severity not in SEVERITIES:
+        bad("severity", f"must be one of {', '.join(SEVERITIES)}")
+    if item.source not in SOURCES:
+        bad("source", f"must be one of {', '.join(SOURCES)}")
+    if not isinstance(item.data, dict):
+        bad("data", "must be a JSON object")
+    else:
+        size = len(json.dumps(item.data, separators=(",", ":")).encode())
+        if size > settings.MAX_MESSAGE_BYTES:
+            bad("data", f"is {size} bytes encoded; the limit is {settings.MAX_MESSAGE_BYTES}")
+    key = item.idempotency_key
+    if key is not None and (not key or len(key) > IDEMPOTENCY_KEY_MAX_LENGTH):
+        bad("idempotency_key", f"must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters")
+    return errors
+
+
+def ingest(items: list[NotificationIn]) -> list[IngestResult]:
+    """Persist ``items`` in one transaction; return one result per item, in order.
+
+    Raises IngestError (400) for invalid items (nothing stored), IdempotencyConflict (422) when a
+    key is reused with another body, and the database's OperationalError when it is unreachable.
+    """
+    errors = []
+    for index, item in enumerate(items):
+        errors += validate(item, (index,) if len(items) > 1 else ())
+    if errors:
+        raise IngestError(errors)
+    with transaction.atomic():
+        results = _persist(items)
+    return results
+
+
+async def aingest(items: list[NotificationIn]) -> list[IngestResult]:
+    # Not thread_sensitive: concurrent requests each get a worker thread and a DB connection,
+    # instead of queueing on Django's one shared sync thread.
+    return await sync_to_async(ingest, thread_sensitive=False)(items)
+
+
+def _persist(items: list[NotificationIn]) -> list[IngestResult]:
+    results: list[IngestResult | None] = [None] * len(items)
+    _lock_idempotency_keys(items)
+    existing = _existing_by_key(items)
+    fresh: list[tuple[int, NotificationIn]] = []
+    seen_keys: dict[tuple[str, str], int] = {}
+    for index, item in enumerate(items):
+        key = (item.source, item.idempotency_key) if item.idempotency_key else None
+        if key and key in existing:
+            row = existing[key]
+            if row.body_hash != item.body_hash():
+                raise IdempotencyConflict(
+                    [
+                        {
+                            "loc": ["idempotency_key"],
+                            "msg": f"{item.idempotency_key!r} was already used with a different "
+                            "body; use a new key for a new notification",
+                        }
+                    ]
+                )
+            results[index] = IngestResult(str(row.id), row.topic.name, row.seq, created=False)
+        elif key and key in seen_keys:
+            results[index] = seen_keys[key]  # repeated within one batch: same answer
+        else:
+            fresh.append((index, item))
+            if key:
+                seen_keys[key] = index
+    if fresh:
+        created = _insert(fresh)
+        for (index, _), result in zip(fresh, created, strict=True):
+            results[index] = result
+    for index, result in enumerate(results):
+        if isinstance(result, int):
+            results[index] = results[result]
+    return results  # type: ignore[return-value]
+
+
+def _lock_idempotency_keys(items: list[NotificationIn]) -> None:
+    """Serialize concurrent requests carrying the same key until the first one commits."""
+    if connection.vendor != "postgresql":
+        return  # SQLite: transactions are IMMEDIATE (settings), writers are already serialized
+    keys = sorted(
+        {
+            zlib.crc32(f"{i.source}\0{i.idempotency_key}".encode())
+            for i in items
+            if i.idempotency_key
+        }
+    )
+    if keys:
+        with connection.cursor() as cursor:
+            # 42 namespaces these locks; sorted to avoid deadlocks between batches
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(42, k) FROM unnest(%s::int[]) AS k ORDER BY k",
+                [[k - 2**31 for k in keys]],
+            )
+
+
+def _existing_by_key(items: list[NotificationIn]) -> dict[tuple[str, str], Notification]:
+    keyed = [(i.source, i.idempotency_key) for i in items if i.idempotency_key]
+    if not keyed:
+        return {}
+    rows = Notification.objects.select_related("topic").filter(
+        source__in={s for s, _ in keyed}, idempotency_key__in={k for _, k in keyed}
+    )
+    return {(r.source, r.idempotency_key): r for r in rows}
+
+
+def _insert(fresh: list[tuple[int, NotificationIn]]) -> list[IngestResult]:
+    per_topic: dict[str, int] = {}
+    for _, item in fresh:
+        per_topic[item.topic] = per_topic.get(item.topic, 0) + 1
+    topics = _advance_topics(per_topic)  # name -> (topic id, first seq)
+    now = timezone.now()
+    next_seq = {name: first for name, (_, first) in topics.items()}
+    rows = []
+    for _, item in fresh:
+        topic_id, _ = topics[item.topic]
+        rows.append(
+            Notification(
+                topic_id=topic_id,
+                seq=next_seq[item.topic],
+                source=item.source,
+                event=item.event,
+                severity=item.severity,
+                data=item.data,
+                idempotency_key=item.idempotency_key,
+                body_hash=item.body_hash(),
+                created_at=now,
+            )
+        )
+        next_seq[item.topic] += 1
+    Notification.objects.bulk_create(rows)
+    recipients = {id(row): item.recipients for row, (_, item) in zip(rows, fresh, strict=True)}
+    router.route(rows, {name: tid for name, (tid, _) in topics.items()}, recipients)
+    return [
+        IngestResult(str(row.id), item.topic, row.seq, created=True)
+        for row, (_, item) in zip(rows, fresh, strict=True)
+    ]
+
+
+def _advance_topics(counts: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Lock each topic row (creating it if new) and advance ``last_seq`` by its count.
+
+    Returns name -> (topic id, first seq taken). Topics are taken in name order so two batches
+    touching the same topics cannot deadlock.
+    """
+    taken: dict[str, tuple[int, int]] = {}
+    sql = (
+        f"UPDATE {Topic._meta.db_table} SET last_seq = last_seq + %s "  # noqa: S608
+        "WHERE name = %s RETURNING id, last_seq"
+    )
+    with connection.cursor() as cursor:
+        for name in sorted(counts):
+            # UPDATE takes the row lock until commit: the next writer waits here, then sees our seq.
+            cursor.execute(sql, [counts[name], name])
+            row = cursor.fetchone()
+            if row is None:  # a new topic: create it (a racing creator is fine), then lock it
+                Topic.objects.bulk_create([Topic(name=name)], ignore_conflicts=True)
+                cursor.execute(sql, [counts[name], name])
+                row = cursor.fetchone()
+            topic_id, last_seq = row
+            taken[name] = (topic_id, last_seq - counts[name] + 1)
+    return taken
+
+
+def trim_retention(topic: Topic) -> int:
+    """Delete what the topic's retention no longer keeps; return how many rows went."""
+    deleted = 0
+    if topic.retention_count:
+        cutoff = topic.last_seq - topic.retention_count
+        if cutoff > 0:
+            deleted += Notification.objects.filter(topic=topic, seq__lte=cutoff).delete()[0]
+    if topic.retention_days:
+        oldest = timezone.now() - timezone.timedelta(days=topic.retention_days)
+        deleted += Notification.objects.filter(topic=topic, created_at__lt=oldest).delete()[0]
+    return deleted

@@ -1,0 +1,193 @@
+"""The router: the one door between persisted notifications and channels.
+
+Called by ingest inside the transaction that stored the notifications:
+
+- ``Delivery`` rows (email/SMS/webhook) are written in that same transaction, so an accepted
+  notification never loses its deliveries to a crash between commit and routing;
+- realtime publishes (the topic stream to sockets and SSE, and the ``pubsub`` channel kind) happen
+  in ``transaction.on_commit``: a client never sees a notification that was rolled back.
+
+Realtime fanout is per topic, not per route: every notification is published once on its topic's
+stream, because a client's resume reads the same stream from the database (a live path filtered by
+routes would disagree with the replayed one). Routes choose the outbound channels: ``pubsub``,
+``email``, ``sms``, ``webhook``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.db.models.signals import m2m_changed, post_delete, post_save
+
+from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
+from .topics import topic_matches
+
+log = logging.getLogger(__name__)
+
+ROUTES_CACHE_S = 5.0  # routes change rarely; other processes see an edit within this time
+OUTBOUND_KINDS = {Channel.Kind.EMAIL, Channel.Kind.SMS, Channel.Kind.WEBHOOK}
+
+
+@dataclass(frozen=True)
+class CompiledRoute:
+    name: str
+    sources: frozenset[str]
+    topic_pattern: str
+    min_rank: int
+    channels: tuple[tuple[int, str, str], ...]  # (channel id, kind, name)
+    # kind -> addresses of the route's users and groups and literal addresses for that kind
+    recipients: dict[str, tuple[tuple[str, int | None], ...]]
+
+    def matches(self, n: Notification, topic: str) -> bool:
+        return (
+            (not self.sources or n.source in self.sources)
+            and SEVERITY_RANK[n.severity] >= self.min_rank
+            and topic_matches(self.topic_pattern, topic)
+        )
+
+
+_cache: tuple[float, list[CompiledRoute]] | None = None
+
+
+def invalidate_routes(**_kwargs) -> None:
+    global _cache
+    _cache = None
+
+
+for _model in (Route, Channel, Contact):
+    post_save.connect(invalidate_routes, sender=_model, dispatch_uid=f"routes-{_model.__name__}")
+    post_delete.connect(
+        invalidate_routes, sender=_model, dispatch_uid=f"routes-d-{_model.__name__}"
+    )
+for _through in (Route.channels.through, Route.users.through, Route.groups.through):
+    m2m_changed.connect(invalidate_routes, sender=_through, dispatch_uid=f"routes-m2m-{_through}")
+
+
+def address_kind(address: str) -> str | None:
+    """Which outbound kind a literal address belongs to (None when it fits none)."""
+    if address.startswith(("http://", "https://")):
+        return Channel.Kind.WEBHOOK
+    if address.startswith("+") and address[1:].isdigit():
+        return Channel.Kind.SMS
+    if "@" in address:
+        return Channel.Kind.EMAIL
+    return None
+
+
+def _user_addresses(users) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {"email": [], "sms": []}
+    for user in users:
+        contact = getattr(user, "contact", None)
+        email = (contact.email if contact else "") or user.email
+        if email:
+            out["email"].append((email, user.pk))
+        if contact and contact.phone:
+            out["sms"].append((contact.phone, user.pk))
+    return out
+
+
+def compiled_routes() -> list[CompiledRoute]:
+    global _cache
+    now = time.monotonic()
+    if _cache and now - _cache[0] < ROUTES_CACHE_S:
+        return _cache[1]
+    User = get_user_model()
+    routes = []
+    query = Route.objects.filter(enabled=True).prefetch_related("channels", "users", "groups")
+    for route in query:
+        users = {u.pk: u for u in route.users.select_related("contact")}
+        group_ids = [g.pk for g in route.groups.all()]
+        if group_ids:
+            for user in User.objects.filter(groups__in=group_ids, is_active=True).select_related(
+                "contact"
+            ):
+                users[user.pk] = user
+        by_kind = _user_addresses(users.values())
+        by_kind["webhook"] = []
+        for address in route.literal_addresses():
+            kind = address_kind(address)
+            if kind:
+                by_kind[kind].append((address, None))
+        routes.append(
+            CompiledRoute(
+                name=route.name,
+                sources=frozenset(route.sources),
+                topic_pattern=route.topic_pattern,
+                min_rank=SEVERITY_RANK[route.min_severity],
+                channels=tuple((c.pk, c.kind, c.name) for c in route.channels.all() if c.enabled),
+                recipients={k: tuple(v) for k, v in by_kind.items()},
+            )
+        )
+    _cache = (now, routes)
+    return routes
+
+
+def route(
+    rows: list[Notification],
+    topic_ids: dict[str, int],
+    extra_recipients: dict[int, list[str]] | None = None,
+) -> list[Delivery]:
+    """Route freshly inserted notifications; must run inside their transaction.
+
+    Writes Delivery rows now and schedules realtime publishes for after commit. Returns the
+    deliveries created. ``extra_recipients`` maps ``id(row)`` to literal addresses given at ingest.
+    """
+    names = {tid: name for name, tid in topic_ids.items()}
+    routes = compiled_routes()
+    deliveries: list[Delivery] = []
+    pubsub: list[tuple[str, Notification]] = []
+    for n in rows:
+        topic = names[n.topic_id]
+        extra = (extra_recipients or {}).get(id(n), [])
+        for r in routes:
+            if not r.matches(n, topic):
+                continue
+            for channel_id, kind, _ in r.channels:
+                if kind == Channel.Kind.PUBSUB:
+                    pubsub.append((topic, n))
+                elif kind in OUTBOUND_KINDS:
+                    deliveries += _deliveries_for(n, channel_id, kind, r, extra)
+    if deliveries:
+        Delivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+    messages = [(names[n.topic_id], n.envelope(names[n.topic_id])) for n in rows]
+    transaction.on_commit(lambda: _publish(messages, pubsub))
+    return deliveries
+
+
+def _deliveries_for(n, channel_id, kind, r: CompiledRoute, extra: list[str]) -> list[Delivery]:
+    if kind == Channel.Kind.WEBHOOK and not r.recipients.get("webhook") and not extra:
+        # A webhook channel's providers are its URLs: one delivery, the balancer picks the URL.
+        targets = [("*", None)]
+    else:
+        targets = list(r.recipients.get(kind, ()))
+        targets += [(a, None) for a in extra if address_kind(a) == kind]
+    seen = set()
+    out = []
+    for address, user_id in targets:
+        if address in seen:
+            continue
+        seen.add(address)
+        out.append(
+            Delivery(notification=n, channel_id=channel_id, recipient=address, user_id=user_id)
+        )
+    return out
+
+
+def _publish(messages: list[tuple[str, dict]], pubsub: list[tuple[str, Notification]]) -> None:
+    """After commit: the realtime stream, then the pubsub channel kind. Never raises: the
+    notification is stored, and clients recover a missed live message from the stream."""
+    from channels_app import fanout  # the realtime edge; imported late to keep apps decoupled
+
+    try:
+        fanout.publish(messages)
+    except Exception:  # noqa: BLE001  (degrade: resume recovers it; log once per batch)
+        log.warning("realtime publish failed for %d notification(s)", len(messages), exc_info=True)
+    if pubsub:
+        try:
+            fanout.publish_pubsub([(topic, n.envelope(topic)) for topic, n in pubsub])
+        except Exception:  # noqa: BLE001
+            log.warning("pubsub publish failed for %d notification(s)", len(pubsub), exc_info=True)

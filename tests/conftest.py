@@ -1,0 +1,73 @@
+"""Shared fixtures: named personas, an API key, and the check that CI has its real services."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+import pytest
+from django.conf import settings
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def pytest_sessionstart(session) -> None:
+    """In CI a missing service is a failure, never a skip."""
+    if os.environ.get("CI", "").lower() != "true":
+        return
+    missing = []
+    if not settings.USING_POSTGRES:
+        missing.append("DATABASE_URL is not a Postgres URL")
+    elif not _reachable(os.environ["DATABASE_URL"], 5432):
+        missing.append("Postgres at DATABASE_URL does not answer")
+    if not settings.REDIS_URL:
+        missing.append("REDIS_URL is not set")
+    elif not _reachable(settings.REDIS_URL, 6379):
+        missing.append("Redis at REDIS_URL does not answer")
+    if missing:
+        pytest.exit("CI needs its real services: " + "; ".join(missing), returncode=3)
+
+
+@pytest.fixture
+def admin_user(django_user_model):
+    """Alice, a superuser who runs the system."""
+    return django_user_model.objects.create_superuser("alice", "alice@example.com", "pw-alice")
+
+
+@pytest.fixture
+def operator(django_user_model):
+    """Oscar, staff: watches dashboards, may join every topic."""
+    return django_user_model.objects.create_user(
+        "oscar", "oscar@example.com", "pw-oscar", is_staff=True
+    )
+
+
+@pytest.fixture
+def subscriber(django_user_model):
+    """Sam, a logged-in user who reads topics."""
+    return django_user_model.objects.create_user("sam", "sam@example.com", "pw-sam")
+
+
+@pytest.fixture
+def outsider(django_user_model):
+    """Olga, a user with no rights beyond the defaults."""
+    return django_user_model.objects.create_user("olga", "olga@example.com", "pw-olga")
+
+
+@pytest.fixture
+def api_key(db):
+    """An API key with every scope; returns (row, raw key)."""
+    from routing_app.models import ApiKey
+
+    key = ApiKey(name="test-client", scopes=["ingest", "tokens"])
+    raw = key.set_new_key()
+    key.save()
+    return key, raw
