@@ -143,6 +143,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- redis: channel layer, cache, celery, presence, limits -----------------------------------
 
 REDIS_URL = env_str("REDIS_URL")
+# Prefix of every Redis key and pub/sub channel we own (pub/sub ignores the database number, so
+# two deployments or test runs sharing one Redis need different prefixes).
+REDIS_PREFIX = env_str("REDIS_PREFIX", "notify")
 
 if REDIS_URL:
     CHANNEL_LAYERS = {
