@@ -36,6 +36,19 @@ def pytest_sessionstart(session) -> None:
         pytest.exit("CI needs its real services: " + "; ".join(missing), returncode=3)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    """Per-process caches of routes and topic rules must not outlive a test's rolled-back rows."""
+    from channels_app import authz
+    from routing_app import router
+
+    router.invalidate_routes()
+    authz.invalidate_rules()
+    yield
+    router.invalidate_routes()
+    authz.invalidate_rules()
+
+
 @pytest.fixture
 def admin_user(django_user_model):
     """Alice, a superuser who runs the system."""
