@@ -298,7 +298,11 @@ class Provider(models.Model):
             )
         schemes = {"email": ("smtp://", "smtps://"), "sms": ("http://", "https://")}
         schemes["webhook"] = schemes["sms"]
-        kind = self.channel.kind if self.channel_id else None
+        try:
+            # The channel may be unsaved (added together with this provider in one admin form).
+            kind = self.channel.kind
+        except Channel.DoesNotExist:
+            kind = None
         if kind in schemes and not self.url.startswith(schemes[kind]):
             raise ValidationError({"url": f"a {kind} provider URL starts with {schemes[kind]}"})
 
@@ -334,6 +338,17 @@ class Route(models.Model):
     def clean(self) -> None:
         if not isinstance(self.sources, list) or any(s not in SOURCES for s in self.sources):
             raise ValidationError({"sources": f"a list of sources from: {', '.join(SOURCES)}"})
+        # The router skips an address it cannot classify; say so here rather than drop it.
+        from .router import address_kind  # router imports this module
+
+        unknown = [a for a in self.literal_addresses() if address_kind(a) is None]
+        if unknown:
+            raise ValidationError(
+                {
+                    "addresses": f"{unknown[0]!r} is neither an email address, a +E.164 phone "
+                    "number nor an http(s) URL"
+                }
+            )
 
     def literal_addresses(self) -> list[str]:
         return [line.strip() for line in self.addresses.splitlines() if line.strip()]
