@@ -183,6 +183,15 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Must exceed the longest retry countdown, else Redis redelivers tasks still waiting.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_SERIALIZER = "json"
+# Periodic tasks; run exactly one `celery beat` per deployment. Retention age is in days, so an
+# hourly trim keeps every topic within an hour of its limits.
+RETENTION_TRIM_INTERVAL_S = 3600
+CELERY_BEAT_SCHEDULE = {
+    "trim-retention": {
+        "task": "routing_app.tasks.trim_retention_all",
+        "schedule": RETENTION_TRIM_INTERVAL_S,
+    },
+}
 
 # --- notify itself ------------------------------------------------------------------------
 
@@ -196,6 +205,9 @@ HEARTBEAT_TIMEOUT_S = env_int("HEARTBEAT_TIMEOUT_S", 2 * HEARTBEAT_INTERVAL_S)
 if HEARTBEAT_TIMEOUT_S <= HEARTBEAT_INTERVAL_S:
     raise ImproperlyConfigured("HEARTBEAT_TIMEOUT_S must be longer than HEARTBEAT_INTERVAL_S")
 SOCKET_SEND_QUEUE = env_int("SOCKET_SEND_QUEUE", 256)  # frames buffered per slow socket
+# A server process that has not renewed its presence heartbeat for this long is dead: its
+# presence entries stop being listed and a live process removes them (channels_app/presence.py).
+PRESENCE_TTL_S = env_int("PRESENCE_TTL_S", 30)
 DEFAULT_RETENTION_COUNT = env_int("DEFAULT_RETENTION_COUNT", 10_000)
 DEFAULT_RETENTION_DAYS = env_int("DEFAULT_RETENTION_DAYS", 7)
 
