@@ -1,0 +1,416 @@
+/**
+ * Vue / Nuxt composables over notify's realtime edge: `useNotifyTopic` (plain WebSocket, through
+ * NotifySocketManager) and `useServerSentEvents` (SSE at /events/<topic>/, EventSource).
+ *
+ * Works in Nuxt 3 and Nuxt 4 (copy this folder into `app/composables/` or import it from a
+ * plugin) and in a plain page with an import map for "vue". See docs/js-client.md.
+ *
+ * Lifecycle: inside a component's setup() the connection opens on mount and closes on unmount (so
+ * nothing connects during server-side rendering); inside another effect scope (a Pinia store,
+ * `effectScope()`) it opens at once and closes when the scope is disposed; anywhere else it opens
+ * at once and the caller must call the returned `stop()`.
+ *
+ * @module notify/composables
+ */
+
+import {
+  getCurrentInstance,
+  getCurrentScope,
+  isRef,
+  onMounted,
+  onScopeDispose,
+  onUnmounted,
+  readonly,
+  ref,
+  shallowRef,
+  watch,
+} from 'vue'
+
+import { backoffDelay, NotifySocketManager } from './socket.js'
+
+/**
+ * Run `start` now or on mount, and `stop` on unmount / scope disposal, per the rules above.
+ * @param {() => void} start
+ * @param {() => void} stop
+ */
+function bindLifecycle(start, stop) {
+  if (getCurrentInstance()) {
+    onMounted(start)
+    onUnmounted(stop)
+    return
+  }
+  if (getCurrentScope()) onScopeDispose(stop)
+  start()
+}
+
+/** @param {any} source @returns {any} the plain value of a ref, getter or value */
+function valueOf(source) {
+  if (isRef(source)) return source.value
+  if (typeof source === 'function') return source()
+  return source
+}
+
+/**
+ * Append `item` to a bounded list (oldest first), returning a new array so a shallowRef triggers.
+ * @template T @param {T[]} list @param {T} item @param {number} limit @returns {T[]}
+ */
+function appendBounded(list, item, limit) {
+  const next = list.length >= limit ? list.slice(list.length - limit + 1) : list.slice()
+  next.push(item)
+  return next
+}
+
+/**
+ * @typedef {object} NotifyTopicOptions
+ * @property {NotifySocketManager} [manager]  a shared manager (left open on stop); default: a
+ *   manager of our own built from the options below, closed on stop
+ * @property {string} [url]  server base URL (Nuxt: `useRuntimeConfig().public.notifyUrl`)
+ * @property {string|(() => (string|Promise<string>))} [token]  token or token provider
+ * @property {number|null} [since]  resume after this seq (e.g. persisted by the app)
+ * @property {number} [limit=100]  notifications kept in `notifications` (oldest dropped first)
+ * @property {(n: object) => void} [onNotification]  called for every new notification
+ * @property {object} [socketOptions]  extra NotifySocketManager options (backoff, heartbeat...)
+ */
+
+/**
+ * Subscribe to one topic over the plain WebSocket protocol.
+ *
+ * `topic` may be a string, a ref or a getter: when it changes, the old topic is left and the list
+ * starts again for the new one.
+ *
+ * @param {string|import('vue').Ref<string>|(() => string)} topic
+ * @param {NotifyTopicOptions} [options]
+ * @returns {{
+ *   notifications: import('vue').ShallowRef<object[]>,
+ *   lastSeq: import('vue').Ref<number|null>,
+ *   connected: import('vue').Ref<boolean>,
+ *   state: import('vue').Ref<string>,
+ *   error: import('vue').ShallowRef<object|null>,
+ *   reset: import('vue').ShallowRef<object|null>,
+ *   publish: (event: string, data: any, extra?: {severity?: string}) => Promise<object>,
+ *   send: (frame: object) => boolean,
+ *   clear: () => void,
+ *   stop: () => void,
+ *   manager: NotifySocketManager,
+ * }}
+ */
+export function useNotifyTopic(topic, options = {}) {
+  const limit = options.limit ?? 100
+  const notifications = shallowRef([])
+  const lastSeq = ref(options.since ?? null)
+  const connected = ref(false)
+  const state = ref('idle')
+  const error = shallowRef(null)
+  const reset = shallowRef(null)
+
+  const ownManager = !options.manager
+  const manager =
+    options.manager ??
+    new NotifySocketManager({
+      url: options.url,
+      token: options.token,
+      ...(options.socketOptions ?? {}),
+    })
+
+  /** @type {string|null} */
+  let current = null
+  /** @type {(() => void)[]} */
+  let unlisten = []
+  /** @type {(() => void)|null} */
+  let release = null
+  let stopped = false
+  /** @type {(() => void)|null} */
+  let stopWatch = null
+
+  /** Listen only to our topic's events. */
+  function listen(event, handler) {
+    unlisten.push(manager.on(event, (payload, t) => t === current && handler(payload)))
+  }
+
+  function open(name) {
+    current = name
+    listen('notification', (n) => {
+      notifications.value = appendBounded(notifications.value, n, limit)
+      lastSeq.value = n.seq ?? lastSeq.value
+      options.onNotification?.(n)
+    })
+    listen('subscribed', (frame) => {
+      connected.value = true
+      error.value = null
+      if (lastSeq.value == null) lastSeq.value = frame.last_seq ?? null
+    })
+    listen('reset', (frame) => {
+      reset.value = frame
+      lastSeq.value = manager.lastSeq(name)
+    })
+    listen('state', ({ state: s }) => {
+      state.value = s
+      if (s !== 'open') connected.value = false
+    })
+    listen('error', (e) => {
+      error.value = e
+    })
+    // Resume where this composable's list ends, if the topic is the same as before.
+    release = manager.acquire(name, { since: lastSeq.value })
+    // A shared manager may already be live on this topic: its "subscribed" will not come again.
+    state.value = manager.state(name)
+    connected.value = state.value === 'open'
+  }
+
+  function leave() {
+    for (const off of unlisten) off()
+    unlisten = []
+    release?.()
+    release = null
+    current = null
+    connected.value = false
+  }
+
+  function start() {
+    if (stopped) return
+    if (isRef(topic) || typeof topic === 'function') {
+      stopWatch = watch(
+        () => valueOf(topic),
+        (name, previous) => {
+          if (name === previous && current) return
+          leave()
+          if (previous !== undefined) {
+            notifications.value = []
+            lastSeq.value = null
+            reset.value = null
+          }
+          if (name) open(name)
+        },
+        { immediate: true },
+      )
+    } else {
+      open(topic)
+    }
+  }
+
+  function stop() {
+    if (stopped) return
+    stopped = true
+    stopWatch?.()
+    leave()
+    state.value = 'closed'
+    if (ownManager) manager.close()
+  }
+
+  bindLifecycle(start, stop)
+
+  return {
+    notifications,
+    lastSeq,
+    connected: readonly(connected),
+    state: readonly(state),
+    error,
+    reset,
+    publish: (event, data, extra) =>
+      current ? manager.publish(current, event, data, extra) : Promise.reject(new Error('not connected')),
+    send: (frame) => (current ? manager.send(current, frame) : false),
+    clear: () => {
+      notifications.value = []
+    },
+    stop,
+    manager,
+  }
+}
+
+/**
+ * @typedef {object} SseOptions
+ * @property {string[]} [events]  named event types to listen to (our SSE event name is the
+ *   notification's `event`, e.g. "pod.crash"; EventSource only delivers named events to listeners
+ *   registered for that name). "message" (unnamed events) is always listened to.
+ * @property {number} [limit=100]  events kept in `events` (oldest dropped first)
+ * @property {boolean} [withCredentials=false]  send cookies cross-origin (session auth)
+ * @property {string|(() => (string|Promise<string>))} [token]  token or provider, sent as
+ *   `?token=` (EventSource cannot send headers); fetched again for every manual reconnect
+ * @property {string|null} [lastEventId]  resume after this id on the first connection
+ * @property {import('./socket.js').BackoffOptions} [backoff]  delays of manual reconnects
+ * @property {(e: {type: string, id: string, data: any}) => void} [onEvent]
+ * @property {typeof EventSource} [EventSource]  implementation (default: the global one)
+ */
+
+/**
+ * Follow a Server-Sent Events stream with resume.
+ *
+ * Resume: while the browser reconnects by itself (network drop, server restart) it sends the
+ * `Last-Event-ID` header on its own. When the browser gives up (HTTP error, refused token: the
+ * EventSource goes to CLOSED), we reconnect ourselves after a backoff, with a fresh token and the
+ * last id as the `lastEventId` query parameter, which the server accepts in place of the header.
+ * Numeric ids (our topic seq) already seen are skipped, so a replay overlap never repeats an event.
+ *
+ * @param {string|import('vue').Ref<string>|(() => string)} url  absolute or page-relative URL
+ * @param {SseOptions} [options]
+ * @returns {{
+ *   events: import('vue').ShallowRef<{type: string, id: string, data: any}[]>,
+ *   lastEventId: import('vue').Ref<string|null>,
+ *   connected: import('vue').Ref<boolean>,
+ *   state: import('vue').Ref<'idle'|'connecting'|'open'|'reconnecting'|'closed'>,
+ *   error: import('vue').ShallowRef<any>,
+ *   reset: import('vue').ShallowRef<any>,
+ *   reconnect: () => Promise<void>,
+ *   clear: () => void,
+ *   stop: () => void,
+ * }}
+ */
+export function useServerSentEvents(url, options = {}) {
+  const limit = options.limit ?? 100
+  const events = shallowRef([])
+  const lastEventId = ref(options.lastEventId ?? null)
+  const connected = ref(false)
+  const state = ref('idle')
+  const error = shallowRef(null)
+  const reset = shallowRef(null)
+  const types = [...new Set(['message', ...(options.events ?? [])])]
+
+  /** @type {EventSource|null} */
+  let source = null
+  /** @type {[string, EventListener][]} */
+  let attached = []
+  let retryTimer = null
+  let attempt = 0
+  let stopped = false
+  let generation = 0
+
+  /** Highest numeric id seen, for dedupe; ids look like "42" (or "<topic>:42"). */
+  let lastNumericId = numericId(lastEventId.value)
+
+  function handle(ev) {
+    const n = numericId(ev.lastEventId)
+    if (n != null && lastNumericId != null && n <= lastNumericId) return
+    if (n != null) lastNumericId = n
+    if (ev.lastEventId) lastEventId.value = ev.lastEventId
+    let data = ev.data
+    try {
+      data = JSON.parse(ev.data)
+    } catch {
+      // Not JSON (a plain text event): keep the string.
+    }
+    const item = { type: ev.type, id: ev.lastEventId || null, data }
+    events.value = appendBounded(events.value, item, limit)
+    attempt = 0
+    options.onEvent?.(item)
+  }
+
+  function detach() {
+    if (!source) return
+    for (const [type, fn] of attached) source.removeEventListener(type, fn)
+    attached = []
+    source.onopen = source.onerror = null
+    source.close()
+    source = null
+  }
+
+  async function connect() {
+    clearTimeout(retryTimer)
+    retryTimer = null
+    detach()
+    if (stopped) return
+    const mine = ++generation
+    state.value = 'connecting'
+    let token = null
+    try {
+      token = typeof options.token === 'function' ? await options.token() : (options.token ?? null)
+    } catch (err) {
+      if (mine !== generation || stopped) return
+      error.value = err
+      return scheduleRetry()
+    }
+    if (mine !== generation || stopped) return // stop() or another connect() meanwhile
+    const Impl = options.EventSource ?? globalThis.EventSource
+    const target = new URL(valueOf(url), globalThis.location?.href)
+    if (token) target.searchParams.set('token', token)
+    // The header only goes out on the browser's own reconnects; a new EventSource needs the query.
+    if (lastEventId.value) target.searchParams.set('lastEventId', lastEventId.value)
+    const es = new Impl(target.toString(), { withCredentials: !!options.withCredentials })
+    source = es
+    for (const type of types) attachListener(es, type, handle)
+    // django-eventstream's names for "your id is too old / unknown": surface, keep streaming.
+    for (const type of ['stream-reset', 'reset']) {
+      attachListener(es, type, (ev) => {
+        reset.value = { type: ev.type, data: ev.data }
+      })
+    }
+    attachListener(es, 'stream-error', (ev) => {
+      error.value = { type: ev.type, data: ev.data }
+    })
+    es.onopen = () => {
+      if (source !== es) return
+      connected.value = true
+      state.value = 'open'
+      error.value = null
+    }
+    es.onerror = (ev) => {
+      if (source !== es) return
+      connected.value = false
+      if (es.readyState === 2 /* CLOSED: the browser gave up */) {
+        error.value = ev
+        scheduleRetry()
+      } else {
+        state.value = 'reconnecting' // the browser retries itself, with Last-Event-ID
+      }
+    }
+  }
+
+  function attachListener(es, type, fn) {
+    es.addEventListener(type, fn)
+    attached.push([type, fn])
+  }
+
+  function scheduleRetry() {
+    detach()
+    if (stopped) return
+    state.value = 'reconnecting'
+    const delay = backoffDelay(attempt, options.backoff)
+    attempt += 1
+    retryTimer = setTimeout(connect, delay)
+  }
+
+  let stopWatch = null
+  function start() {
+    if (stopped) return
+    if (isRef(url) || typeof url === 'function') {
+      stopWatch = watch(() => valueOf(url), () => connect(), { immediate: true })
+    } else {
+      connect()
+    }
+  }
+
+  function stop() {
+    if (stopped) return
+    stopped = true
+    generation += 1
+    stopWatch?.()
+    clearTimeout(retryTimer)
+    detach()
+    connected.value = false
+    state.value = 'closed'
+  }
+
+  bindLifecycle(start, stop)
+
+  return {
+    events,
+    lastEventId,
+    connected: readonly(connected),
+    state: readonly(state),
+    error,
+    reset,
+    reconnect: () => {
+      attempt = 0
+      return connect()
+    },
+    clear: () => {
+      events.value = []
+    },
+    stop,
+  }
+}
+
+/** @param {string|null|undefined} id @returns {number|null} */
+function numericId(id) {
+  const match = /(?:^|:)(\d+)$/.exec(id ?? '')
+  return match ? Number(match[1]) : null
+}
