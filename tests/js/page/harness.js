@@ -1,0 +1,142 @@
+// Test page harness: mounts small Vue apps that use static/notify/ as an application would, and
+// exposes what a user would see (the rendered lists) to the test driver as window.harness.
+// The server's base URL comes in the page URL (?api=http://127.0.0.1:PORT); tokens come from
+// window.__notifyToken(), which the driver provides (as a Nuxt server route would).
+import { createApp, defineComponent, h } from 'vue'
+
+import { useNotifyTopic, useServerSentEvents } from '/static/notify/composables.js'
+import { NotifySocketManager } from '/static/notify/socket.js'
+
+const api = new URL(location.href).searchParams.get('api')
+const token = () => window.__notifyToken()
+
+/** Every WebSocket / EventSource a mounted app opened, by app id, to check they were closed. */
+const opened = {}
+function tracked(Base, id) {
+  return class extends Base {
+    constructor(...args) {
+      super(...args)
+      ;(opened[id] ??= []).push(this)
+    }
+  }
+}
+
+const managers = {}
+const logs = {}
+const apps = {}
+const callbacks = {}
+
+function mountInto(id, component) {
+  const el = document.createElement('section')
+  el.id = id
+  document.getElementById('apps').append(el)
+  const app = createApp(component)
+  app.mount(el)
+  apps[id] = { app, el }
+}
+
+const TopicList = (id, topic) =>
+  defineComponent({
+    setup() {
+      callbacks[id] = 0
+      const t = useNotifyTopic(topic, {
+        url: api,
+        token,
+        limit: 50,
+        onNotification: () => {
+          callbacks[id] += 1
+        },
+        socketOptions: { WebSocket: tracked(WebSocket, id), backoff: { baseMs: 100, maxMs: 1000 } },
+      })
+      return () =>
+        h('div', [
+          h('p', { class: 'state' }, t.state.value),
+          h('p', { class: 'connected' }, String(t.connected.value)),
+          h('p', { class: 'last-seq' }, String(t.lastSeq.value)),
+          h(
+            'ol',
+            t.notifications.value.map((n) => h('li', { 'data-seq': n.seq }, `${n.event} ${JSON.stringify(n.data)}`)),
+          ),
+        ])
+    },
+  })
+
+const SseList = (id, url, events, lastEventId) =>
+  defineComponent({
+    setup() {
+      callbacks[id] = 0
+      const s = useServerSentEvents(url, {
+        events,
+        token,
+        lastEventId,
+        limit: 50,
+        onEvent: () => {
+          callbacks[id] += 1
+        },
+        backoff: { baseMs: 100, maxMs: 1000 },
+        EventSource: tracked(EventSource, id),
+      })
+      return () =>
+        h('div', [
+          h('p', { class: 'state' }, s.state.value),
+          h('p', { class: 'last-id' }, String(s.lastEventId.value)),
+          h(
+            'ol',
+            s.events.value.map((e) => h('li', { 'data-seq': e.data?.seq ?? e.id }, `${e.type} ${JSON.stringify(e.data?.data)}`)),
+          ),
+        ])
+    },
+  })
+
+const domSeqs = (id) => {
+  const el = document.getElementById(id)
+  return el ? [...el.querySelectorAll('li')].map((li) => Number(li.dataset.seq)) : null
+}
+
+window.harness = {
+  /** A bare manager (no Vue) following `topic`; its log records what it delivered. */
+  startManager(name, topic) {
+    const m = new NotifySocketManager({ url: api, token, backoff: { baseMs: 100, maxMs: 1000 } })
+    const log = { seqs: [], states: [], errors: [], resets: [], closes: [], subscribed: 0 }
+    m.on('notification', (n) => log.seqs.push(n.seq))
+    m.on('subscribed', () => {
+      log.subscribed += 1
+    })
+    m.on('state', (s) => log.states.push(s.state))
+    m.on('error', (e) => log.errors.push({ code: e.code, fatal: !!e.fatal }))
+    m.on('reset', (r) => log.resets.push(r))
+    m.on('close', (c) => log.closes.push(c.code))
+    m.connect(topic)
+    managers[name] = m
+    logs[name] = log
+    return true
+  },
+  managerLog: (name) => ({ ...logs[name], state: managers[name].state([...managers[name].topics.keys()][0]) }),
+  stopManager(name) {
+    managers[name].close()
+    return true
+  },
+  mountTopic(id, topic) {
+    mountInto(id, TopicList(id, topic))
+    return true
+  },
+  mountSse(id, topic, events, lastEventId = null) {
+    mountInto(id, SseList(id, `${api}/events/${topic}/`, events, lastEventId))
+    return true
+  },
+  unmount(id) {
+    apps[id].app.unmount()
+    apps[id].el.remove()
+    delete apps[id]
+    return true
+  },
+  /** The seqs the app at `id` shows, in display order (null when not mounted). */
+  seqs: domSeqs,
+  stateText: (id) => document.querySelector(`#${id} .state`)?.textContent ?? null,
+  connectedText: (id) => document.querySelector(`#${id} .connected`)?.textContent ?? null,
+  /** readyState of every WebSocket/EventSource the app at `id` opened. */
+  readyStates: (id) => (opened[id] ?? []).map((s) => s.readyState),
+  /** How many times the app's notification callback ran (it must stop after unmount). */
+  callbacks: (id) => callbacks[id],
+}
+window.harnessReady = true

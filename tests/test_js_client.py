@@ -1,0 +1,458 @@
+"""The JavaScript client (static/notify/) in headless Chromium against a live server (issue 3 #5).
+
+A real uvicorn process serves notify (Redis mode when REDIS_URL is set), a second one on the same
+database stands in for "another server" that keeps accepting posts while the first is down. A tiny
+static server in this process serves the test page (tests/js/page/), static/notify/ and vue's
+browser build, from another origin than the API, as a Nuxt app would be. tests/js/browser_driver.js
+drives Chromium with playwright-core; what we assert is what the page renders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+JS_DIR = ROOT / "tests" / "js"
+CHROMIUM = Path("/usr/bin/chromium")
+STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
+WAIT_TIMEOUT_MS = 20_000  # upper bound for one awaited page condition; passing runs take far less
+RECONNECT_TIMEOUT_MS = 30_000  # includes the client's backoff (capped at 1 s in the page)
+
+SETUP_SCRIPT = """
+import json, os
+import django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0, interactive=False)
+from django.contrib.auth import get_user_model
+from routing_app.models import ApiKey
+get_user_model().objects.create_user("sam", "sam@example.com", "pw-sam")
+key = ApiKey(name="js-client-test", scopes=["ingest", "tokens"])
+raw = key.set_new_key()
+key.save()
+print("SETUP " + json.dumps({"api_key": raw}))
+"""
+
+
+def _missing_tools() -> list[str]:
+    missing = []
+    if not shutil.which("node"):
+        missing.append("node")
+    if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
+        missing.append("tests/js/node_modules (npm ci --prefix tests/js)")
+    if not CHROMIUM.exists():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    return missing
+
+
+@pytest.fixture(scope="module")
+def tools() -> None:
+    """`make test` installs them; in CI their absence is a failure, elsewhere a skip."""
+    missing = _missing_tools()
+    if missing and os.environ.get("CI", "").lower() == "true":
+        pytest.fail("the JS client tests need: " + ", ".join(missing))
+    if missing:
+        pytest.skip("run `make test` once to install: " + ", ".join(missing))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- a database and the server processes ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_env(tools, tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Environment of the server processes: a database of their own, migrated, with user "sam"
+    and an API key (scopes ingest, tokens) in env["TEST_API_KEY"]."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["LOG_LEVEL"] = "WARNING"
+    env["REDIS_PREFIX"] = os.environ.get("REDIS_PREFIX", "notify") + "-jsclient"
+    drop = None
+    if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
+        url, drop = _fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_jsclient")
+        env["DATABASE_URL"] = url
+    else:
+        env.pop("DATABASE_URL", None)
+        env["SQLITE_PATH"] = str(tmp_path_factory.mktemp("jsclient") / "db.sqlite3")
+    done = subprocess.run(
+        [sys.executable, "-c", SETUP_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))
+    env["TEST_API_KEY"] = json.loads(line[len("SETUP ") :])["api_key"]
+    yield env
+    if drop:
+        drop()
+
+
+def _fresh_postgres_database(url: str, suffix: str):
+    """Create an empty database next to the one in `url`; return its URL and a drop function."""
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/") + suffix
+    admin = urlunparse(parsed._replace(path="/postgres"))
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    drop()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunparse(parsed._replace(path="/" + name)), drop
+
+
+class ServerProcess:
+    """One uvicorn process serving notify on a fixed port, which can be killed and restarted."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
+        self.env = env
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "notify_project.asgi:application",
+                    "--host=127.0.0.1",
+                    f"--port={self.port}",
+                    "--log-level=warning",
+                    "--no-access-log",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Wait until the server answers HTTP (or fail with its log if it died)."""
+        deadline = STARTUP_TIMEOUT_S
+        waited = 0.0
+        while waited < deadline:
+            try:
+                httpx.get(f"{self.base}/api/v1/openapi.json", timeout=2)
+                return
+            except httpx.TransportError:
+                pass
+            try:
+                self.proc.wait(timeout=0.1)  # doubles as the pause between probes
+                raise AssertionError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            except subprocess.TimeoutExpired:
+                waited += 0.1
+        raise AssertionError(f"server not ready in {deadline} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful close frames, like a crashed process or a lost machine."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def post(self, api_key: str, topic: str, event: str, data: dict) -> int:
+        """POST through the ingest API; returns the seq it was given."""
+        response = httpx.post(
+            f"{self.base}/api/v1/notifications",
+            json={"topic": topic, "event": event, "data": data},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        return response.json()["seq"]
+
+
+@pytest.fixture(scope="module")
+def servers(server_env, tmp_path_factory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """(main, other): the page talks to `main`; `other` shares its database (and Redis)."""
+    log_dir = tmp_path_factory.mktemp("jsclient-logs")
+    main = ServerProcess(server_env, log_dir, "main")
+    other = ServerProcess(server_env, log_dir, "other")
+    try:
+        # The page's origin must be allowed (CORS for SSE and tokens, Origin check for sockets).
+        page_port = _free_port()
+        server_env["NOTIFY_ALLOWED_ORIGINS"] = f"http://127.0.0.1:{page_port}"
+        server_env["TEST_PAGE_PORT"] = str(page_port)
+        main.start()
+        other.start()
+        yield main, other
+    finally:
+        main.kill()
+        other.kill()
+
+
+# --- the page and the browser --------------------------------------------------------------
+
+
+class _PageFiles(SimpleHTTPRequestHandler):
+    """/ -> tests/js/page/, /static/notify/ -> static/notify/, /vendor/ -> vue's dist/."""
+
+    ROUTES = {
+        "/static/notify/": ROOT / "static" / "notify",
+        "/vendor/": JS_DIR / "node_modules" / "vue" / "dist",
+        "/": JS_DIR / "page",
+    }
+
+    def translate_path(self, path: str) -> str:
+        path = urlparse(path).path
+        for prefix, directory in self.ROUTES.items():
+            if path.startswith(prefix):
+                relative = Path(path[len(prefix) :])
+                if ".." in relative.parts:
+                    return str(directory / "__forbidden__")
+                return str(directory / relative)
+        return str(JS_DIR / "page" / "__missing__")
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def page_server(servers, server_env) -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", int(server_env["TEST_PAGE_PORT"])), _PageFiles)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Browser:
+    """The page, driven through tests/js/browser_driver.js (one JSON line per call)."""
+
+    def __init__(self, page_url: str, api: str, api_key: str, log: Path) -> None:
+        self.log = log
+        self._err = log.open("w")
+        self.proc = subprocess.Popen(
+            ["node", str(JS_DIR / "browser_driver.js"), page_url],
+            cwd=JS_DIR,
+            env={**os.environ, "NOTIFY_API": api, "NOTIFY_API_KEY": api_key},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._next_id = 0
+        first = self._line(STARTUP_TIMEOUT_S)
+        assert json.loads(first) == {"ready": True}, first
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _line(self, timeout_s: float) -> str:
+        try:
+            line = self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"browser driver silent; its log:\n{self.logs()}") from None
+        if line is None:
+            raise AssertionError(f"browser driver exited; its log:\n{self.logs()}")
+        return line
+
+    def logs(self) -> str:
+        self._err.flush()
+        return self.log.read_text()[-4000:]
+
+    def _call(self, op: str, expr: str, timeout_ms: int = WAIT_TIMEOUT_MS):
+        self._next_id += 1
+        self.proc.stdin.write(
+            json.dumps({"id": self._next_id, "op": op, "expr": expr, "timeoutMs": timeout_ms})
+            + "\n"
+        )
+        self.proc.stdin.flush()
+        reply = json.loads(self._line(timeout_ms / 1000 + 10))
+        assert reply["id"] == self._next_id
+        if not reply["ok"]:
+            raise AssertionError(f"{op} {expr!r}: {reply['error']}\npage log:\n{self.logs()}")
+        return reply["value"]
+
+    def eval(self, expr: str):
+        return self._call("eval", expr)
+
+    def wait_equal(self, expr: str, expected, timeout_ms: int = WAIT_TIMEOUT_MS) -> None:
+        """Wait until the page expression's JSON equals `expected`; on timeout show both."""
+        want = json.dumps(expected, separators=(",", ":"))
+        try:
+            self._call("wait", f"JSON.stringify({expr}) === {json.dumps(want)}", timeout_ms)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{expr} never became {want}; it is {json.dumps(self.eval(expr))}\n{exc}"
+            ) from None
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
+
+
+@pytest.fixture(scope="module")
+def browser(page_server, servers, server_env, tmp_path_factory) -> Iterator[Browser]:
+    main, _ = servers
+    log = tmp_path_factory.mktemp("jsclient-browser") / "driver.log"
+    page = f"{page_server}/index.html?api={main.base}"
+    b = Browser(page, main.base, server_env["TEST_API_KEY"], log)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_socket_unit_tests_pass_in_node(tools):
+    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats."""
+    done = subprocess.run(
+        ["node", "--test", str(JS_DIR)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "# fail 0" in done.stdout
+
+
+def test_notification_reaches_manager_and_composable(browser, servers, server_env):
+    main, _ = servers
+    topic = "jsclient.live"
+    browser.eval(f"harness.startManager('m-live', '{topic}')")
+    browser.eval(f"harness.mountTopic('c-live', '{topic}')")
+    # Live-only subscriptions: post only once the server says the subscription is live.
+    browser.wait_equal("harness.managerLog('m-live').subscribed", 1)
+    browser.wait_equal("harness.connectedText('c-live')", "true")
+
+    seq = main.post(server_env["TEST_API_KEY"], topic, "js.hello", {"greeting": "hi"})
+
+    browser.wait_equal("harness.managerLog('m-live').seqs", [seq])
+    browser.wait_equal("harness.seqs('c-live')", [seq])
+    text = browser.eval("document.querySelector('#c-live li').textContent")
+    assert text == 'js.hello {"greeting":"hi"}'
+    browser.eval("harness.stopManager('m-live')")
+    browser.eval("harness.unmount('c-live')")
+
+
+def test_forbidden_topic_stops_and_reports(browser):
+    browser.eval("harness.startManager('m-forbidden', 'system.secret')")
+    browser.wait_equal("harness.managerLog('m-forbidden').state", "stopped")
+    log = browser.eval("harness.managerLog('m-forbidden')")
+    assert {"code": 4403, "fatal": True} in log["errors"]
+    assert log["seqs"] == []
+
+
+def test_client_reconnects_after_server_restart_and_resumes_in_order(browser, servers, server_env):
+    """Kill -9 the server; posts land elsewhere meanwhile; on restart every client catches up."""
+    main, other = servers
+    key = server_env["TEST_API_KEY"]
+    topic = "jsclient.resume"
+    browser.eval(f"harness.startManager('m-resume', '{topic}')")
+    browser.eval(f"harness.mountTopic('c-resume', '{topic}')")
+    browser.eval(f"harness.mountSse('s-resume', '{topic}', ['js.tick'])")
+    browser.wait_equal("harness.managerLog('m-resume').subscribed", 1)
+    browser.wait_equal("harness.connectedText('c-resume')", "true")
+    browser.wait_equal("harness.stateText('s-resume')", "open")
+
+    before = [main.post(key, topic, "js.tick", {"n": n}) for n in (1, 2)]
+    for expr in ("harness.managerLog('m-resume').seqs", "harness.seqs('c-resume')"):
+        browser.wait_equal(expr, before)
+    browser.wait_equal("harness.seqs('s-resume')", before)
+
+    main.kill()
+    browser.wait_equal("harness.managerLog('m-resume').state", "reconnecting")
+    browser.wait_equal("harness.stateText('c-resume')", "reconnecting")
+    missed = [other.post(key, topic, "js.tick", {"n": n}) for n in (3, 4)]
+    main.start()
+
+    everything = before + missed
+    browser.wait_equal("harness.managerLog('m-resume').seqs", everything, RECONNECT_TIMEOUT_MS)
+    browser.wait_equal("harness.seqs('c-resume')", everything, RECONNECT_TIMEOUT_MS)
+    browser.wait_equal("harness.seqs('s-resume')", everything, RECONNECT_TIMEOUT_MS)
+    # Live again after the resume, still exactly once each.
+    everything.append(main.post(key, topic, "js.tick", {"n": 5}))
+    assert everything == [1, 2, 3, 4, 5]
+    browser.wait_equal("harness.managerLog('m-resume').seqs", everything)
+    browser.wait_equal("harness.seqs('c-resume')", everything)
+    browser.wait_equal("harness.seqs('s-resume')", everything)
+    for app in ("c-resume", "s-resume"):
+        browser.eval(f"harness.unmount('{app}')")
+    browser.eval("harness.stopManager('m-resume')")
+
+
+def test_sse_composable_resumes_from_a_given_last_event_id(browser, servers, server_env):
+    """A manual (re)connect sends `lastEventId` in the query; the server replays after it."""
+    main, _ = servers
+    topic = "jsclient.sse-resume"
+    seqs = [main.post(server_env["TEST_API_KEY"], topic, "js.tick", {"n": n}) for n in (1, 2, 3)]
+    browser.eval(f"harness.mountSse('s-from-1', '{topic}', ['js.tick'], '{seqs[0]}')")
+    browser.wait_equal("harness.seqs('s-from-1')", seqs[1:])
+    browser.eval("harness.unmount('s-from-1')")
+
+
+def test_unmount_removes_listeners_and_closes_connections(browser, servers, server_env):
+    main, _ = servers
+    key = server_env["TEST_API_KEY"]
+    topic = "jsclient.unmount"
+    browser.eval(f"harness.mountTopic('c-keep', '{topic}')")
+    browser.eval(f"harness.mountTopic('c-gone', '{topic}')")
+    browser.eval(f"harness.mountSse('s-gone', '{topic}', ['js.tick'])")
+    browser.wait_equal("harness.connectedText('c-keep')", "true")
+    browser.wait_equal("harness.connectedText('c-gone')", "true")
+    browser.wait_equal("harness.stateText('s-gone')", "open")
+    first = main.post(key, topic, "js.tick", {"n": 1})
+    for app in ("c-keep", "c-gone", "s-gone"):
+        browser.wait_equal(f"harness.seqs('{app}')", [first])
+
+    browser.eval("harness.unmount('c-gone')")
+    browser.eval("harness.unmount('s-gone')")
+    # WebSocket.CLOSED == 3, EventSource.CLOSED == 2: nothing left open by the unmounted apps.
+    browser.wait_equal("harness.readyStates('c-gone')", [3])
+    browser.wait_equal("harness.readyStates('s-gone')", [2])
+
+    second = main.post(key, topic, "js.tick", {"n": 2})
+    browser.wait_equal("harness.seqs('c-keep')", [first, second])
+    assert browser.eval("harness.callbacks('c-gone')") == 1
+    assert browser.eval("harness.callbacks('s-gone')") == 1
+    assert browser.eval("harness.seqs('c-gone')") is None  # its DOM is gone too
+    browser.eval("harness.unmount('c-keep')")
