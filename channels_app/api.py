@@ -1,5 +1,99 @@
 """HTTP endpoints of the realtime edge (tokens, presence), mounted on the API in routing_app."""
 
-from ninja import Router
+from datetime import UTC, datetime
+
+from ninja import Field, Router, Schema
 
 router = Router(tags=["realtime"])
+
+
+# --- client tokens (POST /api/v1/tokens) -------------------------------------------------------
+
+
+class TokenBody(Schema):
+    model_config = {"extra": "forbid"}
+
+    user: str = Field(examples=["sam"], description="the username the token is for")
+    ttl: int | None = Field(
+        None, description="lifetime in seconds (default TOKEN_TTL_S, at most TOKEN_MAX_TTL_S)"
+    )
+
+
+class TokenOut(Schema):
+    token: str
+    expires_at: datetime = Field(description="ISO 8601, UTC")
+
+
+class _TokenRequester:
+    """django-ninja auth for minting tokens: an API key with the ``tokens`` scope (may mint for any
+    user), else the logged-in session user (only for themself).
+
+    The session path is a browser POST riding on a cookie, so it must pass Django's CSRF check
+    (``X-CSRFToken`` header, and an ``Origin`` in CSRF_TRUSTED_ORIGINS when cross-origin); an API
+    key is sent explicitly in a header, which a forging page cannot do, so it needs none.
+    Returns a ``KeyInfo`` or a user; raises 401 (no or bad credentials) or 403 (CSRF, scope).
+    """
+
+    async def __call__(self, request):
+        from ninja.errors import AuthenticationError, AuthorizationError
+        from ninja.utils import check_csrf
+
+        from routing_app.apikeys import ApiKeyAuth
+
+        if "authorization" in request.headers:
+            return await ApiKeyAuth(scope="tokens")(request)
+        user = await request.auser()
+        if not (user.is_authenticated and user.is_active):
+            raise AuthenticationError(
+                401, "log in, or send an API key with the 'tokens' scope as 'Authorization: Bearer'"
+            )
+        if check_csrf(request) is not None:
+            raise AuthorizationError(
+                403, "CSRF check failed: send the csrftoken cookie's value in 'X-CSRFToken'"
+            )
+        return user
+
+
+@router.get("/csrf", auth=None)
+def csrf_token(request):
+    """``{"csrf_token"}`` (and the ``csrftoken`` cookie) for a browser app on another origin, which
+    cannot read this origin's cookie but must echo it in ``X-CSRFToken`` on session POSTs. Only
+    the origins allowed by CORS can read the answer."""
+    from django.middleware.csrf import get_token
+
+    return {"csrf_token": get_token(request)}
+
+
+def _active_user(username: str):
+    from django.contrib.auth import get_user_model
+
+    model = get_user_model()
+    return model._default_manager.filter(**{model.USERNAME_FIELD: username}, is_active=True).first()
+
+
+@router.post("/tokens", auth=_TokenRequester(), response=TokenOut)
+async def create_token(request, body: TokenBody):
+    """A signed client token for sockets and SSE (``?token=``): ``{"token", "expires_at"}``.
+
+    A session user may ask only for themself (403 otherwise); an API key with the ``tokens`` scope
+    for any active user. 400 ttl out of range, 404 no such active user.
+    """
+    from django.conf import settings
+    from ninja.errors import HttpError
+
+    from routing_app import db_threads
+
+    from .tokens import mint
+
+    if body.ttl is not None and not 1 <= body.ttl <= settings.TOKEN_MAX_TTL_S:
+        raise HttpError(400, f"ttl must be between 1 and {settings.TOKEN_MAX_TTL_S} seconds")
+    if hasattr(request.auth, "scopes"):  # an API key
+        user = await db_threads.run(_active_user, body.user)
+        if user is None:
+            raise HttpError(404, f"no active user {body.user!r}")
+    else:
+        user = request.auth
+        if user.get_username() != body.user:
+            raise HttpError(403, "a session may ask for a token only for its own user")
+    token = mint(user.pk, body.ttl)
+    return {"token": token.token, "expires_at": datetime.fromtimestamp(token.expires_at, UTC)}
