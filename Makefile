@@ -16,7 +16,15 @@ run: $(VENV)/.installed
 	$(PY) manage.py demo
 	$(PY) manage.py serve --port $(PORT)
 
-test: $(VENV)/.installed
+# Node test dependencies (tests/js: playwright-core, vue, ws, phoenix), again when the lockfile
+# changes, and Debian's Chromium for the browser tests (CI runs as root; skipped when present).
+tests/js/node_modules/.installed: tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(VENV)/.installed tests/js/node_modules/.installed
+	@test -x /usr/bin/chromium || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) manage.py makemigrations --check --dry-run

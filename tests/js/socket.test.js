@@ -1,5 +1,5 @@
 // Unit tests of static/notify/socket.js against a scripted `ws` server on 127.0.0.1.
-// Run: node --test tests/js/   (pytest runs it from tests/test_js_client.py)
+// Run: node --test tests/js/socket.test.js   (pytest runs it from tests/test_js_client.py)
 import assert from 'node:assert/strict'
 import { once } from 'node:events'
 import { createServer } from 'node:net'
