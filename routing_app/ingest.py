@@ -5,6 +5,10 @@ is 1, 2, 3... with no gap and no duplicate, in commit order: the topic row is lo
 ``last_seq`` advanced inside the same transaction that inserts the notification, so a rolled-back
 insert also rolls back its seq. A retried item with the same ``(source, idempotency_key)`` returns
 the first answer; racing retries are serialized by a transaction-scoped advisory lock on the key.
+
+A reused key with a different body is refused (``IdempotencyConflict``), unless the caller says the
+key alone names the event (``on_conflict=KEEP_FIRST``): webhook sources re-send the same alert or
+event with details that changed (annotations, counters), and the first stored one is the answer.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ import json
 import zlib
 from dataclasses import dataclass, field
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from . import router
+from . import db_threads, router
 from .models import SEVERITIES, SOURCES, Notification, Topic
 from .topics import is_valid_topic
 
 EVENT_MAX_LENGTH = 100
 IDEMPOTENCY_KEY_MAX_LENGTH = 200
 BATCH_MAX_ITEMS = 1000
+REFUSE = "refuse"  # a reused idempotency key with another body raises IdempotencyConflict
+KEEP_FIRST = "keep_first"  # ... answers with the first stored notification
 
 
 class IngestError(Exception):
@@ -101,11 +106,12 @@ def validate(item: NotificationIn, loc: tuple = ()) -> list[dict]:
     return errors
 
 
-def ingest(items: list[NotificationIn]) -> list[IngestResult]:
+def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
     """Persist ``items`` in one transaction; return one result per item, in order.
 
     Raises IngestError (400) for invalid items (nothing stored), IdempotencyConflict (422) when a
-    key is reused with another body, and the database's OperationalError when it is unreachable.
+    key is reused with another body (with ``on_conflict=REFUSE``), and the database's
+    OperationalError when it is unreachable.
     """
     errors = []
     for index, item in enumerate(items):
@@ -113,17 +119,16 @@ def ingest(items: list[NotificationIn]) -> list[IngestResult]:
     if errors:
         raise IngestError(errors)
     with transaction.atomic():
-        results = _persist(items)
+        results = _persist(items, on_conflict)
     return results
 
 
-async def aingest(items: list[NotificationIn]) -> list[IngestResult]:
-    # Not thread_sensitive: concurrent requests each get a worker thread and a DB connection,
-    # instead of queueing on Django's one shared sync thread.
-    return await sync_to_async(ingest, thread_sensitive=False)(items)
+async def aingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
+    """``ingest`` for async code: runs on a database pool thread (see db_threads)."""
+    return await db_threads.run(ingest, items, on_conflict=on_conflict)
 
 
-def _persist(items: list[NotificationIn]) -> list[IngestResult]:
+def _persist(items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:
     results: list[IngestResult | None] = [None] * len(items)
     _lock_idempotency_keys(items)
     existing = _existing_by_key(items)
@@ -133,11 +138,13 @@ def _persist(items: list[NotificationIn]) -> list[IngestResult]:
         key = (item.source, item.idempotency_key) if item.idempotency_key else None
         if key and key in existing:
             row = existing[key]
-            if row.body_hash != item.body_hash():
+            if on_conflict == REFUSE and row.body_hash != item.body_hash():
                 raise IdempotencyConflict(
                     [
                         {
-                            "loc": ["idempotency_key"],
+                            "loc": [index, "idempotency_key"]
+                            if len(items) > 1
+                            else ["idempotency_key"],
                             "msg": f"{item.idempotency_key!r} was already used with a different "
                             "body; use a new key for a new notification",
                         }

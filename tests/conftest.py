@@ -84,3 +84,42 @@ def api_key(db):
     raw = key.set_new_key()
     key.save()
     return key, raw
+
+
+@pytest.fixture(scope="session")
+def _db_pool_closed_at_end(django_db_setup, django_db_blocker):
+    """Close the connections of routing_app.db_threads' pool and of asgiref's one thread for
+    sync_to_async (Django's async ORM in tests) before pytest-django drops the test database."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    from routing_app import db_threads
+
+    with django_db_blocker.unblock():
+        db_threads.close_all()
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture
+async def api(_db_pool_closed_at_end):
+    """An httpx.AsyncClient calling the real ASGI application (notify_project.asgi) in-process.
+
+    API views work on routing_app.db_threads' pool, whose connections see committed rows only:
+    tests using it need ``@pytest.mark.django_db(transaction=True)``.
+    """
+    import httpx
+
+    from notify_project.asgi import application
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture
+def ingest_key(transactional_db) -> str:
+    """The raw key of a client allowed to ingest on every source and topic."""
+    from tests.apiclient import create_key
+
+    return create_key("ingest-client")[1]

@@ -1,0 +1,398 @@
+"""The HTTP API, mounted at ``/api/v1/`` (OpenAPI schema at ``/api/v1/openapi.json``, docs page
+at ``/api/v1/docs``).
+
+Ingest answers ``202 {id, topic, seq}`` only after the transaction committed. A retry with the same
+``idempotency_key`` (and the same body) gets the first answer again, also ``202``, with the header
+``Idempotent-Replayed: true``; the same key with another body gets 422.
+
+Every error answer is ``{"detail": str, "errors": [{"loc": [...], "msg": str}]}``; ``loc`` is the
+JSON path of the bad field in the request body (``["query", name]`` for query parameters):
+400 bad input, 401 no/invalid/revoked key, 403 key lacks the scope, source or topic, 413 body too
+large, 415 not JSON, 422 idempotency key reused with another body, 429 over the key's rate
+(``Retry-After``), 503 database or rate limiter unreachable (``Retry-After``).
+
+Order of checks: body size and content type, then the key (401/403), then the body's shape (400),
+then the key's rights on what it posts (403), then, on a database thread, the rate (429) and the
+transaction. The realtime edge (``channels_app.api.router``) is mounted here too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse
+from ninja import Field, NinjaAPI, Query, Router, Schema
+from ninja.decorators import decorate_view
+from ninja.errors import AuthorizationError, HttpError, ValidationError
+
+from channels_app.api import router as channels_router
+
+from . import apikeys, db_threads, sources
+from .apikeys import ApiKeyAuth, KeyInfo
+from .ingest import (
+    BATCH_MAX_ITEMS,
+    KEEP_FIRST,
+    REFUSE,
+    IngestError,
+    IngestResult,
+    NotificationIn,
+    ingest,
+)
+from .models import SEVERITIES, SOURCES, Notification, Topic
+from .topics import is_valid_topic
+
+log = logging.getLogger(__name__)
+
+# One notification's body: its data may be up to MAX_MESSAGE_BYTES, the envelope is small.
+SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
+# Batches and multi-alert webhooks; below Django's DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB), which
+# would otherwise refuse first, with a 400.
+BATCH_BODY_MAX_BYTES = 2 * 1024 * 1024
+HISTORY_MAX_LIMIT = 1000
+
+api = NinjaAPI(
+    title="notify",
+    version="1",
+    description="Ingest notifications from sources and read topic history. "
+    "Authenticate with `Authorization: Bearer <API key>`.",
+    urls_namespace="api-v1",
+)
+router = Router(tags=["ingest"])
+ingest_key = ApiKeyAuth(scope="ingest")
+any_key = ApiKeyAuth()
+
+
+# --- schemas ----------------------------------------------------------------------------------
+
+
+class NotificationBody(Schema):
+    """One notification to store and route."""
+
+    model_config = {"extra": "forbid"}  # a misspelt field is an error, not silently dropped
+
+    topic: str = Field(examples=["alerts.k8s"], description="lowercase segments, '.' or ':'")
+    event: str = Field(examples=["pod.crashloop"])
+    data: dict[str, Any] | None = Field(None, description="a JSON object, at most 64 KB encoded")
+    severity: Literal[tuple(SEVERITIES)] = "info"  # type: ignore[valid-type]
+    source: Literal[tuple(SOURCES)] = "api"  # type: ignore[valid-type]
+    idempotency_key: str | None = Field(None, description="retries with it store once")
+    recipients: list[str] = Field(default=[], description="extra addresses: email, +E.164, URL")
+
+    def to_item(self) -> NotificationIn:
+        return NotificationIn(
+            topic=self.topic,
+            event=self.event,
+            data=self.data if self.data is not None else {},
+            severity=self.severity,
+            source=self.source,
+            idempotency_key=self.idempotency_key,
+            recipients=self.recipients,
+        )
+
+
+class BatchBody(Schema):
+    model_config = {"extra": "forbid"}
+
+    notifications: list[NotificationBody] = Field(min_length=1, max_length=BATCH_MAX_ITEMS)
+
+
+class Accepted(Schema):
+    id: str
+    topic: str
+    seq: int
+
+
+class AcceptedItem(Accepted):
+    replayed: bool = Field(description="true when an earlier request stored it (same key)")
+
+
+class AcceptedList(Schema):
+    results: list[AcceptedItem]
+
+
+class ErrorItem(Schema):
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorOut(Schema):
+    detail: str
+    errors: list[ErrorItem] = []
+
+
+class Envelope(Schema):
+    type: Literal["notification"]
+    topic: str
+    seq: int
+    id: str
+    event: str
+    data: dict[str, Any]
+    severity: str
+    source: str
+    ts: str
+
+
+class History(Schema):
+    topic: str
+    last_seq: int = Field(description="the topic's newest seq (0: nothing stored yet)")
+    notifications: list[Envelope]
+    next_after: int = Field(description="pass as ?after= to read on")
+
+
+ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503)}
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def error_response(
+    request: HttpRequest,
+    status: int,
+    detail: str,
+    errors: list[dict] | None = None,
+    retry_after_s: int | None = None,
+) -> HttpResponse:
+    response = api.create_response(
+        request, {"detail": detail, "errors": errors or []}, status=status
+    )
+    if retry_after_s is not None:
+        response["Retry-After"] = str(retry_after_s)
+    return response
+
+
+def _strip_param_source(loc: tuple) -> list:
+    # ninja: ("body", "<param name>", *path) for a body model; ("query", name) for the query
+    if loc and loc[0] == "body":
+        return list(loc[2:])
+    return list(loc)
+
+
+@api.exception_handler(ValidationError)
+def _on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    errors = [{"loc": _strip_param_source(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors]
+    return error_response(request, 400, "the request is not valid; see errors", errors)
+
+
+@api.exception_handler(IngestError)
+def _on_ingest_error(request: HttpRequest, exc: IngestError) -> HttpResponse:
+    detail = "the request is not valid; see errors"
+    if exc.status == 422:
+        detail = "the idempotency key was used before with a different body"
+    return error_response(request, exc.status, detail, exc.errors)
+
+
+@api.exception_handler(HttpError)
+def _on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, ValueError):  # ninja: body parse failed
+        errors = [{"loc": [], "msg": str(cause)}]
+        return error_response(request, 400, "the body is not valid JSON", errors)
+    return error_response(
+        request, exc.status_code, exc.message, retry_after_s=getattr(exc, "retry_after_s", None)
+    )
+
+
+def _on_database_unreachable(request: HttpRequest, exc: Exception) -> HttpResponse:
+    log.warning("database unreachable: %s", exc)
+    return error_response(
+        request,
+        503,
+        "the database is unreachable; nothing was stored, retry later",
+        retry_after_s=apikeys.UNAVAILABLE_RETRY_AFTER_S,
+    )
+
+
+api.add_exception_handler(OperationalError, _on_database_unreachable)
+api.add_exception_handler(InterfaceError, _on_database_unreachable)
+
+
+def json_body(max_bytes: int):
+    """Operation decorator: 415 unless the body is JSON, 413 if over ``max_bytes``.
+
+    Runs before authentication and parsing, so an oversized or non-JSON body costs nothing more.
+    """
+
+    def decorate(run):
+        @functools.wraps(run)
+        async def checked(request: HttpRequest, *args, **kwargs):
+            content_type = (request.content_type or "").lower()
+            if content_type != "application/json" and not content_type.endswith("+json"):
+                return error_response(
+                    request, 415, "send the body as JSON with 'Content-Type: application/json'"
+                )
+            too_big = error_response(
+                request, 413, f"the body is larger than the limit of {max_bytes} bytes"
+            )
+            try:
+                declared = int(request.headers.get("Content-Length") or 0)
+                if declared > max_bytes or len(request.body) > max_bytes:
+                    return too_big
+            except RequestDataTooBig:
+                return too_big
+            except ValueError:
+                return error_response(request, 400, "the Content-Length header is not a number")
+            return await run(request, *args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
+# --- the work on a database thread --------------------------------------------------------------
+
+
+def _authorize(key: KeyInfo, items: list[NotificationIn]) -> None:
+    """403 unless the key may post every item's source and topic (invalid topics are left to
+    ingest's validation, which answers 400 with the field)."""
+    for item in items:
+        if not key.allows_source(item.source):
+            raise AuthorizationError(403, f"this API key may not post source '{item.source}'")
+        if is_valid_topic(item.topic) and not key.allows_topic(item.topic):
+            raise AuthorizationError(403, f"this API key may not post to topic '{item.topic}'")
+
+
+def _ingest_as(key: KeyInfo, items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:
+    apikeys.check_rate(key)
+    apikeys.touch(key)
+    return ingest(items, on_conflict=on_conflict)
+
+
+async def _store(
+    key: KeyInfo, items: list[NotificationIn], on_conflict: str, loc_prefix: list | None = None
+) -> list[IngestResult]:
+    _authorize(key, items)
+    try:
+        return await db_threads.run(_ingest_as, key, items, on_conflict)
+    except IngestError as exc:
+        if loc_prefix is not None:  # batch: point into the list (ingest omits the index for one)
+            for error in exc.errors:
+                loc = error["loc"]
+                error["loc"] = loc_prefix + (loc if isinstance(loc[0], int) else [0, *loc])
+        raise
+
+
+def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpResponse:
+    body = {"results": [{**r.answer(), "replayed": not r.created} for r in results]}
+    return api.create_response(request, body, status=202)
+
+
+# --- endpoints --------------------------------------------------------------------------------
+
+
+@router.post(
+    "/notifications",
+    response={202: Accepted, **ERRORS},
+    auth=ingest_key,
+    summary="Post one notification",
+)
+@decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
+async def post_notification(request: HttpRequest, payload: NotificationBody):
+    """Store one notification; 202 with its topic seq once committed."""
+    [result] = await _store(request.auth, [payload.to_item()], REFUSE)
+    response = api.create_response(request, result.answer(), status=202)
+    if not result.created:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
+@router.post(
+    "/notifications/batch",
+    response={202: AcceptedList, **ERRORS},
+    auth=ingest_key,
+    summary="Post up to 1000 notifications in one transaction",
+)
+@decorate_view(json_body(BATCH_BODY_MAX_BYTES))
+async def post_batch(request: HttpRequest, payload: BatchBody):
+    """All or nothing: one bad item (400, ``loc`` names it) stores none. ``results`` answers
+    each item in order; ``replayed`` marks items an earlier request stored (same key)."""
+    items = [n.to_item() for n in payload.notifications]
+    return _accepted_list(request, await _store(request.auth, items, REFUSE, ["notifications"]))
+
+
+@router.post(
+    "/sources/alertmanager",
+    response={202: AcceptedList, **ERRORS},
+    auth=ingest_key,
+    summary="Alertmanager webhook (v4)",
+    tags=["sources"],
+)
+@decorate_view(json_body(BATCH_BODY_MAX_BYTES))
+async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerWebhook):
+    """Point an Alertmanager ``webhook_config`` here (with ``http_config.authorization``
+    credentials = the API key). One notification per alert on ``alerts.<alertname>``."""
+    items = sources.alertmanager_notifications(payload)
+    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+
+
+@router.post(
+    "/sources/kubernetes",
+    response={202: AcceptedList, **ERRORS},
+    auth=ingest_key,
+    summary="Kubernetes Event (core/v1, or kubernetes-event-exporter webhook)",
+    tags=["sources"],
+)
+@decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
+async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent):
+    """One notification on ``k8s.<namespace>.<kind>``."""
+    items = sources.kubernetes_notifications(payload)
+    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+
+
+@router.post(
+    "/sources/workflow",
+    response={202: AcceptedList, **ERRORS},
+    auth=ingest_key,
+    summary="Workflow step started/succeeded/failed/compensated",
+    tags=["sources"],
+)
+@decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
+async def post_workflow(request: HttpRequest, payload: sources.WorkflowStep):
+    """One notification on ``workflow.<workflow>``."""
+    items = sources.workflow_notifications(payload)
+    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+
+
+def _history(key: KeyInfo, topic: str, after: int, limit: int) -> dict:
+    apikeys.check_rate(key)
+    apikeys.touch(key)
+    last_seq = Topic.objects.filter(name=topic).values_list("last_seq", flat=True).first() or 0
+    rows = Notification.objects.filter(topic__name=topic, seq__gt=after).order_by("seq")[:limit]
+    envelopes = [row.envelope(topic) for row in rows]
+    return {
+        "topic": topic,
+        "last_seq": last_seq,
+        "notifications": envelopes,
+        "next_after": envelopes[-1]["seq"] if envelopes else after,
+    }
+
+
+@router.get(
+    "/topics/{topic}/notifications",
+    response={200: History, **ERRORS},
+    auth=any_key,
+    summary="Read a topic's stored notifications after a seq",
+)
+async def topic_history(
+    request: HttpRequest,
+    topic: str,
+    after: int = Query(0, ge=0, description="return notifications with seq > after"),
+    limit: int = Query(100, ge=1, le=HISTORY_MAX_LIMIT),
+):
+    """Oldest first. Retention may have trimmed the oldest: compare the first seq with
+    ``after + 1`` to see a gap."""
+    if not is_valid_topic(topic):
+        raise IngestError([{"loc": ["path", "topic"], "msg": "not a valid topic name"}])
+    key: KeyInfo = request.auth
+    if not key.allows_topic(topic):
+        raise AuthorizationError(403, f"this API key may not read topic '{topic}'")
+    history = await db_threads.run(_history, key, topic, after, limit)
+    return api.create_response(request, history, status=200)
+
+
+api.add_router("", router)
+api.add_router("", channels_router)

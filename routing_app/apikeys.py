@@ -1,0 +1,212 @@
+"""API keys at the HTTP edge: authenticate ``Authorization: Bearer <key>``, authorize sources and
+topics, rate-limit per key, and record use.
+
+- Authenticate: the raw key ``nk_<prefix>_<secret>`` (see ``models.ApiKey``) is looked up by its
+  prefix; the SHA-256 of the whole raw key is compared with ``hmac.compare_digest``.
+- Cache: a key's row is kept in process memory for ``KEY_CACHE_S`` so a request costs no query.
+  Saving or deleting an ``ApiKey`` clears this process's entry at once (signal); another process
+  sees a revocation within ``KEY_CACHE_S`` seconds. That delay is the accepted staleness.
+- ``last_used_at`` is written at most once per ``LAST_USED_EVERY_S`` per key and process, not on
+  every request.
+- Rate: django-ratelimit's fixed window per key, ``ApiKey.rate`` or ``settings.INGEST_RATE``; every
+  request counts once (a batch is one request, and holds at most 1000 notifications).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import redis
+from django.conf import settings
+from django.db.models.signals import post_delete, post_save
+from django.http import HttpRequest
+from django.utils import timezone
+from django_ratelimit.core import get_usage
+from ninja.errors import AuthenticationError, AuthorizationError, HttpError
+from ninja.security import HttpBearer
+
+from . import db_threads
+from .models import ApiKey
+from .topics import matches_any
+
+log = logging.getLogger(__name__)
+
+KEY_CACHE_S = 5.0  # how long another process may still accept a revoked key
+LAST_USED_EVERY_S = 60.0  # last_used_at precision; saves a write per request
+RATE_GROUP = "notify-api-key"
+UNAVAILABLE_RETRY_AFTER_S = 5  # what 503 answers tell clients to wait
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a request needs of an API key row (immutable, safe to share across threads)."""
+
+    id: int
+    name: str
+    prefix: str
+    hashed_key: str
+    scopes: frozenset[str]
+    sources: frozenset[str]  # empty = every source
+    topic_patterns: tuple[str, ...]  # empty = every topic
+    rate: str
+    revoked: bool
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> KeyInfo:
+        return cls(
+            id=row.pk,
+            name=row.name,
+            prefix=row.prefix,
+            hashed_key=row.hashed_key,
+            scopes=frozenset(row.scopes or ()),
+            sources=frozenset(row.allowed_sources or ()),
+            topic_patterns=tuple(row.topic_patterns()),
+            rate=row.rate or settings.INGEST_RATE,
+            revoked=row.revoked,
+        )
+
+    def allows_source(self, source: str) -> bool:
+        return not self.sources or source in self.sources
+
+    def allows_topic(self, topic: str) -> bool:
+        return not self.topic_patterns or matches_any(list(self.topic_patterns), topic)
+
+
+class RateLimited(HttpError):
+    """429: the key is over its rate; ``retry_after_s`` is when its window ends."""
+
+    def __init__(self, retry_after_s: int, rate: str):
+        super().__init__(429, f"this API key is over its rate of {rate}; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class LimiterUnavailable(HttpError):
+    """503: the rate limiter's store (Redis) does not answer and the limiter fails closed."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the rate limiter is unavailable; retry later")
+        self.retry_after_s = UNAVAILABLE_RETRY_AFTER_S
+
+
+_cache: dict[str, tuple[float, KeyInfo | None]] = {}
+_last_touch: dict[int, float] = {}
+
+
+def forget_cached_keys(**_kwargs) -> None:
+    _cache.clear()
+
+
+post_save.connect(forget_cached_keys, sender=ApiKey, dispatch_uid="apikeys-cache-save")
+post_delete.connect(forget_cached_keys, sender=ApiKey, dispatch_uid="apikeys-cache-delete")
+
+
+def parse_prefix(raw_key: str) -> str | None:
+    """The lookup prefix of a raw key ``nk_<prefix>_<secret>``, or None if it has another shape."""
+    parts = raw_key.split("_", 2)
+    if len(parts) != 3 or parts[0] != "nk" or not parts[1] or not parts[2]:
+        return None
+    return parts[1]
+
+
+def load_key(prefix: str) -> KeyInfo | None:
+    """Read a key by prefix from the database (sync; call from a DB thread)."""
+    row = ApiKey.objects.filter(prefix=prefix).first()
+    return KeyInfo.from_row(row) if row else None
+
+
+def _cached(prefix: str) -> tuple[bool, KeyInfo | None]:
+    entry = _cache.get(prefix)
+    if entry and time.monotonic() - entry[0] < KEY_CACHE_S:
+        return True, entry[1]
+    return False, None
+
+
+def verify(raw_key: str, info: KeyInfo | None) -> KeyInfo:
+    """Raise AuthenticationError (401) unless ``info`` is the live key ``raw_key`` names."""
+    digest = hashlib.sha256(raw_key.encode()).hexdigest()
+    if info is None or not hmac.compare_digest(digest, info.hashed_key):
+        raise AuthenticationError(401, "this API key is not valid")
+    if info.revoked:
+        raise AuthenticationError(401, "this API key was revoked")
+    return info
+
+
+async def authenticate_raw(raw_key: str) -> KeyInfo:
+    """Return the key ``raw_key`` names; raise AuthenticationError (401) if none, or revoked.
+
+    Served from the process cache when fresh, else one query on a DB thread.
+    """
+    prefix = parse_prefix(raw_key)
+    if prefix is None:
+        raise AuthenticationError(401, "this API key is not valid")
+    hit, info = _cached(prefix)
+    if not hit:
+        info = await db_threads.run(load_key, prefix)
+        if info is not None:  # unknown prefixes are not cached: a key created now works now
+            _cache[prefix] = (time.monotonic(), info)
+    return verify(raw_key, info)
+
+
+class ApiKeyAuth(HttpBearer):
+    """django-ninja auth: ``Authorization: Bearer <key>``; ``request.auth`` becomes a KeyInfo.
+
+    ``scope=None`` accepts a key with any scope. 401 without a valid live key, 403 without the
+    scope; each answer says why.
+    """
+
+    def __init__(self, scope: str | None = None):
+        super().__init__()
+        self.scope = scope
+
+    async def __call__(self, request: HttpRequest) -> KeyInfo:  # type: ignore[override]
+        header = request.headers.get(self.header, "")
+        scheme, _, raw = header.partition(" ")
+        if scheme.lower() != "bearer" or not raw.strip():
+            raise AuthenticationError(401, "send an API key as 'Authorization: Bearer <key>'")
+        return await self.authenticate(request, raw.strip())
+
+    async def authenticate(self, request: HttpRequest, token: str) -> KeyInfo:
+        info = await authenticate_raw(token)
+        if self.scope and self.scope not in info.scopes:
+            raise AuthorizationError(403, f"this API key lacks the '{self.scope}' scope")
+        return info
+
+
+def check_rate(info: KeyInfo) -> None:
+    """Count one request against the key's rate; raise RateLimited (429) when over it.
+
+    Sync (cache calls); call it from a DB thread. When the cache store does not answer, the
+    limiter fails open or closed (``RATELIMIT_FAIL_OPEN``); closed raises LimiterUnavailable.
+    """
+    try:
+        usage = get_usage(
+            None,
+            group=RATE_GROUP,
+            key=lambda _group, _request: info.prefix,
+            rate=info.rate,
+            increment=True,
+        )
+    except redis.RedisError:
+        log.warning("rate limiter store unavailable (fail open: %s)", settings.RATELIMIT_FAIL_OPEN)
+        if settings.RATELIMIT_FAIL_OPEN:
+            return
+        raise LimiterUnavailable() from None
+    if usage and usage["should_limit"]:
+        if usage["time_left"] < 0:  # django-ratelimit's "cache failed" answer
+            raise LimiterUnavailable()
+        raise RateLimited(max(1, math.ceil(usage["time_left"])), info.rate)
+
+
+def touch(info: KeyInfo) -> None:
+    """Record use in ``last_used_at``, at most once per LAST_USED_EVERY_S (sync, DB thread)."""
+    now = time.monotonic()
+    last = _last_touch.get(info.id)
+    if last is not None and now - last < LAST_USED_EVERY_S:
+        return
+    _last_touch[info.id] = now
+    ApiKey.objects.filter(pk=info.id).update(last_used_at=timezone.now())
