@@ -1,14 +1,36 @@
-"""WebSocket routing. Consumers come with the realtime issue; until then every socket is refused."""
+"""WebSocket routing: the plain JSON socket and the Phoenix socket, behind the origin check.
 
-from channels.auth import AuthMiddlewareStack
+No ``AuthMiddlewareStack``: ``socket_auth.principal_for_scope`` reads the token or the session
+cookie itself, only when a socket connects, instead of resolving a session user for every
+connection in Django's one shared sync thread before the app even runs.
+"""
+
 from channels.routing import URLRouter
-from channels.security.websocket import OriginValidator
-from django.conf import settings
+from django.urls import path
 
-websocket_urlpatterns: list = []
+from .phoenix import phoenix_app
+from .socket_auth import origin_allowed
+from .ws_plain import plain_socket_app
 
-websocket_application = OriginValidator(
-    AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
-    [origin for origin in settings.NOTIFY_ALLOWED_ORIGINS]
-    + ["http://127.0.0.1", "http://localhost"],
-)
+websocket_urlpatterns: list = [
+    path("ws/<str:topic>/", plain_socket_app),
+    path("socket/websocket", phoenix_app),  # Phoenix Channels V2 (?vsn=2.0.0)
+]
+
+
+class OriginCheck:
+    """Refuse (HTTP 403 at the handshake) sockets opened by pages of other origins."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and not origin_allowed(scope):
+            event = await receive()
+            if event["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 4403})
+            return
+        return await self.app(scope, receive, send)
+
+
+websocket_application = OriginCheck(URLRouter(websocket_urlpatterns))

@@ -1,0 +1,198 @@
+"""Writing to one connection without letting it slow anyone else down.
+
+``ConnectionSender.push(event)`` hands an ASGI send event to the server *immediately*: it starts the
+server's ``send()`` coroutine by hand, and with uvicorn's WebSocket protocols that coroutine
+finishes at once (it writes the frame to the transport) unless the transport's write buffer is full.
+Only a send that would wait is handed to one drainer task, and later events queue behind it in a
+bounded backlog; past ``limit`` queued events the connection is over budget and ``on_overflow`` is
+called (the edge closes it with a "too slow" code). So the hub's fanout loop never awaits a socket,
+and creates no task per delivery (LIBRARY-NOTES.md: a task per socket per message halved
+throughput).
+
+Works for any ASGI send (``websocket.send`` frames, SSE ``http.response.body`` chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# After a close frame is queued, the peer gets this long to take it; then the transport is
+# aborted. A reader that stopped reading would otherwise hold its buffers until TCP gives up.
+CLOSE_GRACE_S = 5.0
+
+Send = Callable[[dict], Awaitable[None]]
+
+
+async def _resume(coro, waiting: Any) -> None:
+    """Finish a coroutine that was started by hand (``coro.send(None)``) and suspended on
+    ``waiting`` (the future it awaits, or None for a bare yield)."""
+    try:
+        while True:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait((waiting,))
+            waiting = coro.send(None)
+    except StopIteration:
+        return
+    except BaseException:
+        coro.close()
+        raise
+
+
+def abort_transport(send: Send) -> bool:
+    """Abort the connection under an ASGI ``send`` if the server exposes it (uvicorn's protocol
+    objects do: ``send`` is a bound method of the protocol, which holds ``transport``).
+
+    ASGI has no "abort" event, and a graceful close waits for the write buffer to drain, which a
+    peer that stopped reading never lets happen. Returns whether an abort was possible.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    if abort is None:
+        return False
+    abort()
+    return True
+
+
+class ConnectionSender:
+    """Ordered, non-blocking, bounded writes to one ASGI connection. Use from its event loop."""
+
+    __slots__ = (
+        "_send",
+        "_backlog",
+        "_task",
+        "_limit",
+        "_on_overflow",
+        "_drained",
+        "_abort_timer",
+        "closed",
+        "close_sent",
+    )
+
+    def __init__(self, send: Send, limit: int, on_overflow: Callable[[], None]):
+        self._send = send
+        self._backlog: deque[dict] | None = None  # None = nothing waiting: the fast path
+        self._task: asyncio.Task | None = None
+        self._limit = limit
+        self._on_overflow = on_overflow
+        self._drained: asyncio.Event | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self.closed = False  # no more frames accepted (closing, overflowed or send failed)
+        self.close_sent = False
+
+    @property
+    def backlog(self) -> int:
+        """Events waiting behind a send that could not complete at once."""
+        return 0 if self._backlog is None else len(self._backlog)
+
+    def push(self, event: dict) -> bool:
+        """Send ``event`` now, or queue it behind a waiting send. Never blocks, never raises.
+
+        Returns False when the event was not taken: the connection is closed or closing, or the
+        backlog is full (then ``on_overflow`` has been called once).
+        """
+        if self.closed:
+            return False
+        backlog = self._backlog
+        if backlog is not None:
+            if len(backlog) >= self._limit:
+                self._overflow()
+                return False
+            backlog.append(event)
+            return True
+        coro = self._send(event)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return True
+        except Exception as exc:  # noqa: BLE001  (the peer is gone: ClientDisconnected, OSError)
+            log.debug("send failed, connection treated as closed: %r", exc)
+            self.closed = True
+            return False
+        self._backlog = deque()
+        self._task = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
+        return True
+
+    async def _drain(self, coro, waiting) -> None:
+        try:
+            await _resume(coro, waiting)
+            while self._backlog:
+                await self._send(self._backlog.popleft())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (the peer went away while we waited)
+            log.debug("queued send failed, connection treated as closed: %r", exc)
+            self.closed = True
+        finally:
+            self._backlog = None
+            self._task = None
+            if self._drained is not None:
+                self._drained.set()
+
+    async def drained(self) -> None:
+        """Wait until nothing is queued (returns at once on the fast path or once closed)."""
+        while self._backlog is not None and not self.closed:
+            if self._drained is None or self._drained.is_set():
+                self._drained = asyncio.Event()
+            await self._drained.wait()
+
+    def _overflow(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._backlog is not None:
+            self._backlog.clear()  # the peer is dropped anyway: free its frames now
+        self._on_overflow()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Queue a ``websocket.close`` after what is already queued (dropped on overflow), and
+        abort the transport if the peer has not taken it within ``CLOSE_GRACE_S``."""
+        if self.close_sent:
+            return
+        self.close_sent = True
+        self.closed = True
+        event = {"type": "websocket.close", "code": code, "reason": reason}
+        self.push_final(event)
+
+    def push_final(self, event: dict) -> None:
+        """Send a last event (a close, the end of a response) even though ``closed`` is set."""
+        loop = asyncio.get_running_loop()
+        if self._backlog is not None:
+            self._backlog.append(event)
+        else:
+            coro = self._send(event)
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                waiting = False
+            except Exception as exc:  # noqa: BLE001
+                log.debug("final send failed: %r", exc)
+                waiting = False
+            if waiting is not False:
+                self._backlog = deque()
+                self._task = loop.create_task(self._drain(coro, waiting))
+        if self._task is not None and self._abort_timer is None:
+            self._abort_timer = loop.call_later(CLOSE_GRACE_S, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        if self._task is not None and abort_transport(self._send):
+            log.info("aborted a connection that did not take its close frame")
+
+    def dispose(self) -> None:
+        """The connection is over: stop the drainer and timers (call from the app's finally)."""
+        self.closed = True
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._backlog = None

@@ -1,0 +1,335 @@
+"""The plain JSON WebSocket at ``/ws/<topic>/``: a raw ASGI app on the per-process hub.
+
+Protocol (notes/REALTIME-CONTRACT.md; RFC 6455 for close codes):
+- connect ``/ws/<topic>/?token=<token>&since=<seq>`` (token optional with a session cookie);
+- server -> client: ``subscribed`` (once live and replayed), ``notification``, ``reset``,
+  ``ping``/``pong``, ``ack``, ``presence``, ``event``, ``error`` (the socket stays open);
+- client -> server: ``ping``, ``pong``, ``publish``, ``resume``, ``presence``;
+- close codes: 1009 frame over 64 KB, 4400 bad topic or since, 4401 missing/forged/expired token,
+  4403 topic not allowed, 4408 silent for two heartbeat intervals, 4429 too slow to read,
+  1013 realtime bus unavailable (retry later).
+
+A raw ASGI app, not a Channels consumer: Channels' ``dispatch`` awaits a trip to the shared sync
+thread before every handler (``aclose_old_connections``), per message per socket, and the
+consumer class costs more per connection (LIBRARY-NOTES.md: raw ASGI measured fastest). No ORM
+on the per-message path: authentication, authorization and replay happen at connect/resume only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from django.conf import settings
+
+from routing_app.topics import is_valid_topic
+
+from . import socket_auth
+from .authz import PUBLISH, READ, adecide
+from .hub import JSON_SEPARATORS, HubUnavailable, Message, SubscribeResult, Unsubscribed, hub
+from .sender import ConnectionSender
+from .tokens import TokenError
+
+log = logging.getLogger(__name__)
+
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_LATER = 1013
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_HEARTBEAT = 4408
+CLOSE_TOO_SLOW = 4429
+# Client frames per second a socket may send (bucket refills at this rate, holds twice as much):
+# a flood gets error frames, not a stalled server.
+CLIENT_FRAMES_PER_S = 50
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, separators=JSON_SEPARATORS, ensure_ascii=False)
+
+
+class PlainSocket:
+    """One connected client: a hub Subscriber writing through a ConnectionSender."""
+
+    encoding = "plain"
+    __slots__ = (
+        "topic",
+        "principal",
+        "sender",
+        "last_seen",
+        "heartbeat",
+        "budget",
+        "budget_at",
+        "__weakref__",
+    )
+
+    def __init__(self, topic: str, principal, send):
+        self.topic = topic
+        self.principal = principal
+        self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.overflow)
+        self.last_seen = time.monotonic()
+        self.heartbeat = None
+        self.budget = 2.0 * CLIENT_FRAMES_PER_S
+        self.budget_at = self.last_seen
+
+    # --- hub Subscriber ---------------------------------------------------------------------
+
+    def deliver(self, frame: str, message: Message) -> None:
+        self.sender.push({"type": "websocket.send", "text": frame})
+
+    def deliver_event(self, topic: str, event: str, payload: dict) -> None:
+        self.send_json({"type": "event", "topic": topic, "event": event, "payload": payload})
+
+    def overflow(self) -> None:
+        hub.detach(self.topic, self)
+        self.sender.close(CLOSE_TOO_SLOW, "too slow: send buffer full")
+
+    async def drained(self) -> None:
+        await self.sender.drained()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def send_json(self, obj: dict) -> None:
+        self.sender.push({"type": "websocket.send", "text": _dumps(obj)})
+
+    def error(self, code: str, message: str, ref=None) -> None:
+        frame = {"type": "error", "code": code, "message": message}
+        if ref is not None:
+            frame["ref"] = ref
+        self.send_json(frame)
+
+    def close(self, code: int, reason: str = "") -> None:
+        hub.detach(self.topic, self)
+        self.sender.close(code, reason)
+
+    # --- heartbeat -------------------------------------------------------------------------
+
+    def start_heartbeat(self, loop) -> None:
+        self.heartbeat = loop.call_later(settings.HEARTBEAT_INTERVAL_S, self._beat, loop)
+
+    def _beat(self, loop) -> None:
+        self.heartbeat = None
+        if self.sender.closed:
+            return
+        idle = time.monotonic() - self.last_seen
+        if idle >= settings.HEARTBEAT_TIMEOUT_S:
+            self.close(CLOSE_HEARTBEAT, "heartbeat timeout: nothing received from the client")
+            return
+        self.send_json({"type": "ping"})
+        delay = min(settings.HEARTBEAT_INTERVAL_S, settings.HEARTBEAT_TIMEOUT_S - idle)
+        self.heartbeat = loop.call_later(delay, self._beat, loop)
+
+    def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+            self.heartbeat = None
+        self.sender.dispose()
+
+    def take_budget(self) -> bool:
+        now = time.monotonic()
+        self.budget = min(
+            2.0 * CLIENT_FRAMES_PER_S, self.budget + (now - self.budget_at) * CLIENT_FRAMES_PER_S
+        )
+        self.budget_at = now
+        if self.budget < 1.0:
+            return False
+        self.budget -= 1.0
+        return True
+
+
+def _parse_since(raw) -> int | None:
+    """A seq a client gives: a non-negative int (or its decimal string). ValueError otherwise."""
+    if isinstance(raw, bool):
+        raise ValueError
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, str) and raw.isdigit():
+        value = int(raw)
+    else:
+        raise ValueError
+    if value < 0:
+        raise ValueError
+    return value
+
+
+async def _subscribe(sock: PlainSocket, since: int | None) -> bool:
+    """Join the hub (replaying after ``since``) and tell the client; False when it is closed."""
+    try:
+        result: SubscribeResult = await hub.subscribe(sock.topic, sock, since)
+    except HubUnavailable as exc:
+        sock.close(CLOSE_TRY_LATER, str(exc))
+        return False
+    except Unsubscribed:
+        return False
+    if result.reset:
+        sock.send_json(
+            {
+                "type": "reset",
+                "topic": sock.topic,
+                "since": since,
+                "oldest_seq": result.oldest_seq,
+                "last_seq": result.last_seq,
+            }
+        )
+    sock.send_json({"type": "subscribed", "topic": sock.topic, "last_seq": result.last_seq})
+    return True
+
+
+async def plain_socket_app(scope, receive, send) -> None:
+    """ASGI app for ``/ws/<topic>/`` (``scope["url_route"]["kwargs"]["topic"]``)."""
+    event = await receive()
+    if event["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    topic = scope.get("url_route", {}).get("kwargs", {}).get("topic", "")
+    code, reason, principal, since = await _admit(scope, topic)
+    if code:
+        await send({"type": "websocket.close", "code": code, "reason": reason})
+        await _wait_disconnect(receive)
+        return
+    sock = PlainSocket(topic, principal, send)
+    loop = asyncio.get_running_loop()
+    try:
+        if await _subscribe(sock, since):
+            sock.start_heartbeat(loop)
+        while True:
+            event = await receive()
+            kind = event["type"]
+            if kind == "websocket.receive":
+                sock.last_seen = time.monotonic()
+                if not sock.sender.closed:
+                    await _on_frame(sock, event)
+            elif kind == "websocket.disconnect":
+                break
+    finally:
+        await hub.unsubscribe(topic, sock)
+        sock.stop()
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def _admit(scope, topic: str):
+    """Check the connection: (close code or 0, reason, principal, since)."""
+    if not is_valid_topic(topic):
+        return CLOSE_BAD_REQUEST, "bad topic name", None, None
+    params = socket_auth.query_params(scope)
+    since = None
+    if params.get("since", "") != "":
+        try:
+            since = _parse_since(params["since"])
+        except ValueError:
+            return CLOSE_BAD_REQUEST, "since must be a non-negative integer", None, None
+    try:
+        principal = await socket_auth.principal_for_scope(scope)
+    except TokenError as exc:
+        return CLOSE_UNAUTHENTICATED, str(exc)[:120], None, None
+    decision = await adecide(principal, topic, READ)
+    if not decision.allowed:
+        if not principal.is_authenticated:
+            return CLOSE_UNAUTHENTICATED, "log in or pass ?token=", None, None
+        return CLOSE_FORBIDDEN, decision.reason[:120], None, None
+    return 0, "", principal, since
+
+
+async def _on_frame(sock: PlainSocket, event: dict) -> None:
+    text = event.get("text")
+    if text is None:
+        data = event.get("bytes") or b""
+        if len(data) > settings.MAX_MESSAGE_BYTES:
+            sock.close(CLOSE_TOO_BIG, "frame over 64 KB")
+            return
+        sock.error("binary_unsupported", "send JSON as text frames")
+        return
+    # The server's own limit (uvicorn --ws-max-size) is a little higher; this is the exact one.
+    if len(text) > settings.MAX_MESSAGE_BYTES // 4 and len(text.encode()) > (
+        settings.MAX_MESSAGE_BYTES
+    ):
+        sock.close(CLOSE_TOO_BIG, "frame over 64 KB")
+        return
+    if not sock.take_budget():
+        sock.error("rate_limited", f"at most {CLIENT_FRAMES_PER_S} frames per second")
+        return
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        sock.error("bad_json", "frame is not valid JSON")
+        return
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        sock.error("bad_frame", 'a frame is a JSON object with a string "type"')
+        return
+    kind = frame["type"]
+    ref = frame.get("ref")
+    if kind == "ping":
+        sock.send_json({"type": "pong"})
+    elif kind == "pong":
+        pass
+    elif kind == "publish":
+        await _publish(sock, frame, ref)
+    elif kind == "resume":
+        try:
+            since = _parse_since(frame.get("since"))
+        except ValueError:
+            sock.error("bad_frame", "resume needs since: a non-negative integer", ref)
+            return
+        await _subscribe(sock, since)
+    elif kind == "presence":
+        await _presence(sock, ref)
+    else:
+        sock.error(
+            "unknown_type",
+            f"unknown frame type {kind[:40]!r}: use ping, pong, publish, resume or presence",
+            ref,
+        )
+
+
+async def _publish(sock: PlainSocket, frame: dict, ref) -> None:
+    from django.db import DatabaseError
+
+    from routing_app.ingest import IngestError, NotificationIn, aingest
+
+    decision = await adecide(sock.principal, sock.topic, PUBLISH)
+    if not decision.allowed:
+        sock.error("forbidden", decision.reason, ref)
+        return
+    event, data, severity = frame.get("event"), frame.get("data", {}), frame.get("severity", "info")
+    if not isinstance(event, str) or not isinstance(severity, str):
+        sock.error("invalid", "publish needs event (a string) and data (an object)", ref)
+        return
+    item = NotificationIn(
+        topic=sock.topic, event=event, data=data, severity=severity, source="user"
+    )
+    try:
+        [result] = await aingest([item])
+    except IngestError as exc:
+        sock.error("invalid", str(exc), ref)
+        return
+    except DatabaseError:
+        log.warning("publish from a socket failed: database unavailable", exc_info=True)
+        sock.error("unavailable", "could not store the notification; try again", ref)
+        return
+    answer = {"type": "ack", "seq": result.seq, "id": result.id}
+    if ref is not None:
+        answer["ref"] = ref
+    sock.send_json(answer)
+
+
+async def _presence(sock: PlainSocket, ref) -> None:
+    try:
+        from . import presence
+    except ImportError:
+        sock.error("unavailable", "presence is not available on this server", ref)
+        return
+    try:
+        users = presence.users(await presence.get_presence().list(sock.topic))
+    except presence.PresenceUnavailable as exc:
+        sock.error("unavailable", str(exc), ref)
+        return
+    answer = {"type": "presence", "topic": sock.topic, "users": users}
+    if ref is not None:
+        answer["ref"] = ref
+    sock.send_json(answer)
