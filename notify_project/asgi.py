@@ -2,6 +2,8 @@
 
 import os
 
+from django.conf import settings
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
@@ -11,4 +13,7 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from channels_app.routing import websocket_application  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application})
+# uvicorn serves no files: with DEBUG (the embedded mode) Django serves /static/ itself, so the
+# admin has its CSS; in production a proxy serves STATIC_ROOT (README).
+http_application = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
+application = ProtocolTypeRouter({"http": http_application, "websocket": websocket_application})
