@@ -22,10 +22,10 @@ import time
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs, urlparse
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections
+
+from routing_app import db_threads
 
 from .authz import Principal
 from .tokens import TokenError, verify
@@ -71,7 +71,6 @@ def token_from_scope(scope: dict) -> str | None:
 
 
 def _load_principal(user_id: int) -> Principal | None:
-    close_old_connections()
     user = get_user_model().objects.filter(pk=user_id).first()
     if user is None or not user.is_active:
         return None
@@ -85,7 +84,6 @@ def _session_principal(session_key: str) -> Principal:
     from django.contrib.auth import get_user
     from django.http import HttpRequest
 
-    close_old_connections()
     engine = import_module(settings.SESSION_ENGINE)
     request = HttpRequest()
     request.session = engine.SessionStore(session_key)
@@ -98,7 +96,7 @@ async def principal_for_user_id(user_id: int) -> Principal | None:
     cached = _principals.get(user_id)
     if cached is not None and now - cached[0] < PRINCIPAL_CACHE_S:
         return cached[1]
-    principal = await sync_to_async(_load_principal, thread_sensitive=False)(user_id)
+    principal = await db_threads.run(_load_principal, user_id)
     if len(_principals) >= _PRINCIPAL_CACHE_MAX:
         _principals.clear()
     _principals[user_id] = (now, principal)
@@ -120,12 +118,10 @@ async def principal_for_scope(scope: dict) -> Principal:
         return principal
     user = scope.get("user")
     if user is not None and getattr(user, "is_authenticated", False):
-        from .authz import aprincipal
-
-        return await aprincipal(user)
+        return await db_threads.run(Principal.from_user, user)
     session_key = _cookie(scope, settings.SESSION_COOKIE_NAME)
     if session_key:
-        return await sync_to_async(_session_principal, thread_sensitive=False)(session_key)
+        return await db_threads.run(_session_principal, session_key)
     return Principal.anonymous()
 
 

@@ -3,16 +3,16 @@
 Every realtime edge (plain socket, Phoenix, SSE) and the hub read stored history through these two
 functions, at connect/resume time or when the hub back-fills a gap: never per delivered message.
 
-The queries run in a worker thread that is *not* Django's one shared sync thread
-(``thread_sensitive=False``): a burst of reconnecting clients resuming at once must not queue
-behind each other or behind other sync work.
+The queries run on routing_app.db_threads' pool, not on Django's one shared sync thread: a burst
+of reconnecting clients resuming at once must not queue behind other sync work, and the pool
+drops connections broken by a database restart.
 """
 
 from __future__ import annotations
 
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
 from django.db.models import Min
+
+from routing_app import db_threads
 
 from routing_app.models import Notification, Topic
 
@@ -20,9 +20,6 @@ READ_PAGE_MAX = 1000  # rows per query; callers page with after_seq
 
 
 def _read_after(topic: str, after_seq: int, limit: int, upto_seq: int | None) -> list[dict]:
-    # Worker threads outlive requests: drop a connection that broke (database restarted) or aged
-    # out before using it, as Django does around each request.
-    close_old_connections()
     rows = Notification.objects.filter(topic__name=topic, seq__gt=after_seq)
     if upto_seq is not None:
         rows = rows.filter(seq__lte=upto_seq)
@@ -33,7 +30,6 @@ def _read_after(topic: str, after_seq: int, limit: int, upto_seq: int | None) ->
 
 
 def _topic_state(topic: str) -> tuple[int, int | None]:
-    close_old_connections()
     found = (
         Topic.objects.filter(name=topic)
         .annotate(oldest=Min("notifications__seq"))
@@ -52,12 +48,10 @@ async def read_after(
     Seqs may jump where retention deleted rows. Each item is ``Notification.envelope()``.
     Raises the database's errors (OperationalError when it is unreachable).
     """
-    return await sync_to_async(_read_after, thread_sensitive=False)(
-        topic, after_seq, limit, upto_seq
-    )
+    return await db_threads.run(_read_after, topic, after_seq, limit, upto_seq)
 
 
 async def topic_state(topic: str) -> tuple[int, int | None]:
     """``(last_seq, oldest_seq)`` of ``topic``: the last seq taken, and the oldest seq retention
     kept (None when nothing is stored). An unknown topic is ``(0, None)``."""
-    return await sync_to_async(_topic_state, thread_sensitive=False)(topic)
+    return await db_threads.run(_topic_state, topic)
