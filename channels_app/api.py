@@ -7,6 +7,54 @@ from ninja import Field, Router, Schema
 router = Router(tags=["realtime"])
 
 
+# --- presence (GET /api/v1/topics/{topic}/presence) ------------------------------------------
+
+
+class _SessionUser:
+    """django-ninja auth: the logged-in session user, or None (so the next auth is tried)."""
+
+    async def __call__(self, request):
+        user = await request.auser()
+        return user if user.is_authenticated and user.is_active else None
+
+
+def _presence_auth() -> list:
+    from routing_app.apikeys import ApiKeyAuth
+
+    # Session first: ApiKeyAuth answers 401 itself when no key is sent, ending the chain.
+    # A key needs the "tokens" scope: such a key may act as any user, so it may see who is here.
+    return [_SessionUser(), ApiKeyAuth(scope="tokens")]
+
+
+@router.get("/topics/{topic}/presence", auth=_presence_auth())
+async def topic_presence(request, topic: str):
+    """Who is on ``topic`` now, on every server process: ``{"topic", "presences": {key: {"metas":
+    [...]}}, "users": [{"key", "user_id", "username", "connections", "online_at"}]}``.
+    A user needs the right to read the topic; an API key needs the ``tokens`` scope and the topic
+    in its patterns."""
+    from ninja.errors import HttpError
+
+    from routing_app.topics import is_valid_topic
+
+    from .authz import READ, adecide, aprincipal
+    from .presence import PresenceUnavailable, get_presence, users
+
+    if not is_valid_topic(topic):
+        raise HttpError(400, f"topic {topic!r} is not a valid topic name")
+    if hasattr(request.auth, "allows_topic"):  # an API key
+        if not request.auth.allows_topic(topic):
+            raise HttpError(403, f"this API key may not see topic {topic!r}")
+    else:
+        decision = await adecide(await aprincipal(request.auth), topic, READ)
+        if not decision.allowed:
+            raise HttpError(403, decision.reason)
+    try:
+        state = await get_presence().list(topic)
+    except PresenceUnavailable as exc:
+        raise HttpError(503, f"presence is unavailable: {exc}") from None
+    return {"topic": topic, "presences": state, "users": users(state)}
+
+
 # --- client tokens (POST /api/v1/tokens) -------------------------------------------------------
 
 
@@ -97,3 +145,31 @@ async def create_token(request, body: TokenBody):
             raise HttpError(403, "a session may ask for a token only for its own user")
     token = mint(user.pk, body.ttl)
     return {"token": token.token, "expires_at": datetime.fromtimestamp(token.expires_at, UTC)}
+
+
+# --- hub counts (GET /api/v1/realtime/hub) ------------------------------------------------------
+
+
+class _StaffSession:
+    """django-ninja auth: a logged-in staff user, or None (so the next auth is tried)."""
+
+    async def __call__(self, request):
+        user = await request.auser()
+        return user if user.is_authenticated and user.is_active and user.is_staff else None
+
+
+def _hub_auth() -> list:
+    from routing_app.apikeys import ApiKeyAuth
+
+    return [_StaffSession(), ApiKeyAuth(scope="tokens")]
+
+
+@router.get("/realtime/hub", auth=_hub_auth())
+async def realtime_hub(request):
+    """The answering server process's fanout hub, as counts (no topic names): ``topics``,
+    ``subscribers``, ``redis_channels`` it holds, ``redis_connected``, ``reconnects``, ``pending``.
+    For operators and tests checking that nothing stays subscribed after clients leave.
+    Staff session, or an API key with the ``tokens`` scope."""
+    from .hub import hub
+
+    return hub.stats()
