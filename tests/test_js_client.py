@@ -140,6 +140,10 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 [
@@ -157,9 +161,8 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self._wait_ready()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         """Wait until the server answers HTTP (or fail with its log if it died)."""
         deadline = STARTUP_TIMEOUT_S
         waited = 0.0
@@ -205,8 +208,8 @@ def servers(server_env, tmp_path_factory) -> Iterator[tuple[ServerProcess, Serve
         page_port = _free_port()
         server_env["NOTIFY_ALLOWED_ORIGINS"] = f"http://127.0.0.1:{page_port}"
         server_env["TEST_PAGE_PORT"] = str(page_port)
-        main.start()
-        other.start()
+        main.spawn()  # both start at once; the browser fixture waits for them
+        other.spawn()
         yield main, other
     finally:
         main.kill()
@@ -333,6 +336,8 @@ def browser(page_server, servers, server_env, tmp_path_factory) -> Iterator[Brow
     page = f"{page_server}/index.html?api={main.base}"
     b = Browser(page, main.base, server_env["TEST_API_KEY"], log)
     try:
+        for server in servers:
+            server.wait_ready()
         yield b
     finally:
         b.close()
@@ -382,42 +387,69 @@ def test_forbidden_topic_stops_and_reports(browser):
     assert log["seqs"] == []
 
 
-def test_client_reconnects_after_server_restart_and_resumes_in_order(browser, servers, server_env):
-    """Kill -9 the server; posts land elsewhere meanwhile; on restart every client catches up."""
+def _post_elsewhere_then_restart(servers, key: str, topic: str, before: list[int]) -> list[int]:
+    """With the page's server down, post two notifications through the other server, then restart
+    the page's server on the same port; returns every seq of the topic so far."""
     main, other = servers
+    missed = [other.post(key, topic, "js.tick", {"n": n}) for n in (3, 4)]
+    main.start()
+    return before + missed
+
+
+def test_socket_clients_reconnect_after_server_restart_and_resume_in_order(
+    browser, servers, server_env
+):
+    main, _ = servers
     key = server_env["TEST_API_KEY"]
     topic = "jsclient.resume"
     browser.eval(f"harness.startManager('m-resume', '{topic}')")
     browser.eval(f"harness.mountTopic('c-resume', '{topic}')")
-    browser.eval(f"harness.mountSse('s-resume', '{topic}', ['js.tick'])")
     browser.wait_equal("harness.managerLog('m-resume').subscribed", 1)
     browser.wait_equal("harness.connectedText('c-resume')", "true")
-    browser.wait_equal("harness.stateText('s-resume')", "open")
+    shown = ("harness.managerLog('m-resume').seqs", "harness.seqs('c-resume')")
 
     before = [main.post(key, topic, "js.tick", {"n": n}) for n in (1, 2)]
-    for expr in ("harness.managerLog('m-resume').seqs", "harness.seqs('c-resume')"):
+    for expr in shown:
         browser.wait_equal(expr, before)
-    browser.wait_equal("harness.seqs('s-resume')", before)
 
     main.kill()
+    # Both noticed the loss by themselves (no close frame from a killed process).
     browser.wait_equal("harness.managerLog('m-resume').state", "reconnecting")
     browser.wait_equal("harness.stateText('c-resume')", "reconnecting")
-    missed = [other.post(key, topic, "js.tick", {"n": n}) for n in (3, 4)]
-    main.start()
+    everything = _post_elsewhere_then_restart(servers, key, topic, before)
 
-    everything = before + missed
-    browser.wait_equal("harness.managerLog('m-resume').seqs", everything, RECONNECT_TIMEOUT_MS)
-    browser.wait_equal("harness.seqs('c-resume')", everything, RECONNECT_TIMEOUT_MS)
-    browser.wait_equal("harness.seqs('s-resume')", everything, RECONNECT_TIMEOUT_MS)
+    for expr in shown:
+        browser.wait_equal(expr, everything, RECONNECT_TIMEOUT_MS)
     # Live again after the resume, still exactly once each.
     everything.append(main.post(key, topic, "js.tick", {"n": 5}))
     assert everything == [1, 2, 3, 4, 5]
-    browser.wait_equal("harness.managerLog('m-resume').seqs", everything)
-    browser.wait_equal("harness.seqs('c-resume')", everything)
-    browser.wait_equal("harness.seqs('s-resume')", everything)
-    for app in ("c-resume", "s-resume"):
-        browser.eval(f"harness.unmount('{app}')")
+    for expr in shown:
+        browser.wait_equal(expr, everything)
+    assert browser.eval("harness.managerLog('m-resume').subscribed") == 2
+    browser.eval("harness.unmount('c-resume')")
     browser.eval("harness.stopManager('m-resume')")
+
+
+def test_sse_composable_reconnects_after_server_restart_and_resumes_in_order(
+    browser, servers, server_env
+):
+    main, _ = servers
+    key = server_env["TEST_API_KEY"]
+    topic = "jsclient.sse-restart"
+    browser.eval(f"harness.mountSse('s-resume', '{topic}', ['js.tick'])")
+    browser.wait_equal("harness.stateText('s-resume')", "open")
+    before = [main.post(key, topic, "js.tick", {"n": n}) for n in (1, 2)]
+    browser.wait_equal("harness.seqs('s-resume')", before)
+
+    main.kill()
+    everything = _post_elsewhere_then_restart(servers, key, topic, before)
+
+    browser.wait_equal("harness.seqs('s-resume')", everything, RECONNECT_TIMEOUT_MS)
+    everything.append(main.post(key, topic, "js.tick", {"n": 5}))
+    assert everything == [1, 2, 3, 4, 5]
+    browser.wait_equal("harness.seqs('s-resume')", everything)
+    browser.wait_equal("harness.stateText('s-resume')", "open")
+    browser.eval("harness.unmount('s-resume')")
 
 
 def test_sse_composable_resumes_from_a_given_last_event_id(browser, servers, server_env):
