@@ -240,3 +240,17 @@ def test_user_admin_edits_contact_inline(client, admin_user):
     page = client.get(reverse("admin:auth_user_change", args=[admin_user.pk]))
     assert "Contact (email and SMS)" in page.text
     assert 'name="contact-0-phone"' in page.text or 'name="contact-__prefix__-phone"' in page.text
+
+
+@pytest.mark.django_db
+def test_trim_action_applies_a_topics_retention(client, admin_user):
+    client.force_login(admin_user)
+    topic = Topic.objects.create(name="alerts.disk", retention_count=2, retention_days=0)
+    ingest([NotificationIn(topic="alerts.disk", event="full") for _ in range(5)])
+    response = client.post(
+        reverse("admin:routing_app_topic_changelist"),
+        {"action": "trim_now", "_selected_action": [topic.pk]},
+        follow=True,
+    )
+    assert "Deleted 3 notification(s) past retention." in response.text
+    assert sorted(topic.notifications.values_list("seq", flat=True)) == [4, 5]
