@@ -70,6 +70,11 @@ def token_from_scope(scope: dict) -> str | None:
     return None
 
 
+def forget_principals() -> None:
+    """Drop cached principals (tests; after editing a user's rights to apply them at once)."""
+    _principals.clear()
+
+
 def _load_principal(user_id: int) -> Principal | None:
     user = get_user_model().objects.filter(pk=user_id).first()
     if user is None or not user.is_active:
