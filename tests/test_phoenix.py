@@ -1,409 +1,396 @@
-"""The Phoenix Channels V2 socket at /socket/websocket?vsn=2.0.0 (issue 3, point 1).
+"""The OFFICIAL ``phoenix`` npm client (Socket, Channel, Presence) against live servers (issue 3).
 
-Two layers:
-- protocol details and edge cases with ``WebsocketCommunicator`` against the real ASGI application
-  (frames as a client sees them: ``[join_ref, ref, topic, event, payload]``);
-- end to end with the OFFICIAL ``phoenix`` npm client in Node (tests/js/phoenix_client.mjs)
-  against real uvicorn processes: join/current_state, refusal, live notification posted through
-  the ingest API, request_update, Presence.onSync, and recovery after the server is killed.
-
-Redis mode when REDIS_URL is set (hub and presence through Redis), embedded mode otherwise.
+Real uvicorn processes serve notify on a database of their own (Redis mode when REDIS_URL is set,
+embedded otherwise); a second process on the same database stands in for "another server" that
+takes posts while the first is down. tests/js/phoenix_client.mjs runs the client in Node and
+reports what it sees, one JSON line per event; notifications are posted through the ingest API.
+Protocol edge cases are in test_phoenix_protocol.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
+import httpx
 import pytest
-from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 
-from channels_app import handlers, tokens
-from channels_app.hub import hub
-from channels_app.presence import get_presence
-from routing_app.ingest import NotificationIn, ingest
+ROOT = Path(__file__).resolve().parent.parent
+JS_DIR = ROOT / "tests" / "js"
+STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
+WAIT_S = 20  # upper bound for one awaited client event; passing runs take far less
+# Presence entries of a killed process stop being listed after this (the default is 30 s).
+PRESENCE_TTL_S = 4
 
-pytestmark = pytest.mark.django_db(transaction=True)
+SETUP_SCRIPT = """
+import json, os
+import django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0, interactive=False)
+from django.contrib.auth import get_user_model
+from routing_app.models import ApiKey
+users = get_user_model().objects
+ids = {
+    "sam": users.create_user("sam", "sam@example.com", "pw-sam").pk,
+    "oscar": users.create_user("oscar", "oscar@example.com", "pw-oscar", is_staff=True).pk,
+}
+key = ApiKey(name="phoenix-test", scopes=["ingest", "tokens"])
+raw = key.set_new_key()
+key.save()
+print("SETUP " + json.dumps({"api_key": raw, "ids": ids}))
+"""
 
-RECEIVE_TIMEOUT_S = 10  # upper bound for one awaited frame; passing runs take milliseconds
-SOCKET_PATH = "/socket/websocket?vsn=2.0.0"
+
+@pytest.fixture(scope="module")
+def tools() -> None:
+    """`make test` installs them; in CI their absence is a failure, elsewhere a skip."""
+    missing = []
+    if not shutil.which("node"):
+        missing.append("node")
+    if not (JS_DIR / "node_modules" / "phoenix").is_dir():
+        missing.append("tests/js/node_modules (npm ci --prefix tests/js)")
+    if missing and os.environ.get("CI", "").lower() == "true":
+        pytest.fail("the phoenix client tests need: " + ", ".join(missing))
+    if missing:
+        pytest.skip("run `make test` once to install: " + ", ".join(missing))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fresh_postgres_database(url: str, suffix: str):
+    """Create an empty database next to the one in `url`; return its URL and a drop function."""
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/") + suffix
+    admin = urlunparse(parsed._replace(path="/postgres"))
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    drop()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunparse(parsed._replace(path="/" + name)), drop
+
+
+class Server:
+    """One uvicorn process serving notify on a fixed port; can be killed and started again."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.socket_url = f"ws://127.0.0.1:{self.port}/socket"
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "notify_project.asgi:application",
+                    "--host=127.0.0.1",
+                    f"--port={self.port}",
+                    "--log-level=warning",
+                    "--no-access-log",
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.base}/api/v1/openapi.json", timeout=2)
+                return
+            except httpx.TransportError:
+                pass
+            try:
+                self.proc.wait(timeout=0.1)  # doubles as the pause between probes
+                raise AssertionError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            except subprocess.TimeoutExpired:
+                pass
+        raise AssertionError(f"server not ready:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no close frames, no presence cleanup, like a crashed process."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Live:
+    """The servers and what the setup made: an API key (ingest, tokens) and user ids."""
+
+    def __init__(self, main: Server, other: Server, api_key: str, ids: dict[str, int]):
+        self.main, self.other, self.api_key, self.ids = main, other, api_key, ids
+
+    def post(self, topic: str, event: str = "step.done", server: Server | None = None, **data):
+        """POST through the ingest API; returns the seq the notification got."""
+        response = httpx.post(
+            f"{(server or self.main).base}/api/v1/notifications",
+            json={"topic": topic, "event": event, "data": data},
+            headers={"Authorization": f"Bearer {self.api_key}"},
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        return response.json()["seq"]
+
+    def token(self, username: str) -> str:
+        response = httpx.post(
+            f"{self.main.base}/api/v1/tokens",
+            json={"user": username},
+            headers={"Authorization": f"Bearer {self.api_key}"},
+            timeout=10,
+        )
+        assert response.status_code in (200, 201), response.text
+        return response.json()["token"]
+
+
+@pytest.fixture(scope="module")
+def live(tools, tmp_path_factory) -> Iterator[Live]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["LOG_LEVEL"] = "WARNING"
+    env["REDIS_PREFIX"] = os.environ.get("REDIS_PREFIX", "notify") + "-phoenix"
+    env["PRESENCE_TTL_S"] = str(PRESENCE_TTL_S)
+    drop = None
+    if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
+        url, drop = _fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_phoenix")
+        env["DATABASE_URL"] = url
+    else:
+        env.pop("DATABASE_URL", None)
+        env["SQLITE_PATH"] = str(tmp_path_factory.mktemp("phoenix") / "db.sqlite3")
+    done = subprocess.run(
+        [sys.executable, "-c", SETUP_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))
+    setup = json.loads(line[len("SETUP ") :])
+    logs = tmp_path_factory.mktemp("phoenix-logs")
+    main, other = Server(env, logs / "main.log"), Server(env, logs / "other.log")
+    try:
+        main.start()
+        other.start()
+        yield Live(main, other, setup["api_key"], setup["ids"])
+    finally:
+        main.kill()
+        other.kill()
+        if drop:
+            drop()
+
+
+class Driver:
+    """tests/js/phoenix_client.mjs: commands in, the client's events out (one JSON per line)."""
+
+    def __init__(self, log: Path) -> None:
+        self._stderr = log.open("w")
+        self.proc = subprocess.Popen(
+            ["node", str(JS_DIR / "phoenix_client.mjs")],
+            cwd=JS_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self._lines: queue.Queue[dict | None] = queue.Queue()
+        self.seen: list[dict] = []  # every event, in arrival order
+        self._unread: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait(type="ready")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(json.loads(line))
+        self._lines.put(None)
+
+    def send(self, **command) -> None:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, predicate=None, **match) -> dict:
+        """The first event not returned before that has every ``match`` item (and satisfies
+        ``predicate``); fails after WAIT_S with what the client did see."""
+
+        def fits(event: dict) -> bool:
+            if any(event.get(k) != v for k, v in match.items()):
+                return False
+            return predicate is None or predicate(event)
+
+        for index, event in enumerate(self._unread):
+            if fits(event):
+                return self._unread.pop(index)
+        deadline = time.monotonic() + WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if event is None:
+                break
+            self.seen.append(event)
+            if event.get("type") == "driver_error":
+                raise AssertionError(f"driver: {event}")
+            if fits(event):
+                return event
+            self._unread.append(event)
+        raise AssertionError(f"no event {match} within {WAIT_S} s; saw: {self.seen[-15:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._stderr.close()
 
 
 @pytest.fixture
-async def default_rules(db):
-    """The fresh-install topic rules (a transactional test's flush removes the migration's)."""
-    import importlib
-
-    from django.apps import apps
-
-    migration = importlib.import_module("channels_app.migrations.0002_default_topic_rules")
-    await sync_to_async(migration.create_defaults)(apps, None)
-
-
-@pytest.fixture(autouse=True)
-async def clean_hub():
-    yield
-    await hub.aclose()
-    presence = get_presence()
-    await presence.close()
-
-
-async def post(topic: str, event: str = "step.done", **data) -> int:
-    [result] = await sync_to_async(ingest)([NotificationIn(topic=topic, event=event, data=data)])
-    return result.seq
-
-
-class Client:
-    """A raw Phoenix V2 client over WebsocketCommunicator: frames in, frames out."""
-
-    def __init__(self, communicator: WebsocketCommunicator):
-        self.ws = communicator
-        self.ref = 0
-
-    def next_ref(self) -> str:
-        self.ref += 1
-        return str(self.ref)
-
-    async def push(self, topic: str, event: str, payload=None, join_ref: str | None = None) -> str:
-        ref = self.next_ref()
-        await self.ws.send_to(text_data=json.dumps([join_ref, ref, topic, event, payload or {}]))
-        return ref
-
-    async def frame(self) -> list:
-        return json.loads(await self.ws.receive_from(timeout=RECEIVE_TIMEOUT_S))
-
-    async def until(self, event: str, topic: str | None = None) -> list:
-        """Frames up to and including the first with ``event`` (and ``topic``)."""
-        while True:
-            frame = await self.frame()
-            if frame[3] == event and (topic is None or frame[2] == topic):
-                return frame
-
-    async def join(self, topic: str, payload=None) -> tuple[str, list]:
-        ref = await self.push(topic, "phx_join", payload, join_ref=None)
-        # phoenix.js sends the join with join_ref == its own ref
-        return ref, await self.reply(ref)
-
-    async def reply(self, ref: str) -> list:
-        while True:
-            frame = await self.frame()
-            if frame[3] == "phx_reply" and frame[1] == ref:
-                return frame
-
-
-async def connect(user=None, query: str = "", subprotocols=None) -> Client:
-    path = SOCKET_PATH + query
-    if user is not None and "token=" not in query:
-        path += "&token=" + tokens.mint(user.pk).token
-    communicator = WebsocketCommunicator(application(), path, subprotocols=subprotocols)
-    connected, _ = await communicator.connect(timeout=RECEIVE_TIMEOUT_S)
-    assert connected
-    return Client(communicator)
-
-
-def application():
-    from notify_project.asgi import application as app
-
-    return app
-
-
-async def join(client: Client, topic: str, payload=None) -> list:
-    """Join like phoenix.js (join_ref = the join's ref); return the reply frame."""
-    ref = client.next_ref()
-    await client.ws.send_to(text_data=json.dumps([ref, ref, topic, "phx_join", payload or {}]))
-    return await client.reply(ref)
-
-
-# --- socket-level ------------------------------------------------------------------------------
-
-
-async def test_heartbeat_on_phoenix_topic_gets_ok_reply(subscriber, default_rules):
-    client = await connect(subscriber)
-    ref = await client.push("phoenix", "heartbeat")
-    ok = {"status": "ok", "response": {}}
-    assert await client.frame() == [None, ref, "phoenix", "phx_reply", ok]
-    await client.ws.disconnect()
-
-
-async def test_socket_without_v2_vsn_is_refused(subscriber):
-    path = "/socket/websocket?vsn=1.0.0&token=" + tokens.mint(subscriber.pk).token
-    connected, _ = await WebsocketCommunicator(application(), path).connect()
-    assert not connected
-
-
-async def test_forged_token_is_refused_at_connect(subscriber):
-    communicator = WebsocketCommunicator(application(), SOCKET_PATH + "&token=forged.token")
-    connected, _ = await communicator.connect()
-    assert not connected
-
-
-async def test_auth_token_subprotocol_authenticates_and_phoenix_is_selected(
-    subscriber, default_rules
-):
-    token = tokens.mint(subscriber.pk).token
-    encoded = base64.b64encode(token.encode()).decode().rstrip("=")  # what phoenix.js sends
-    communicator = WebsocketCommunicator(
-        application(), SOCKET_PATH, subprotocols=["phoenix", f"base64url.bearer.phx.{encoded}"]
-    )
-    connected, subprotocol = await communicator.connect(timeout=RECEIVE_TIMEOUT_S)
-    assert connected and subprotocol == "phoenix"
-    client = Client(communicator)
-    reply = await join(client, "alerts.k8s")  # needs a logged-in user: the token's
-    assert reply[4]["status"] == "ok"
-    await communicator.disconnect()
-
-
-async def test_malformed_frames_get_errors_and_socket_stays_open(subscriber, default_rules):
-    client = await connect(subscriber)
-    await client.ws.send_to(text_data="not json")
-    frame = await client.frame()
-    assert frame[:4] == [None, None, "phoenix", "phx_error"]
-    assert "not JSON" in frame[4]["reason"]
-
-    await client.ws.send_to(text_data=json.dumps(["1", "7", "alerts.k8s", "phx_join"]))
-    frame = await client.frame()
-    assert frame[:4] == ["1", "7", "alerts.k8s", "phx_reply"]
-    assert frame[4]["status"] == "error" and "malformed" in frame[4]["response"]["reason"]
-
-    ref = await client.push("phoenix", "heartbeat")
-    assert (await client.frame())[1] == ref
-    await client.ws.disconnect()
-
-
-async def test_frame_over_64kb_closes_with_1009(subscriber, default_rules):
-    client = await connect(subscriber)
-    await client.push("alerts.k8s", "phx_join", {"pad": "x" * 70_000})
-    closed = await client.ws.receive_output(timeout=RECEIVE_TIMEOUT_S)
-    assert closed == {"type": "websocket.close", "code": 1009, "reason": closed["reason"]}
-
-
-# --- joining -----------------------------------------------------------------------------------
-
-
-async def test_join_replies_ok_then_current_state_then_presence_state(subscriber, default_rules):
-    await post("reverse_flow:cluster-a", step="plan")
-    await post("reverse_flow:cluster-a", step="apply")
-    client = await connect(subscriber)
-
-    reply = await join(client, "reverse_flow:cluster-a")
-    join_ref = reply[0]
-    assert reply == [join_ref, join_ref, "reverse_flow:cluster-a", "phx_reply",
-                     {"status": "ok", "response": {}}]  # fmt: skip
-    state = await client.frame()
-    assert state[:4] == [join_ref, None, "reverse_flow:cluster-a", "current_state"]
-    assert state[4]["last_seq"] == 2
-    assert [n["data"]["step"] for n in state[4]["notifications"]] == ["plan", "apply"]
-    assert [n["seq"] for n in state[4]["notifications"]] == [1, 2]
-    presence = await client.frame()
-    assert presence[:4] == [join_ref, None, "reverse_flow:cluster-a", "presence_state"]
-    [(key, entry)] = presence[4].items()
-    assert key == str(subscriber.pk)
-    [meta] = entry["metas"]
-    assert meta["username"] == "sam" and meta["phx_ref"] and meta["online_at"]
-    await client.ws.disconnect()
-
-
-async def test_join_of_forbidden_topic_replies_error_with_reason(subscriber, default_rules):
-    client = await connect(subscriber)
-    reply = await join(client, "system.audit")
-    assert reply[4]["status"] == "error"
-    assert "system.audit" in reply[4]["response"]["reason"]
-    # nothing was subscribed for the refused join
-    assert hub.stats()["subscribers"] == 0
-    await client.ws.disconnect()
-
-
-async def test_join_of_invalid_topic_name_replies_error(subscriber, default_rules):
-    client = await connect(subscriber)
-    reply = await join(client, "Not A Topic!")
-    assert reply[4]["status"] == "error" and "invalid topic" in reply[4]["response"]["reason"]
-    await client.ws.disconnect()
-
-
-async def test_live_notification_arrives_with_null_join_ref(subscriber, default_rules):
-    client = await connect(subscriber)
-    await join(client, "alerts.k8s")
-    await client.until("presence_state")
-
-    seq = await post("alerts.k8s", "pod.crash", pod="api-1")
-    frame = await client.until("notification")
-    assert frame[:4] == [None, None, "alerts.k8s", "notification"]
-    envelope = frame[4]
-    assert (envelope["type"], envelope["topic"]) == ("notification", "alerts.k8s")
-    assert envelope["seq"] == seq
-    assert envelope["event"] == "pod.crash" and envelope["data"] == {"pod": "api-1"}
-    assert {"id", "severity", "source", "ts"} <= set(envelope)
-    await client.ws.disconnect()
-
-
-async def test_join_with_since_replays_missed_notifications_in_order(subscriber, default_rules):
-    for step in ["a", "b", "c", "d"]:
-        await post("deploy.web", step=step)
-    client = await connect(subscriber)
-    await join(client, "deploy.web", {"since": 2})
-    await client.until("current_state")
-    replayed = [await client.until("notification") for _ in range(2)]
-    assert [f[4]["seq"] for f in replayed] == [3, 4]
-    seq = await post("deploy.web", step="e")
-    live = await client.until("notification")
-    assert live[4]["seq"] == seq == 5  # no gap, no duplicate at the seam
-    await client.ws.disconnect()
-
-
-async def test_join_with_bad_since_is_refused(subscriber, default_rules):
-    client = await connect(subscriber)
-    reply = await join(client, "deploy.web", {"since": "yesterday"})
-    assert reply[4]["status"] == "error" and "since" in reply[4]["response"]["reason"]
-    await client.ws.disconnect()
-
-
-async def test_second_join_of_same_topic_closes_the_first(subscriber, default_rules):
-    client = await connect(subscriber)
-    first = await join(client, "alerts.k8s")
-    second = await join(client, "alerts.k8s")
-    assert second[4]["status"] == "ok"
-    await client.until("presence_state")
-    seq = await post("alerts.k8s")
-    frames = []
-    while True:
-        frame = await client.frame()
-        frames.append(frame)
-        if frame[3] == "notification":
-            break
-    closes = [f for f in frames if f[3] == "phx_close"]
-    assert closes == [] or closes[0][0] == first[0]
-    assert frame[4]["seq"] == seq
-    assert hub.stats()["subscribers"] == 1  # the replaced join is gone from the hub
-    await client.ws.disconnect()
-
-
-# --- events on a joined topic ------------------------------------------------------------------
-
-
-async def test_request_update_replies_state_and_broadcasts_to_every_joined_client(
-    subscriber, operator, default_rules
-):
-    await post("reverse_flow:cluster-b", step="plan")
-    asker, other = await connect(subscriber), await connect(operator)
-    await join(asker, "reverse_flow:cluster-b")
-    await join(other, "reverse_flow:cluster-b")
-
-    join_ref = (await asker.until("presence_state"))[0]
-    ref = await asker.push("reverse_flow:cluster-b", "request_update", {}, join_ref=join_ref)
-    reply = await asker.reply(ref)
-    assert reply[4]["status"] == "ok"
-    assert reply[4]["response"]["last_seq"] == 1
-    assert reply[4]["response"]["notifications"][0]["data"] == {"step": "plan"}
-
-    for client in (asker, other):
-        update = await client.until("reverse_flow_update")
-        assert update[:3] == [None, None, "reverse_flow:cluster-b"]
-        assert update[4] == reply[4]["response"]
-    await asker.ws.disconnect()
-    await other.ws.disconnect()
-
-
-async def test_request_update_without_handler_replies_error(subscriber, default_rules):
-    client = await connect(subscriber)
-    join_ref = (await join(client, "alerts.k8s"))[0]
-    ref = await client.push("alerts.k8s", "request_update", {}, join_ref=join_ref)
-    reply = await client.reply(ref)
-    assert reply[4] == {
-        "status": "error",
-        "response": {"reason": "topic 'alerts.k8s' has no request_update handler"},
-    }
-    await client.ws.disconnect()
-
-
-async def test_unknown_event_replies_error_and_unjoined_topic_is_unmatched(
-    subscriber, default_rules
-):
-    client = await connect(subscriber)
-    join_ref = (await join(client, "alerts.k8s"))[0]
-    ref = await client.push("alerts.k8s", "shout", {}, join_ref=join_ref)
-    reply = await client.reply(ref)
-    assert reply[4] == {"status": "error", "response": {"reason": "unknown event 'shout'"}}
-
-    ref = await client.push("alerts.other", "request_update", {})
-    reply = await client.reply(ref)
-    assert reply[4] == {"status": "error", "response": {"reason": "unmatched topic"}}
-    await client.ws.disconnect()
-
-
-async def test_crashing_handler_sends_phx_error_for_its_channel(subscriber, default_rules):
-    @handlers.register("crash:*")
-    async def crash(request):
-        raise RuntimeError("boom")
-
+def client(live, tmp_path) -> Iterator[Driver]:
+    driver = Driver(tmp_path / "node.log")
     try:
-        client = await connect(subscriber)
-        join_ref = (await join(client, "crash:now"))[0]
-        await client.push("crash:now", "request_update", {}, join_ref=join_ref)
-        error = await client.until("phx_error")
-        assert error == [join_ref, join_ref, "crash:now", "phx_error", {}]
-        assert hub.stats()["subscribers"] == 0  # the crashed channel left the hub
-        ref = await client.push("phoenix", "heartbeat")
-        assert (await client.reply(ref))[4]["status"] == "ok"  # the socket lives on
-        await client.ws.disconnect()
+        yield driver
     finally:
-        handlers.unregister("crash:*")
+        driver.close()
 
 
-async def test_leave_replies_ok_then_phx_close_and_stops_delivery(subscriber, default_rules):
-    client = await connect(subscriber)
-    join_ref = (await join(client, "alerts.k8s"))[0]
-    await client.until("presence_state")
-    ref = await client.push("alerts.k8s", "phx_leave", {}, join_ref=join_ref)
-    assert await client.reply(ref) == [join_ref, ref, "alerts.k8s", "phx_reply",
-                                       {"status": "ok", "response": {}}]  # fmt: skip
-    assert await client.frame() == [join_ref, join_ref, "alerts.k8s", "phx_close", {}]
-    assert hub.stats()["subscribers"] == 0
-    assert await get_presence().list("alerts.k8s") == {}
-    await post("alerts.k8s")
-    ref = await client.push("phoenix", "heartbeat")
-    assert (await client.frame())[1] == ref  # the heartbeat reply, no notification before it
-    await client.ws.disconnect()
+def connect(driver: Driver, live: Live, name: str, user: str, auth_token: bool = False) -> None:
+    """Connect client ``name`` as ``user``: token as a socket param (sent in the query string) or
+    as the authToken option (sent as the Sec-WebSocket-Protocol bearer)."""
+    token = live.token(user)
+    options = {"authToken": token} if auth_token else {"params": {"token": token}}
+    driver.send(cmd="connect", client=name, url=live.main.socket_url, **options)
+    driver.wait(client=name, type="open")
 
 
-# --- presence ----------------------------------------------------------------------------------
+def keys_of(sync: dict) -> set[str]:
+    return {entry["key"] for entry in sync["presences"]}
 
 
-async def test_presence_diff_reaches_joined_clients_on_join_and_leave(
-    subscriber, operator, default_rules
-):
-    sam = await connect(subscriber)
-    await join(sam, "room.ops")
-    await sam.until("presence_state")
-    oscar = await connect(operator)
-    await join(oscar, "room.ops")
-    state = (await oscar.until("presence_state"))[4]
-    assert set(state) == {str(subscriber.pk), str(operator.pk)}
-
-    own = await sam.until("presence_diff")  # every joiner also gets its own join, as in phoenix
-    assert list(own[4]["joins"]) == [str(subscriber.pk)]
-    joined = await sam.until("presence_diff")
-    assert joined[:3] == [None, None, "room.ops"]
-    assert list(joined[4]["joins"]) == [str(operator.pk)] and joined[4]["leaves"] == {}
-    [meta] = joined[4]["joins"][str(operator.pk)]["metas"]
-    assert meta["username"] == "oscar"
-
-    await oscar.ws.disconnect()
-    left = await sam.until("presence_diff")
-    assert left[4] == {"joins": {}, "leaves": {str(operator.pk): {"metas": [meta]}}}
-    assert list(await get_presence().list("room.ops")) == [str(subscriber.pk)]
-    await sam.ws.disconnect()
+# --- the tests ----------------------------------------------------------------------------------
 
 
-async def test_disconnect_leaves_nothing_subscribed_or_present(subscriber, default_rules):
-    client = await connect(subscriber)
-    for topic in ["a.one", "a.two", "a.three"]:
-        await join(client, topic)
-        await client.until("presence_state", topic)
-    assert hub.stats()["subscribers"] == 3
-    await client.ws.disconnect()
-    await asyncio.sleep(0)  # let the app's finally run
-    assert hub.stats()["subscribers"] == 0
-    for topic in ["a.one", "a.two", "a.three"]:
-        assert await get_presence().list(topic) == {}
+def test_join_of_allowed_topic_receives_current_state(live, client):
+    topic = "reverse_flow:e2e-state"
+    live.post(topic, step="plan")
+    live.post(topic, step="apply")
+    connect(client, live, "sam", "sam")
+
+    client.send(cmd="join", client="sam", topic=topic)
+    assert client.wait(client="sam", type="join_ok")["response"] == {}
+    state = client.wait(client="sam", type="message", event="current_state")["payload"]
+    assert state["topic"] == topic and state["last_seq"] == 2
+    assert [n["data"]["step"] for n in state["notifications"]] == ["plan", "apply"]
+
+
+def test_join_of_forbidden_topic_is_refused_with_reason(live, client):
+    connect(client, live, "sam", "sam")
+    client.send(cmd="join", client="sam", topic="system.audit")
+    refused = client.wait(client="sam", type="join_error")
+    assert "system.audit" in refused["response"]["reason"]
+    client.send(cmd="leave", client="sam", topic="system.audit")  # stops the client's rejoins
+
+
+def test_notification_posted_through_ingest_api_arrives_as_notification(live, client):
+    topic = "alerts.e2e-live"
+    connect(client, live, "sam", "sam")
+    client.send(cmd="join", client="sam", topic=topic)
+    client.wait(client="sam", type="join_ok")
+
+    seq = live.post(topic, "pod.crash", pod="api-7")
+    notification = client.wait(client="sam", type="message", event="notification")["payload"]
+    assert (notification["topic"], notification["seq"]) == (topic, seq)
+    assert notification["event"] == "pod.crash" and notification["data"] == {"pod": "api-7"}
+
+
+def test_request_update_is_answered_and_every_joined_client_gets_reverse_flow_update(live, client):
+    topic = "reverse_flow:e2e-update"
+    live.post(topic, step="plan")
+    connect(client, live, "sam", "sam")
+    connect(client, live, "oscar", "oscar", auth_token=True)
+    for name in ("sam", "oscar"):
+        client.send(cmd="join", client=name, topic=topic)
+        client.wait(client=name, type="join_ok")
+
+    client.send(cmd="push", client="sam", topic=topic, event="request_update", tag="ask")
+    reply = client.wait(client="sam", type="reply", tag="ask")
+    assert reply["status"] == "ok"
+    assert reply["response"]["last_seq"] == 1
+    for name in ("sam", "oscar"):
+        update = client.wait(client=name, type="message", event="reverse_flow_update")
+        assert update["payload"] == reply["response"]
+
+
+def test_two_clients_see_each_other_through_presence_on_sync(live, client):
+    topic = "room.e2e-presence"
+    connect(client, live, "sam", "sam")
+    connect(client, live, "oscar", "oscar")
+    both = {str(live.ids["sam"]), str(live.ids["oscar"])}
+    for name in ("sam", "oscar"):
+        client.send(cmd="join", client=name, topic=topic)
+    for name in ("sam", "oscar"):
+        sync = client.wait(lambda e: keys_of(e) == both, client=name, type="sync")
+        usernames = {u for entry in sync["presences"] for u in entry["usernames"]}
+        assert usernames == {"sam", "oscar"}
+
+    client.send(cmd="disconnect", client="oscar")
+    alone = client.wait(lambda e: keys_of(e) == {str(live.ids["sam"])}, client="sam", type="sync")
+    assert alone["topic"] == topic
+
+
+def test_client_rejoins_after_server_restart_and_recovers_missed_notifications(live, client):
+    topic = "deploy.e2e-restart"
+    connect(client, live, "sam", "sam")
+    client.send(cmd="join", client="sam", topic=topic, resume=True)
+    client.wait(client="sam", type="join_ok")
+    sam = str(live.ids["sam"])
+    client.wait(lambda e: keys_of(e) == {sam}, client="sam", type="sync")
+    first = live.post(topic, step="build")
+    client.wait(client="sam", type="message", event="notification")
+
+    live.main.kill()
+    client.wait(client="sam", type="close")
+    missed = [live.post(topic, server=live.other, step=s) for s in ("test", "ship")]
+    live.main.start()
+
+    client.wait(client="sam", type="join_ok")  # the client rejoined by itself, with since
+    after = live.post(topic, step="done")
+    received = [
+        client.wait(client="sam", type="message", event="notification")["payload"]["seq"]
+        for _ in range(3)
+    ]
+    assert [first, *received] == [first, *missed, after] == [1, 2, 3, 4]
+    # The killed process never untracked: its entry stops being listed after PRESENCE_TTL_S and
+    # its leave reaches the client, which ends with exactly its new presence.
+    synced = client.wait(
+        lambda e: [len(x["usernames"]) for x in e["presences"]] == [1], client="sam", type="sync"
+    )
+    assert keys_of(synced) == {sam}
