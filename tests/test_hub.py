@@ -1,0 +1,273 @@
+"""The per-process fanout hub (channels_app/hub.py): order, gap filling, one encode per encoding,
+thread-safe publishing, and recovery after a Redis outage.
+
+Subscribers here are small recorders implementing the hub's Subscriber protocol; the sockets
+built on them are tested in test_ws_plain.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from channels_app import fanout, stream
+from channels_app.hub import Message, hub
+from routing_app.ingest import NotificationIn, ingest
+
+WAIT_S = 10
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Recorder:
+    """A Subscriber that keeps what it is given."""
+
+    def __init__(self, encoding: str = "plain") -> None:
+        self.encoding = encoding
+        self.frames: list = []
+        self.seqs: list[int] = []
+        self.events: list[tuple[str, str, dict]] = []
+        self.changed = asyncio.Event()
+
+    def deliver(self, frame, message: Message) -> None:
+        self.frames.append(frame)
+        self.seqs.append(message.seq)
+        self.changed.set()
+
+    def deliver_event(self, topic: str, event: str, payload: dict) -> None:
+        self.events.append((topic, event, payload))
+        self.changed.set()
+
+    def overflow(self) -> None:
+        raise AssertionError("a recorder never overflows")
+
+    async def wait_for(self, seq: int) -> list[int]:
+        deadline = time.monotonic() + WAIT_S
+        while not self.seqs or self.seqs[-1] < seq:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), deadline - time.monotonic())
+        return self.seqs
+
+
+@pytest.fixture
+async def clean_hub(_db_pool_closed_at_end):
+    yield hub
+    await hub.aclose()
+
+
+@pytest.fixture
+def held_publishes(monkeypatch) -> list[tuple[str, dict]]:
+    """Stop the router's publishes from reaching the hub; the test hands them over itself."""
+    held: list[tuple[str, dict]] = []
+    monkeypatch.setattr(fanout, "publish", lambda messages: held.extend(messages))
+    return held
+
+
+async def store(topic: str, count: int) -> None:
+    await sync_to_async(ingest)([NotificationIn(topic=topic, event="tick") for _ in range(count)])
+
+
+async def test_out_of_order_publishes_reach_subscribers_in_seq_order(clean_hub, held_publishes):
+    recorder = Recorder()
+    await hub.subscribe("hub.order", recorder)
+    await store("hub.order", 4)
+    by_seq = {env["seq"]: (topic, env) for topic, env in held_publishes}
+    hub.publish_local([by_seq[3], by_seq[1], by_seq[4], by_seq[2]])
+    assert await recorder.wait_for(4) == [1, 2, 3, 4]
+    await hub.unsubscribe("hub.order", recorder)
+
+
+async def test_lost_publishes_are_read_once_per_process_from_the_database(
+    clean_hub, held_publishes, monkeypatch
+):
+    reads = []
+    real_read_after = stream.read_after
+
+    async def counting_read_after(*args, **kwargs):
+        reads.append(args)
+        return await real_read_after(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "read_after", counting_read_after)
+    recorders = [Recorder() for _ in range(5)]
+    for recorder in recorders:
+        await hub.subscribe("hub.lost", recorder)
+    await store("hub.lost", 6)
+    by_seq = {env["seq"]: (topic, env) for topic, env in held_publishes}
+    hub.publish_local([by_seq[1], by_seq[6]])  # 2..5 never arrive
+    for recorder in recorders:
+        assert await recorder.wait_for(6) == [1, 2, 3, 4, 5, 6]
+    assert len(reads) == 1  # one database read for the hole, not one per subscriber
+    for recorder in recorders:
+        await hub.unsubscribe("hub.lost", recorder)
+
+
+async def test_each_message_is_encoded_once_per_encoding(clean_hub):
+    calls = []
+
+    def counting(message: Message) -> str:
+        calls.append(message.seq)
+        return f"seq={message.seq}"
+
+    hub.register_encoder("counted", counting)
+    counted = [Recorder("counted") for _ in range(5)]
+    plain = [Recorder() for _ in range(5)]
+    for recorder in counted + plain:
+        await hub.subscribe("hub.encode", recorder)
+    await store("hub.encode", 3)
+    for recorder in counted + plain:
+        await recorder.wait_for(3)
+    assert calls == [1, 2, 3]
+    assert counted[0].frames == ["seq=1", "seq=2", "seq=3"]
+    assert all(
+        r.frames is not p.frames and r.frames == counted[0].frames for r in counted for p in plain
+    )
+    assert plain[0].frames[0] is plain[4].frames[0]  # the same frame object for every socket
+    for recorder in counted + plain:
+        await hub.unsubscribe("hub.encode", recorder)
+
+
+async def test_publishing_from_another_thread_reaches_the_loop(clean_hub):
+    recorder = Recorder()
+    await hub.subscribe("hub.thread", recorder)
+    thread = threading.Thread(
+        target=lambda: ingest([NotificationIn(topic="hub.thread", event="tick")] * 1)
+    )
+    thread.start()
+    assert await recorder.wait_for(1) == [1]
+    thread.join()
+    await hub.unsubscribe("hub.thread", recorder)
+
+
+async def test_publish_with_no_hub_loop_is_a_no_op(clean_hub):
+    await hub.aclose()  # as in a management command or a Celery worker: no loop runs a hub
+    await sync_to_async(ingest)([NotificationIn(topic="hub.nobody", event="tick")])
+
+
+async def test_resubscribing_replays_after_since_without_duplicates(clean_hub):
+    recorder = Recorder()
+    await store("hub.again", 3)
+    result = await hub.subscribe("hub.again", recorder, since=1)
+    assert (recorder.seqs, result.last_seq, result.reset) == ([2, 3], 3, False)
+    await store("hub.again", 1)
+    await recorder.wait_for(4)
+    result = await hub.subscribe("hub.again", recorder, since=3)  # a resume while live
+    await store("hub.again", 1)
+    assert await recorder.wait_for(5) == [2, 3, 4, 4, 5]
+    assert hub.stats()["subscribers"] == 1
+    await hub.unsubscribe("hub.again", recorder)
+    assert hub.stats()["topics"] == 0
+
+
+async def test_topic_events_reach_subscribers_and_not_others(clean_hub):
+    mine, other = Recorder(), Recorder()
+    await hub.subscribe("hub.events", mine)
+    await hub.subscribe("hub.other", other)
+    hub.broadcast_event("hub.events", "reverse_flow_update", {"n": 1})
+    deadline = time.monotonic() + WAIT_S
+    while not mine.events:
+        mine.changed.clear()
+        await asyncio.wait_for(mine.changed.wait(), deadline - time.monotonic())
+    assert mine.events == [("hub.events", "reverse_flow_update", {"n": 1})]
+    assert other.events == []
+    await hub.unsubscribe("hub.events", mine)
+    await hub.unsubscribe("hub.other", other)
+
+
+async def test_listen_and_send_cross_the_bus(clean_hub):
+    got = asyncio.Queue()
+    await hub.listen("hub-test", got.put_nowait)
+    hub.send("hub-test", {"hello": 1})
+    assert await asyncio.wait_for(got.get(), WAIT_S) == {"hello": 1}
+    await hub.unlisten("hub-test", got.put_nowait)
+    assert hub.stats()["listeners"] == 0
+
+
+# --- Redis outage ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of this test's own (the shared one is never touched)."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port = _free_port()
+        self.dir = tmp_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=WAIT_S)
+
+
+@pytest.fixture
+def own_redis(tmp_path, settings, monkeypatch):
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    settings.REDIS_URL = server.url
+    monkeypatch.setattr(fanout, "_client", None)  # publish to this Redis
+    yield server
+    fanout._client = None
+    if server.proc.poll() is None:
+        server.kill()
+
+
+async def test_after_a_redis_outage_the_hub_resubscribes_and_back_fills(clean_hub, own_redis):
+    recorder = Recorder()
+    await hub.subscribe("hub.outage", recorder)
+    assert hub.redis_mode
+    await store("hub.outage", 3)
+    await recorder.wait_for(3)
+    own_redis.kill()
+    await store("hub.outage", 4)  # stored, but their publishes are lost with Redis
+    own_redis.start()
+    deadline = time.monotonic() + WAIT_S
+    while hub.stats()["reconnects"] < 1:  # the hub reconnects by itself
+        assert time.monotonic() < deadline, "the hub did not reconnect"
+        await asyncio.sleep(0.05)
+    # Nothing newer is published: only the back-fill can bring 4..7.
+    assert await recorder.wait_for(7) == list(range(1, 8))
+    await store("hub.outage", 2)
+    assert await recorder.wait_for(9) == list(range(1, 10))
+    await hub.unsubscribe("hub.outage", recorder)
