@@ -449,7 +449,35 @@ def test_sse_composable_reconnects_after_server_restart_and_resumes_in_order(
     assert everything == [1, 2, 3, 4, 5]
     browser.wait_equal("harness.seqs('s-resume')", everything)
     browser.wait_equal("harness.stateText('s-resume')", "open")
+    # The browser reconnected by itself (Last-Event-ID header): still the first EventSource.
+    assert browser.eval("harness.readyStates('s-resume')") == [1]
     browser.eval("harness.unmount('s-resume')")
+
+
+def test_sse_composable_reconnects_with_a_fresh_token_when_the_browser_gives_up(
+    browser, servers, server_env
+):
+    """The server comes back with a rotated SECRET_KEY: the browser's own reconnect (old token in
+    the URL) is refused and the EventSource closes; the composable opens a new one with a fresh
+    token and `lastEventId` in the query, and nothing is missed or repeated."""
+    main, _ = servers
+    key = server_env["TEST_API_KEY"]
+    topic = "jsclient.sse-token"
+    browser.eval(f"harness.mountSse('s-token', '{topic}', ['js.tick'])")
+    browser.wait_equal("harness.stateText('s-token')", "open")
+    before = [main.post(key, topic, "js.tick", {"n": n}) for n in (1, 2)]
+    browser.wait_equal("harness.seqs('s-token')", before)
+
+    main.kill()
+    main.env = {**server_env, "SECRET_KEY": "rotated-test-key-" + "x" * 40}
+    everything = _post_elsewhere_then_restart(servers, key, topic, before)
+
+    browser.wait_equal("harness.seqs('s-token')", everything, RECONNECT_TIMEOUT_MS)
+    everything.append(main.post(key, topic, "js.tick", {"n": 5}))
+    browser.wait_equal("harness.seqs('s-token')", everything)
+    # The first EventSource gave up (CLOSED == 2); the second is the composable's own.
+    assert browser.eval("harness.readyStates('s-token')") == [2, 1]
+    browser.eval("harness.unmount('s-token')")
 
 
 def test_sse_composable_resumes_from_a_given_last_event_id(browser, servers, server_env):
