@@ -516,3 +516,24 @@ def test_unmount_removes_listeners_and_closes_connections(browser, servers, serv
     assert browser.eval("harness.callbacks('s-gone')") == 1
     assert browser.eval("harness.seqs('c-gone')") is None  # its DOM is gone too
     browser.eval("harness.unmount('c-keep')")
+
+
+def test_composable_outside_a_component_runs_until_stopped(browser, servers, server_env):
+    """From a store or plugin: no mount to wait for, so it connects at once; stop() or disposing
+    its effect scope closes the socket."""
+    main, _ = servers
+    topic = "jsclient.detached"
+    browser.eval(f"harness.startDetached('d-plain', '{topic}')")
+    browser.eval(f"harness.startInScope('d-scope', '{topic}')")
+    browser.wait_equal("harness.detached('d-plain').connected", True)
+    browser.wait_equal("harness.detached('d-scope').connected", True)
+    seq = main.post(server_env["TEST_API_KEY"], topic, "js.tick", {"n": 1})
+    browser.wait_equal("harness.detached('d-plain').seqs", [seq])
+    browser.wait_equal("harness.detached('d-scope').seqs", [seq])
+
+    browser.eval("harness.stopDetached('d-plain')")
+    browser.eval("harness.disposeScope('d-scope')")
+    browser.wait_equal("harness.readyStates('d-plain')", [3])
+    browser.wait_equal("harness.readyStates('d-scope')", [3])
+    assert browser.eval("harness.detached('d-plain').state") == "closed"
+    assert "[Vue warn]" not in browser.logs()

@@ -2,7 +2,7 @@
 // exposes what a user would see (the rendered lists) to the test driver as window.harness.
 // The server's base URL comes in the page URL (?api=http://127.0.0.1:PORT); tokens come from
 // window.__notifyToken(), which the driver provides (as a Nuxt server route would).
-import { createApp, defineComponent, h } from 'vue'
+import { createApp, defineComponent, effectScope, h } from 'vue'
 
 import { useNotifyTopic, useServerSentEvents } from '/static/notify/composables.js'
 import { NotifySocketManager } from '/static/notify/socket.js'
@@ -93,7 +93,41 @@ const domSeqs = (id) => {
   return el ? [...el.querySelectorAll('li')].map((li) => Number(li.dataset.seq)) : null
 }
 
+/** Composables used outside any component (as from a store or plugin), by id. */
+const detached = {}
+
 window.harness = {
+  /** useNotifyTopic outside a component: connects at once, runs until stop(). */
+  startDetached(id, topic) {
+    detached[id] = useNotifyTopic(topic, {
+      url: api,
+      token,
+      socketOptions: { WebSocket: tracked(WebSocket, id) },
+    })
+    return true
+  },
+  detached: (id) => ({
+    connected: detached[id].connected.value,
+    state: detached[id].state.value,
+    seqs: detached[id].notifications.value.map((n) => n.seq),
+  }),
+  stopDetached(id) {
+    detached[id].stop()
+    return true
+  },
+  /** The same inside an effectScope: disposing the scope closes it. */
+  startInScope(id, topic) {
+    const scope = effectScope()
+    scope.run(() => {
+      detached[id] = useNotifyTopic(topic, { url: api, token, socketOptions: { WebSocket: tracked(WebSocket, id) } })
+    })
+    detached[id].scope = scope
+    return true
+  },
+  disposeScope(id) {
+    detached[id].scope.stop()
+    return true
+  },
   /** A bare manager (no Vue) following `topic`; its log records what it delivered. */
   startManager(name, topic) {
     const m = new NotifySocketManager({ url: api, token, backoff: { baseMs: 100, maxMs: 1000 } })
