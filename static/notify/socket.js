@@ -23,6 +23,7 @@ export const CloseCode = Object.freeze({
   GOING_AWAY: 1001,
   ABNORMAL: 1006, // never sent on the wire: the browser reports it when the connection just dropped
   TOO_BIG: 1009,
+  TRY_LATER: 1013, // the server cannot subscribe right now (e.g. Redis down): back off and retry
   BAD_TOPIC: 4400,
   UNAUTHORIZED: 4401,
   FORBIDDEN: 4403,
@@ -679,6 +680,8 @@ export function closeMeaning(code) {
       return 'server heard nothing for two heartbeat intervals'
     case CloseCode.TOO_SLOW:
       return 'client read too slowly'
+    case CloseCode.TRY_LATER:
+      return 'server temporarily unable to subscribe'
     default:
       return `closed with code ${code}`
   }
