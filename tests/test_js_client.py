@@ -537,3 +537,22 @@ def test_composable_outside_a_component_runs_until_stopped(browser, servers, ser
     browser.wait_equal("harness.readyStates('d-scope')", [3])
     assert browser.eval("harness.detached('d-plain').state") == "closed"
     assert "[Vue warn]" not in browser.logs()
+
+
+def test_composable_follows_a_reactive_topic(browser, servers, server_env):
+    """useNotifyTopic(ref): switching the topic leaves the old one (socket closed, list cleared)."""
+    main, _ = servers
+    key = server_env["TEST_API_KEY"]
+    browser.eval("harness.mountSwitchable('c-switch', 'jsclient.first')")
+    browser.wait_equal("harness.connectedText('c-switch')", "true")
+    main.post(key, "jsclient.first", "js.first", {})
+    browser.wait_equal("harness.texts('c-switch')", ["jsclient.first js.first"])
+
+    browser.eval("harness.switchTopic('c-switch', 'jsclient.second')")
+    browser.wait_equal("harness.texts('c-switch')", [])
+    browser.wait_equal("harness.connectedText('c-switch')", "true")
+    main.post(key, "jsclient.first", "js.first", {})  # no longer followed
+    main.post(key, "jsclient.second", "js.second", {})
+    browser.wait_equal("harness.texts('c-switch')", ["jsclient.second js.second"])
+    browser.wait_equal("harness.readyStates('c-switch')", [3, 1])
+    browser.eval("harness.unmount('c-switch')")

@@ -338,6 +338,7 @@ export function useServerSentEvents(url, options = {}) {
     })
     es.onopen = () => {
       if (source !== es) return
+      attempt = 0
       connected.value = true
       state.value = 'open'
       error.value = null
@@ -372,7 +373,21 @@ export function useServerSentEvents(url, options = {}) {
   function start() {
     if (stopped) return
     if (isRef(url) || typeof url === 'function') {
-      stopWatch = watch(() => valueOf(url), () => connect(), { immediate: true })
+      stopWatch = watch(
+        () => valueOf(url),
+        (_next, previous) => {
+          if (previous !== undefined) {
+            // Another stream: its ids mean nothing for the old one.
+            events.value = []
+            lastEventId.value = null
+            lastNumericId = null
+            reset.value = null
+          }
+          attempt = 0
+          connect()
+        },
+        { immediate: true },
+      )
     } else {
       connect()
     }

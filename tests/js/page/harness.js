@@ -2,7 +2,7 @@
 // exposes what a user would see (the rendered lists) to the test driver as window.harness.
 // The server's base URL comes in the page URL (?api=http://127.0.0.1:PORT); tokens come from
 // window.__notifyToken(), which the driver provides (as a Nuxt server route would).
-import { createApp, defineComponent, effectScope, h } from 'vue'
+import { createApp, defineComponent, effectScope, h, ref } from 'vue'
 
 import { useNotifyTopic, useServerSentEvents } from '/static/notify/composables.js'
 import { NotifySocketManager } from '/static/notify/socket.js'
@@ -57,6 +57,25 @@ const TopicList = (id, topic) =>
             'ol',
             t.notifications.value.map((n) => h('li', { 'data-seq': n.seq }, `${n.event} ${JSON.stringify(n.data)}`)),
           ),
+        ])
+    },
+  })
+
+/** A topic list whose topic is a ref the test can switch. */
+const topicRefs = {}
+const SwitchableList = (id, initial) =>
+  defineComponent({
+    setup() {
+      topicRefs[id] = ref(initial)
+      const t = useNotifyTopic(topicRefs[id], {
+        url: api,
+        token,
+        socketOptions: { WebSocket: tracked(WebSocket, id) },
+      })
+      return () =>
+        h('div', [
+          h('p', { class: 'connected' }, String(t.connected.value)),
+          h('ol', t.notifications.value.map((n) => h('li', { 'data-seq': n.seq }, `${n.topic} ${n.event}`))),
         ])
     },
   })
@@ -158,6 +177,16 @@ window.harness = {
     mountInto(id, SseList(id, `${api}/events/${topic}/`, events, lastEventId))
     return true
   },
+  mountSwitchable(id, topic) {
+    mountInto(id, SwitchableList(id, topic))
+    return true
+  },
+  switchTopic(id, topic) {
+    topicRefs[id].value = topic
+    return true
+  },
+  /** "<topic> <event>" of every notification the app at `id` shows. */
+  texts: (id) => [...document.querySelectorAll(`#${id} li`)].map((li) => li.textContent),
   unmount(id) {
     apps[id].app.unmount()
     apps[id].el.remove()
