@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from routing_app.models import ApiKey, Channel, Delivery, Notification, Route, Topic
 
@@ -248,3 +248,9 @@ def test_serve_with_redis_runs_worker_and_beat_and_stops_all_when_one_dies(
     output.wait_for(lambda line: "uvicorn exited with code -9; stopping" in line)
     assert serve.wait(timeout=READY_TIMEOUT_S) != 0
     assert not any(is_running(pid) for pid in pids.values())
+
+
+def test_serve_refuses_several_workers_without_redis(settings):
+    settings.REDIS_URL = ""
+    with pytest.raises(CommandError, match="several workers need REDIS_URL"):
+        call_command("serve", workers=2, port=free_port())

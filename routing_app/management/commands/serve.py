@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, connection
 from django.urls import Resolver404, resolve
 
@@ -151,6 +151,10 @@ class Command(BaseCommand):
         parser.add_argument("--key-file", type=Path, default=demo.DEFAULT_KEY_FILE)
 
     def handle(self, *args, host: str, port: int, workers: int, key_file: Path, **options):
+        if workers > 1 and not settings.REDIS_URL:
+            # Each process would have its own in-memory channel layer and hub: a notification
+            # ingested in one would never reach sockets held by another.
+            raise CommandError("several workers need REDIS_URL (the embedded mode is one process)")
         python = sys.executable
         children = [
             Child(
