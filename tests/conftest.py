@@ -36,6 +36,17 @@ def pytest_sessionstart(session) -> None:
         pytest.exit("CI needs its real services: " + "; ".join(missing), returncode=3)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hashing():
+    """PBKDF2 takes ~0.8 s per hash on this 2-core machine and every persona fixture hashes a
+    password: tests hash with MD5 (real passwords keep the default hashers)."""
+    from django.contrib.auth.hashers import get_hashers, get_hashers_by_algorithm
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    get_hashers.cache_clear()
+    get_hashers_by_algorithm.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     """Per-process caches of routes and topic rules must not outlive a test's rolled-back rows."""

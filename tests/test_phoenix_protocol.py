@@ -28,7 +28,7 @@ SOCKET_PATH = "/socket/websocket?vsn=2.0.0"
 
 
 @pytest.fixture
-async def default_rules(db):
+async def default_rules(db, _db_pool_closed_at_end):
     """The fresh-install topic rules (a transactional test's flush removes the migration's)."""
     import importlib
 
