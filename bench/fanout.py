@@ -267,7 +267,7 @@ print("BENCH_SETUP " + json.dumps({{"key": raw, "token": mint(user.pk, 24 * 3600
             )
         argv = [sys.executable, "-m", "uvicorn", "notify_project.asgi:application"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-        argv += ["--log-level", "warning", "--backlog", "4096"]
+        argv += ["--log-level", "warning", "--backlog", "4096", "--lifespan", "off"]
         return ServerProcess(argv, self.env, self.args.server_core, port, self.logdir, "ours")
 
 
@@ -419,7 +419,7 @@ def one_run(svc, args, target: str, part: str, cfg_extra: dict, profile: Path | 
     finally:
         server.stop()
     if "error" in result:
-        print(f"    ERROR: {result['error']}")
+        print(f"    ERROR: {json.dumps(result)}")
     else:
         print("    " + json.dumps(result))
         client = result.get("client_cpu_pct", 0)
@@ -566,6 +566,7 @@ def idle_hold(svc, args, topic: str) -> dict:
             "close_codes": sorted({code for r in results for code in r["close_codes"]}),
             "server_rss_mb": rss_mb,
             "reached_by_publish": reached,
+            "publish_to_first_s": round(min(r["t_first"] for r in results) - sent, 3),
             "publish_to_last_s": round(max(r["t_last"] for r in results) - sent, 3),
             "held": opened == total and closed == 0 and reached == total,
         }

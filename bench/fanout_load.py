@@ -489,6 +489,7 @@ async def part_idle_hold(cfg: dict, ctl: Control) -> dict:
             "closed_in_hold": len(closed),
             "close_codes": sorted({c for c in closed if c is not None}),
             "reached": sum(1 for c in live if c.stats.last_seq >= seq),
+            "t_first": min((c.stats.t_first for c in live if c.stats.t_first), default=0.0),
             "t_last": max((c.stats.t_last for c in live), default=0.0),
         }
     finally:
