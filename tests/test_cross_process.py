@@ -213,7 +213,7 @@ class Received:
     def __init__(self, name: str) -> None:
         self.name = name
         self.seqs: list[int] = []
-        self.live = asyncio.Event()  # subscribed (socket) / stream open (SSE)
+        self.live = asyncio.Event()  # "subscribed" seen: from here on the client is live
         self.reconnects = 0
         self._waiters: list[tuple[int, asyncio.Event]] = []
 
@@ -277,7 +277,6 @@ async def sse_client(base: str, topic: str, token: str, got: Received, since: in
                 url = f"{base}/events/{topic}/?token={token}"
                 async with http.stream("GET", url, headers=headers) as response:
                     if response.status_code == 200:
-                        got.live.set()
                         data: list[str] = []
                         async for line in response.aiter_lines():
                             if line.startswith("data:"):
@@ -285,8 +284,10 @@ async def sse_client(base: str, topic: str, token: str, got: Received, since: in
                             elif line == "" and data:
                                 payload = json.loads("\n".join(data))
                                 data = []
-                                if isinstance(payload, dict) and "seq" in payload:
+                                if payload["type"] == "notification":
                                     got.add(payload["seq"])
+                                elif payload["type"] == "subscribed":
+                                    got.live.set()
             except (httpx.HTTPError, OSError):
                 pass
             got.reconnects += 1
