@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -184,12 +185,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_SERIALIZER = "json"
 # Periodic tasks; run exactly one `celery beat` per deployment. Retention age is in days, so an
-# hourly trim keeps every topic within an hour of its limits.
-RETENTION_TRIM_INTERVAL_S = 3600
+# hourly trim keeps every topic within an hour of its limits. A crontab, not an interval: a
+# restarted beat (fresh schedule file) would push an interval's first run back a whole interval.
 CELERY_BEAT_SCHEDULE = {
     "trim-retention": {
         "task": "routing_app.tasks.trim_retention_all",
-        "schedule": RETENTION_TRIM_INTERVAL_S,
+        "schedule": crontab(minute=7),  # every hour at :07
     },
 }
 
