@@ -66,7 +66,23 @@ CLOSE_TOO_SLOW = 4429
 
 
 def encode(join_ref: str | None, ref: str | None, topic: str, event: str, payload) -> str:
-    return json.dumps([join_ref, ref, topic, event, payload], separators=(",", ":"))
+    frame = [join_ref, ref, topic, event, payload]
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+_last_event: tuple[object, str, str, str] | None = None  # (payload, topic, event, frame)
+
+
+def encode_broadcast(topic: str, event: str, payload) -> str:
+    """A frame every joined socket shares (null join_ref). The hub and presence hand the same
+    payload object to each local subscriber in turn, so the last frame is reused for them."""
+    global _last_event
+    last = _last_event
+    if last is not None and last[0] is payload and last[1] == topic and last[2] == event:
+        return last[3]
+    frame = encode(None, None, topic, event, payload)
+    _last_event = (payload, topic, event, frame)
+    return frame
 
 
 def encode_notification(message: Message) -> str:
@@ -99,7 +115,7 @@ class ChannelJoin:
         self.connection.write(frame)
 
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
-        self.connection.write(encode(None, None, topic, event, payload))
+        self.connection.write(encode_broadcast(topic, event, payload))
 
     def overflow(self) -> None:
         self.connection.too_slow()
@@ -111,7 +127,7 @@ class ChannelJoin:
     # -- presence -------------------------------------------------------------------------
 
     def on_presence_diff(self, topic: str, change: dict) -> None:
-        frame = encode(None, None, topic, "presence_diff", change)
+        frame = encode_broadcast(topic, "presence_diff", change)
         if self.early_diffs is not None:
             self.early_diffs.append(frame)
         else:
@@ -221,8 +237,13 @@ class PhoenixConnection:
         self.write(encode(join_ref, None, topic, event, payload))
 
     async def on_frame(self, text: str | None, data: bytes | None) -> None:
-        size = len(text.encode()) if text is not None else len(data or b"")
-        if size > settings.MAX_MESSAGE_BYTES:
+        limit = settings.MAX_MESSAGE_BYTES
+        # at most 4 bytes per character: only long texts need encoding to be measured
+        if text is not None:
+            too_big = len(text) * 4 > limit and len(text.encode()) > limit
+        else:
+            too_big = len(data or b"") > limit
+        if too_big:
             self.sender.close(CLOSE_TOO_BIG, f"frame over {settings.MAX_MESSAGE_BYTES} bytes")
             return
         try:

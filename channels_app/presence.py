@@ -415,7 +415,7 @@ class RedisPresence(Presence):
             except asyncio.CancelledError:
                 pass
             self._beat_task = None
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)  # the pool is ours alone
 
 
 # Redis: one backend per event loop, since redis.asyncio connections belong to the loop that opened

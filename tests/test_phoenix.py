@@ -282,12 +282,20 @@ def client(live, tmp_path) -> Iterator[Driver]:
         driver.close()
 
 
-def connect(driver: Driver, live: Live, name: str, user: str, auth_token: bool = False) -> None:
+def connect(
+    driver: Driver,
+    live: Live,
+    name: str,
+    user: str,
+    auth_token: bool = False,
+    server: Server | None = None,
+) -> None:
     """Connect client ``name`` as ``user``: token as a socket param (sent in the query string) or
     as the authToken option (sent as the Sec-WebSocket-Protocol bearer)."""
     token = live.token(user)
     options = {"authToken": token} if auth_token else {"params": {"token": token}}
-    driver.send(cmd="connect", client=name, url=live.main.socket_url, **options)
+    url = (server or live.main).socket_url
+    driver.send(cmd="connect", client=name, url=url, **options)
     driver.wait(client=name, type="open")
 
 
@@ -364,6 +372,26 @@ def test_two_clients_see_each_other_through_presence_on_sync(live, client):
     client.send(cmd="disconnect", client="oscar")
     alone = client.wait(lambda e: keys_of(e) == {str(live.ids["sam"])}, client="sam", type="sync")
     assert alone["topic"] == topic
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="processes share presence via Redis")
+def test_clients_on_two_server_processes_see_each_other_and_get_broadcasts(live, client):
+    topic = "reverse_flow:e2e-two-processes"
+    connect(client, live, "sam", "sam")
+    connect(client, live, "oscar", "oscar", server=live.other)
+    both = {str(live.ids["sam"]), str(live.ids["oscar"])}
+    for name in ("sam", "oscar"):
+        client.send(cmd="join", client=name, topic=topic)
+    for name in ("sam", "oscar"):
+        client.wait(lambda e: keys_of(e) == both, client=name, type="sync")
+
+    client.send(cmd="push", client="oscar", topic=topic, event="request_update", tag="ask")
+    assert client.wait(client="oscar", type="reply", tag="ask")["status"] == "ok"
+    client.wait(client="sam", type="message", event="reverse_flow_update")
+    seq = live.post(topic, step="plan")  # posted to main, delivered on both
+    for name in ("sam", "oscar"):
+        notification = client.wait(client=name, type="message", event="notification")
+        assert notification["payload"]["seq"] == seq
 
 
 def test_client_rejoins_after_server_restart_and_recovers_missed_notifications(live, client):

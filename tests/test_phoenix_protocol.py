@@ -403,3 +403,10 @@ async def test_disconnect_leaves_nothing_subscribed_or_present(subscriber, defau
     assert hub.stats()["subscribers"] == 0
     for topic in ["a.one", "a.two", "a.three"]:
         assert await get_presence().list(topic) == {}
+
+
+async def test_silent_socket_is_closed_with_4408(subscriber, default_rules, settings):
+    settings.HEARTBEAT_TIMEOUT_S = 1  # phoenix.js heartbeats every 30 s; the default is 60 s
+    client = await connect(subscriber)
+    closed = await client.ws.receive_output(timeout=RECEIVE_TIMEOUT_S)
+    assert (closed["type"], closed["code"]) == ("websocket.close", 4408)
