@@ -161,7 +161,7 @@ if REDIS_URL:
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 2},
-            "KEY_PREFIX": "notify",
+            "KEY_PREFIX": REDIS_PREFIX,
         }
     }
 else:
@@ -182,7 +182,10 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Must exceed the longest retry countdown, else Redis redelivers tasks still waiting.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 3600,
+    "global_keyprefix": f"{REDIS_PREFIX}:",
+}
 CELERY_TASK_SERIALIZER = "json"
 # Periodic tasks; run exactly one `celery beat` per deployment. Retention age is in days, so an
 # hourly trim keeps every topic within an hour of its limits. A crontab, not an interval: a
