@@ -16,17 +16,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# After a close frame is queued, the peer gets this long to take it; then the transport is
-# aborted. A reader that stopped reading would otherwise hold its buffers until TCP gives up.
-CLOSE_GRACE_S = 5.0
+# After a close frame is queued, the peer gets this long to take it (it first reads what the
+# kernel and the transport already hold, up to ~200 KB); then the transport is aborted. A reader
+# that stopped reading would otherwise hold those buffers until TCP gives up. As uvicorn's own
+# close timeout (10 s).
+CLOSE_GRACE_S = 10.0
+
+# Kernel send buffer per connection (Linux doubles it). Left alone, loopback and LAN autotuning
+# grow it to 4 MB, so a reader could fall 4 MB behind (per socket, in kernel memory) before the
+# bounded queue here even sees it. 64 KiB still carries a notification stream at full speed; a
+# reader that stops is then dropped after ~SOCKET_SEND_QUEUE frames + ~200 KB, not ~4 MB.
+KERNEL_SEND_BUFFER_BYTES = 64 * 1024
 
 Send = Callable[[dict], Awaitable[None]]
+
+
+def _transport(send: Send):
+    """The transport under an ASGI ``send``, when the server exposes it (uvicorn's protocol
+    objects do: ``send`` is a bound method of the protocol, which holds ``transport``)."""
+    return getattr(getattr(send, "__self__", None), "transport", None)
+
+
+def limit_kernel_buffer(send: Send, nbytes: int = KERNEL_SEND_BUFFER_BYTES) -> bool:
+    """Cap the connection's kernel send buffer (SO_SNDBUF); returns whether it could."""
+    transport = _transport(send)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+    except OSError as exc:  # not a TCP socket (a test harness, a Unix socket proxy)
+        log.debug("could not set SO_SNDBUF: %r", exc)
+        return False
+    return True
 
 
 async def _resume(coro, waiting: Any) -> None:
@@ -47,14 +76,12 @@ async def _resume(coro, waiting: Any) -> None:
 
 
 def abort_transport(send: Send) -> bool:
-    """Abort the connection under an ASGI ``send`` if the server exposes it (uvicorn's protocol
-    objects do: ``send`` is a bound method of the protocol, which holds ``transport``).
+    """Abort the connection under an ASGI ``send`` if the server exposes its transport.
 
     ASGI has no "abort" event, and a graceful close waits for the write buffer to drain, which a
     peer that stopped reading never lets happen. Returns whether an abort was possible.
     """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
+    abort = getattr(_transport(send), "abort", None)
     if abort is None:
         return False
     abort()
