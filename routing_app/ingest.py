@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 from django.utils import timezone
 
 from . import db_threads, router
@@ -58,6 +58,8 @@ class NotificationIn:
     source: str = "api"
     idempotency_key: str | None = None
     recipients: list[str] = field(default_factory=list)
+    # ``data`` as stored (compact JSON), set by validate() so it is encoded once
+    data_json: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def body_hash(self) -> str:
         body = [self.topic, self.event, self.data, self.severity, sorted(self.recipients)]
@@ -75,8 +77,50 @@ class IngestResult:
         return {"id": self.id, "topic": self.topic, "seq": self.seq}
 
 
+def _text_problem(value) -> str | None:
+    """Why a string cannot be stored (Postgres refuses NUL; UTF-8 cannot hold lone surrogates)."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if "\x00" in value:
+        return "must not contain the NUL character"
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "must not contain unpaired surrogates (\\ud800-\\udfff)"
+    return None
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _data_problem(item: NotificationIn) -> str | None:
+    """Why ``item.data`` cannot be stored, or None after setting ``item.data_json``."""
+    if not isinstance(item.data, dict):
+        return "must be a JSON object"
+    try:
+        # allow_nan=False: Python's json accepts NaN/Infinity, JSON (and Postgres) do not
+        encoded = json.dumps(item.data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        size = len(encoded.encode())  # UnicodeEncodeError (a ValueError) on lone surrogates
+    except (TypeError, ValueError):
+        return "must be plain JSON: no NaN or Infinity, no unpaired surrogates"
+    if size > settings.MAX_MESSAGE_BYTES:
+        return f"is {size} bytes encoded; the limit is {settings.MAX_MESSAGE_BYTES}"
+    if "\\u0000" in encoded and _has_nul(item.data):
+        return "must not contain the NUL character (\\u0000), which Postgres cannot store"
+    item.data_json = encoded
+    return None
+
+
 def validate(item: NotificationIn, loc: tuple = ()) -> list[dict]:
-    """Return the errors of one item (empty when valid). Checks what the schema cannot."""
+    """Return the errors of one item (empty when valid). Checks what the schema cannot: also
+    anything the database would refuse, so bad input is a 400, never a database error."""
     errors = []
 
     def bad(name: str, msg: str) -> None:
@@ -88,21 +132,35 @@ def validate(item: NotificationIn, loc: tuple = ()) -> list[dict]:
             "use lowercase segments of a-z, 0-9, _ or - separated by '.' or ':', "
             "at most 200 characters (e.g. 'alerts.k8s', 'user:42')",
         )
-    if not item.event or len(item.event) > EVENT_MAX_LENGTH:
-        bad("event", f"give an event name of 1 to {EVENT_MAX_LENGTH} characters, e.g. 'pod.crash'")
+    problem = _text_problem(item.event)
+    if problem or not item.event or len(item.event) > EVENT_MAX_LENGTH:
+        bad(
+            "event",
+            problem
+            or f"give an event name of 1 to {EVENT_MAX_LENGTH} characters, e.g. 'pod.crash'",
+        )
     if item.severity not in SEVERITIES:
         bad("severity", f"must be one of {', '.join(SEVERITIES)}")
     if item.source not in SOURCES:
         bad("source", f"must be one of {', '.join(SOURCES)}")
-    if not isinstance(item.data, dict):
-        bad("data", "must be a JSON object")
-    else:
-        size = len(json.dumps(item.data, separators=(",", ":")).encode())
-        if size > settings.MAX_MESSAGE_BYTES:
-            bad("data", f"is {size} bytes encoded; the limit is {settings.MAX_MESSAGE_BYTES}")
+    problem = _data_problem(item)
+    if problem:
+        bad("data", problem)
     key = item.idempotency_key
-    if key is not None and (not key or len(key) > IDEMPOTENCY_KEY_MAX_LENGTH):
-        bad("idempotency_key", f"must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters")
+    if key is not None:
+        problem = _text_problem(key)
+        if problem or not key or len(key) > IDEMPOTENCY_KEY_MAX_LENGTH:
+            bad(
+                "idempotency_key",
+                problem or f"must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters",
+            )
+    if not isinstance(item.recipients, list):
+        bad("recipients", "must be a list of addresses")
+    else:
+        for index, address in enumerate(item.recipients):
+            problem = _text_problem(address)
+            if problem:
+                errors.append({"loc": [*loc, "recipients", index], "msg": problem})
     return errors
 
 
@@ -221,13 +279,39 @@ def _insert(fresh: list[tuple[int, NotificationIn]]) -> list[IngestResult]:
             )
         )
         next_seq[item.topic] += 1
-    Notification.objects.bulk_create(rows)
+    _write_rows(rows, [item for _, item in fresh])
     recipients = {id(row): item.recipients for row, (_, item) in zip(rows, fresh, strict=True)}
     router.route(rows, {name: tid for name, (tid, _) in topics.items()}, recipients)
     return [
         IngestResult(str(row.id), item.topic, row.seq, created=True)
         for row, (_, item) in zip(rows, fresh, strict=True)
     ]
+
+
+def _write_rows(rows: list[Notification], items: list[NotificationIn]) -> None:
+    """Insert ``rows`` (made from ``items``). On Postgres with COPY: for 100 rows it took 2.5x
+    less CPU than bulk_create's INSERT ... UNNEST, whose array literals psycopg escapes value by
+    value, and no more for one row (bench/ingest.py). Elsewhere bulk_create."""
+    if connection.vendor != "postgresql":
+        Notification.objects.bulk_create(rows)
+        return
+    fields = Notification._meta.concrete_fields
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    with connection.cursor() as cursor:
+        with cursor.copy(
+            f"COPY {quote(Notification._meta.db_table)} ({columns}) FROM STDIN"
+        ) as copy:
+            for row, item in zip(rows, items, strict=True):
+                values = []
+                for f in fields:
+                    value = getattr(row, f.attname)
+                    if f.attname == "data":
+                        value = item.data_json or json.dumps(value, separators=(",", ":"))
+                    elif isinstance(f, models.JSONField):
+                        value = json.dumps(value)
+                    values.append(value)
+                copy.write_row(values)
 
 
 def _advance_topics(counts: dict[str, int]) -> dict[str, tuple[int, int]]:

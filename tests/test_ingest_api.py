@@ -185,6 +185,32 @@ async def test_bad_field_gets_400_with_its_json_path(api, ingest_key, payload, l
     assert await rows() == []
 
 
+@pytest.mark.parametrize(
+    ("raw", "loc"),
+    [
+        ('{"topic": "a.b", "event": "e", "data": {"x": NaN}}', ["data"]),
+        ('{"topic": "a.b", "event": "e", "data": {"x": Infinity}}', ["data"]),
+        ('{"topic": "a.b", "event": "e", "data": {"x": "nul \\u0000 here"}}', ["data"]),
+        ('{"topic": "a.b", "event": "e", "data": {"x\\u0000": 1}}', ["data"]),
+        ('{"topic": "a.b", "event": "e", "data": {"x": "\\ud800"}}', ["data"]),
+        ('{"topic": "a.b", "event": "e\\u0000"}', ["event"]),
+        ('{"topic": "a.b", "event": "e", "idempotency_key": "k\\udfff"}', ["idempotency_key"]),
+        (
+            '{"topic": "a.b", "event": "e", "recipients": ["x\\u0000@example.com"]}',
+            ["recipients", 0],
+        ),
+    ],
+)
+async def test_json_the_database_cannot_store_gets_400_not_500(api, ingest_key, raw, loc):
+    answer = await api.post(
+        URL, content=raw, headers={**bearer(ingest_key), "Content-Type": "application/json"}
+    )
+
+    assert answer.status_code == 400, answer.text
+    assert loc in [e["loc"] for e in answer.json()["errors"]]
+    assert await rows() == []
+
+
 async def test_body_that_is_not_json_gets_400(api, ingest_key):
     for raw in (b"{not json", b"\xff\xfe", b""):
         answer = await api.post(

@@ -1,0 +1,405 @@
+"""Ingest benchmark: accepted notifications/s and latency of the HTTP ingest API.
+
+    python bench/ingest.py [--duration 10] [--clients 50] [--batch-size 100] [--topics 10]
+
+Starts everything itself: a fresh Postgres database (on the server of BENCH_PG_URL, default
+postgres://postgres@127.0.0.1:5432/), migrations, an API key, and uvicorn (the production ASGI
+server) in Redis mode (REDIS_URL, default redis://127.0.0.1:6379/0), DEBUG off, pinned with taskset
+to core 0, while this load generator (httpx, asyncio) pins itself to core 1. Postgres and Redis
+are not pinned. Two phases, each a warm-up then a measured window:
+
+- single posts: ``--clients`` concurrent clients, each POSTing one notification at a time;
+- batches: ``--batch-clients`` concurrent clients POSTing ``--batch-size`` notifications each.
+
+Prints the machine, versions, accepted notifications/s, p50/p95/p99 latency, the server's CPU use
+and RSS, and the load generator's CPU use (near 100 % means the figure is the generator's limit).
+Afterwards it checks that every accepted notification is stored and each topic's seqs are 1..N.
+Not part of the test suite. ``--profile`` records the server with py-spy during the single phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 60
+SAMPLE_EVERY_S = 0.25  # RSS sampling period
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Phase:
+    name: str
+    items_per_request: int
+    latencies_s: list[float] = field(default_factory=list)
+    accepted_requests: int = 0
+    other_statuses: dict[int, int] = field(default_factory=dict)
+    transport_errors: int = 0
+    window_s: float = 0.0
+    server_cpu_pct: float = 0.0
+    server_cpu_s: float = 0.0
+    client_cpu_pct: float = 0.0
+    peak_rss_kb: int = 0
+
+    @property
+    def accepted_per_s(self) -> float:
+        return self.accepted_requests * self.items_per_request / self.window_s
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies_s:
+            return float("nan")
+        ordered = sorted(self.latencies_s)
+        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_db(url: str, name: str) -> str:
+    parts = urlparse(url)
+    return urlunparse(parts._replace(path=f"/{name}"))
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except FileNotFoundError:  # a thread ended while we looked
+                continue
+            found += children
+            frontier += children
+    return found
+
+
+def rss_kb(pid: int) -> int:
+    total = 0
+    for p in descendants(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except FileNotFoundError:
+            continue
+        total += sum(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")
+        )
+    return total
+
+
+def server_cpu_ticks(pid: int) -> int:
+    return sum(cpu_ticks(p) for p in descendants(pid))
+
+
+def machine_report(pg_url: str, redis_url: str) -> list[str]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        pg_version = conn.execute("SHOW server_version").fetchone()[0]
+        fsync = conn.execute("SHOW synchronous_commit").fetchone()[0]
+    import redis
+
+    redis_version = redis.Redis.from_url(redis_url).info("server")["redis_version"]
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("django", "django-ninja", "uvicorn", "uvloop", "httptools", "psycopg", "httpx")
+    )
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return [
+        f"CPU: {model}, {os.cpu_count()} cores, {mem_kb // 1024} MB RAM, {platform.platform()}",
+        f"Python {platform.python_version()}; {versions}",
+        f"PostgreSQL {pg_version} (synchronous_commit={fsync}), Redis {redis_version}",
+    ]
+
+
+def manage(env: dict, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def start_server(env: dict, port: int, core: int, workers: int) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "notify_project.asgi:application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", str(core), *argv]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
+
+
+def wait_ready(base: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode} before answering")
+        try:
+            if httpx.get(f"{base}/api/v1/openapi.json", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not answer in time")
+
+
+def notification(client: int, n: int, topics: int) -> dict:
+    return {
+        "topic": f"bench.t{(client + n) % topics}",
+        "event": "bench.tick",
+        "severity": "info",
+        "data": {"client": client, "n": n, "note": "a typical small payload of some bytes"},
+    }
+
+
+async def run_phase(
+    base: str,
+    key: str,
+    phase: Phase,
+    clients: int,
+    topics: int,
+    warmup_s: float,
+    duration_s: float,
+    server_pid: int,
+) -> Phase:
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    url = f"{base}/api/v1/notifications" + ("/batch" if phase.items_per_request > 1 else "")
+    measuring = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def worker(client_no: int, http: httpx.AsyncClient) -> None:
+        n = 0
+        while not stop.is_set():
+            if phase.items_per_request == 1:
+                body = notification(client_no, n, topics)
+            else:
+                body = {
+                    "notifications": [
+                        notification(client_no, n + i, topics)
+                        for i in range(phase.items_per_request)
+                    ]
+                }
+            n += phase.items_per_request
+            started = time.perf_counter()
+            try:
+                response = await http.post(url, json=body, headers=headers)
+            except httpx.TransportError:  # e.g. a keep-alive connection the server just closed
+                phase.transport_errors += measuring.is_set() and not stop.is_set()
+                continue
+            elapsed = time.perf_counter() - started
+            if not measuring.is_set() or stop.is_set():
+                continue
+            if response.status_code == 202:
+                phase.accepted_requests += 1
+                phase.latencies_s.append(elapsed)
+            else:
+                phase.other_statuses[response.status_code] = (
+                    phase.other_statuses.get(response.status_code, 0) + 1
+                )
+
+    async def sample_rss() -> None:
+        while not stop.is_set():
+            phase.peak_rss_kb = max(phase.peak_rss_kb, rss_kb(server_pid))
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        tasks = [asyncio.create_task(worker(c, http)) for c in range(clients)]
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.sleep(warmup_s)
+        server_before, client_before = server_cpu_ticks(server_pid), time.process_time()
+        started = time.perf_counter()
+        measuring.set()
+        await asyncio.sleep(duration_s)
+        stop.set()
+        phase.window_s = time.perf_counter() - started
+        phase.server_cpu_s = (server_cpu_ticks(server_pid) - server_before) / CLK_TCK
+        phase.server_cpu_pct = 100 * phase.server_cpu_s / phase.window_s
+        phase.client_cpu_pct = 100 * (time.process_time() - client_before) / phase.window_s
+        await asyncio.gather(*tasks, sampler)
+    return phase
+
+
+def check_stored(db_url: str) -> str:
+    """Every acknowledged notification is stored, and per topic the seqs are exactly 1..N."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT t.name, count(n.id), min(n.seq), max(n.seq), t.last_seq "
+            "FROM routing_app_topic t JOIN routing_app_notification n ON n.topic_id = t.id "
+            "GROUP BY t.name, t.last_seq"
+        ).fetchall()
+    total = sum(r[1] for r in rows)
+    bad = [r for r in rows if not (r[1] == r[3] == r[4] and r[2] == 1)]
+    verdict = "seqs gap-free" if not bad else f"SEQ PROBLEM in {bad[:3]}"
+    return f"{total} notifications stored in {len(rows)} topics; {verdict}"
+
+
+def report(phase: Phase) -> str:
+    others = f"; other statuses {phase.other_statuses}" if phase.other_statuses else ""
+    if phase.transport_errors:
+        others += f"; {phase.transport_errors} transport errors"
+    accepted = phase.accepted_requests * phase.items_per_request
+    cpu_us = 1e6 * phase.server_cpu_s / accepted if accepted else float("nan")
+    return (
+        f"{phase.name}: {phase.accepted_per_s:,.0f} notifications/s accepted; latency "
+        f"p50 {phase.percentile_ms(0.50):.1f} ms, p95 {phase.percentile_ms(0.95):.1f} ms, "
+        f"p99 {phase.percentile_ms(0.99):.1f} ms\n    server CPU {phase.server_cpu_pct:.0f} % of "
+        f"a core = {cpu_us:,.0f} us per notification; peak RSS {phase.peak_rss_kb / 1024:.0f} MB;"
+        f" load generator CPU {phase.client_cpu_pct:.0f} %{others}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent single posters")
+    parser.add_argument("--batch-clients", type=int, default=8, help="concurrent batch posters")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--topics", type=int, default=10, help="topics the load spreads over")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--server-core", type=int, default=0)
+    parser.add_argument("--client-core", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="py-spy the single phase")
+    args = parser.parse_args()
+
+    pg_server = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    db_name = f"notify_bench_{os.getpid()}"
+    db_url = with_db(pg_server, db_name)
+    print("\n".join(machine_report(pg_server, redis_url)))
+
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db_name}"')
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": f"bench{os.getpid()}",
+        "DEBUG": "false",
+        "SECRET_KEY": "bench-only-not-secret",
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+    }
+    server = None
+    try:
+        manage(env, "migrate", "--noinput", "-v0")
+        key = manage(env, "apikey", "create", "bench", "--rate", "1000000/s").strip()
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = start_server(env, port, args.server_core, args.workers)
+        wait_ready(base, server)
+        os.sched_setaffinity(0, {args.client_core})
+        print(
+            f"uvicorn ({args.workers} worker(s)) on core {args.server_core}, load generator on "
+            f"core {args.client_core}; {args.topics} topics; {args.warmup:.0f} s warm-up + "
+            f"{args.duration:.0f} s measured per phase"
+        )
+
+        profiler = None
+        if args.profile:
+            out = Path(f"/tmp/notify-ingest-profile-{os.getpid()}.svg")
+            profiler = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--subprocesses",
+                    "-o",
+                    str(out),
+                    "--duration",
+                    str(int(args.warmup + args.duration)),
+                    "--rate",
+                    "200",
+                ],
+            )
+        single = asyncio.run(
+            run_phase(
+                base,
+                key,
+                Phase(f"single posts x{args.clients}", 1),
+                args.clients,
+                args.topics,
+                args.warmup,
+                args.duration,
+                server.pid,
+            )
+        )
+        if profiler:
+            profiler.wait()
+            print(f"py-spy flame graph: {out}")
+        batch = asyncio.run(
+            run_phase(
+                base,
+                key,
+                Phase(f"batches of {args.batch_size} x{args.batch_clients}", args.batch_size),
+                args.batch_clients,
+                args.topics,
+                args.warmup,
+                args.duration,
+                server.pid,
+            )
+        )
+        print(report(single))
+        print(report(batch))
+        print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        print(f"load average now {' '.join(load)} (other processes share these cores)")
+        print(check_stored(db_url))
+    finally:
+        if server and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
