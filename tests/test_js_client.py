@@ -24,6 +24,8 @@ from urllib.parse import urlparse, urlunparse
 import httpx
 import pytest
 
+from channels_app.ws_plain import UVICORN_WS_ARGS
+
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -130,7 +132,10 @@ def _fresh_postgres_database(url: str, suffix: str):
 
 
 class ServerProcess:
-    """One uvicorn process serving notify on a fixed port, which can be killed and restarted."""
+    """One uvicorn process serving notify on a fixed port, which can be killed and restarted.
+
+    (tests/ws_server.py has a similar helper for the protocol tests; this one adds what the browser
+    tests need: a second server on the same database and a restart with another environment.)"""
 
     def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
         self.env = env
@@ -155,6 +160,7 @@ class ServerProcess:
                     f"--port={self.port}",
                     "--log-level=warning",
                     "--no-access-log",
+                    *UVICORN_WS_ARGS,  # as production runs it
                 ],
                 cwd=ROOT,
                 env=self.env,
