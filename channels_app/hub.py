@@ -99,8 +99,8 @@ _encoders: dict[str, Callable[[Message], str | bytes]] = {"plain": encode_plain}
 class Subscriber(Protocol):
     """What an edge registers with the hub (a plain socket, a Phoenix channel join, an SSE stream).
 
-    Optional: ``async def drained(self)`` -- if present, replay awaits it between pages, so a long
-    replay waits for the peer instead of overflowing the send queue.
+    Optional: ``async def drained(self)`` -- if present, replay awaits it after each message, so
+    a long replay waits for the peer instead of overflowing the send queue.
     """
 
     encoding: str
@@ -321,13 +321,16 @@ class Hub:
                 cursor = target
                 continue
             encoding = sub.encoding
+            drained = getattr(sub, "drained", None)
             for envelope in rows:
                 message = Message(state.name, envelope["seq"], envelope)
                 sub.deliver(message.encoded(encoding), message)
+                if drained is not None:
+                    # Paced by the reader (no wait while its writes complete at once): a page of
+                    # big notifications would otherwise overflow the bounded send queue of a
+                    # reader that keeps up, since the replay writes it all in one go.
+                    await drained()
             cursor = rows[-1]["seq"]
-            drained = getattr(sub, "drained", None)
-            if drained is not None:
-                await drained()
         encoding = sub.encoding
         for message in join.buffer:
             if message.seq > cursor:

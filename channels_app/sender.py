@@ -170,6 +170,13 @@ class ConnectionSender:
                 self._drained = asyncio.Event()
             await self._drained.wait()
 
+    async def flushed(self) -> None:
+        """Wait until the drainer has handed every queued event to the server, final ones (from
+        ``push_final``) included: ``drained`` returns as soon as ``closed`` is set. Bounded by the
+        abort timer. For ending an HTTP response (SSE) before the app returns."""
+        if self._task is not None:
+            await asyncio.wait((self._task,))
+
     def _overflow(self) -> None:
         if self.closed:
             return

@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP goes to Django, WebSocket to channels_app behind the origin check."""
+"""ASGI entry point: HTTP goes to Django (SSE streams to channels_app.sse), WebSocket to
+channels_app behind the origin check."""
 
 import os
 
@@ -12,8 +13,13 @@ django_asgi_app = get_asgi_application()  # sets Django up before importing cons
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from channels_app.routing import websocket_application  # noqa: E402
+from channels_app.sse import with_sse  # noqa: E402
 
 # uvicorn serves no files: with DEBUG (the embedded mode) Django serves /static/ itself, so the
 # admin has its CSS; in production a proxy serves STATIC_ROOT (README).
 http_application = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
-application = ProtocolTypeRouter({"http": http_application, "websocket": websocket_application})
+# SSE streams (/events/<topic>/) are served before Django's handler, which would hold an OS thread
+# per open stream (channels_app/sse.py, pitfall (a)).
+application = ProtocolTypeRouter(
+    {"http": with_sse(http_application), "websocket": websocket_application}
+)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
+from corsheaders.defaults import default_headers as cors_default_headers
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -72,6 +73,8 @@ NOTIFY_ALLOWED_ORIGINS = env_list(
 )
 CORS_ALLOWED_ORIGINS = NOTIFY_ALLOWED_ORIGINS
 CORS_ALLOW_CREDENTIALS = True
+# django-cors-headers' defaults plus Last-Event-ID, which SSE clients built on fetch send on resume.
+CORS_ALLOW_HEADERS = (*cors_default_headers, "last-event-id")
 CSRF_TRUSTED_ORIGINS = NOTIFY_ALLOWED_ORIGINS
 
 INSTALLED_APPS = [
@@ -209,6 +212,16 @@ HEARTBEAT_TIMEOUT_S = env_int("HEARTBEAT_TIMEOUT_S", 2 * HEARTBEAT_INTERVAL_S)
 if HEARTBEAT_TIMEOUT_S <= HEARTBEAT_INTERVAL_S:
     raise ImproperlyConfigured("HEARTBEAT_TIMEOUT_S must be longer than HEARTBEAT_INTERVAL_S")
 SOCKET_SEND_QUEUE = env_int("SOCKET_SEND_QUEUE", 256)  # frames buffered per slow socket
+# SSE comment every this many seconds: proxies and load balancers cut idle streams at ~30-60 s.
+SSE_KEEPALIVE_S = env_int("SSE_KEEPALIVE_S", 15)
+if SSE_KEEPALIVE_S < 1:
+    raise ImproperlyConfigured("SSE_KEEPALIVE_S must be at least 1 second")
+# django-eventstream: send_event() stores through ingest into our durable stream, and our topic
+# rules answer its permission checks (channels_app/sse.py says why its own storage is not used).
+# EVENTSTREAM_REDIS stays unset on purpose: its Redis listener never restarts after an outage;
+# the hub (channels_app/hub.py) is the one bridge from Redis to streams.
+EVENTSTREAM_STORAGE_CLASS = "channels_app.sse.NotificationStorage"
+EVENTSTREAM_CHANNELMANAGER_CLASS = "channels_app.sse.TopicChannelManager"
 # A server process that has not renewed its presence heartbeat for this long is dead: its
 # presence entries stop being listed and a live process removes them (channels_app/presence.py).
 PRESENCE_TTL_S = env_int("PRESENCE_TTL_S", 30)

@@ -1,0 +1,483 @@
+"""Server-Sent Events at ``/events/<topic>/``: a topic's notifications as an event stream.
+
+Protocol: https://html.spec.whatwg.org/multipage/server-sent-events.html (``EventSource``).
+
+What a client receives (``data`` is always one line of compact JSON)::
+
+    : open                                   first bytes: the stream is accepted (a comment)
+    event: reset                             only when the resume point is older than retention
+    id: <last_seq>                           (or ahead of the stream): nothing was replayed,
+    data: {"type":"reset","topic","since","oldest_seq","last_seq"}   the stream goes on from there
+    event: <notification event>              one per notification, in seq order, each seq once;
+    id: <seq>                                data is exactly what the plain WebSocket sends
+    data: {"type":"notification","topic","seq","id","event","data","severity","source","ts"}
+    event: subscribed                        once, after the replay: from here on it is live
+    data: {"type":"subscribed","topic","last_seq"}
+    event: <ephemeral event>                 e.g. reverse_flow_update (no id: not resumable)
+    data: {"type":"event","topic","event","payload"}
+    : keep-alive                             every SSE_KEEPALIVE_S, so proxies keep the stream
+    event: stream-error                      then the server ends the stream; EventSource
+    retry: <ms>                              reconnects with Last-Event-ID and loses nothing
+    data: {"type":"error","code":"too_slow"|"unavailable","message"}
+
+Resume: ``Last-Event-ID`` (header, sent by EventSource on its own reconnects) or the
+``lastEventId`` query parameter (a new EventSource cannot set headers) carries the last seq the
+client has; the stream replays what the topic stored after it, then continues live with no gap and
+no duplicate at the seam (the hub handles the seam). django-eventstream's ``<channel>:<id>`` form
+is accepted too. No id: live only.
+
+Refusals are plain HTTP answers with a JSON body ``{"detail": ...}`` and no stream: 400 bad topic
+name or Last-Event-ID, 401 forged/expired token (or anonymous on a topic that needs a login), 403
+topic not allowed or page origin not allowed, 405 method. EventSource treats a non-200 answer as
+final (no reconnect loop). Transient trouble after acceptance (Redis or the database unreachable)
+is a ``stream-error`` with ``retry``, so EventSource tries again by itself.
+
+Authentication and authorization are the sockets': ``socket_auth.principal_for_scope`` (``?token=``
+or the session cookie) and ``authz`` READ. CORS is django-cors-headers' own logic and settings
+(``CORS_ALLOWED_ORIGINS`` = NOTIFY_ALLOWED_ORIGINS, credentials allowed), applied to these
+responses too; pages of other origins are refused outright (``socket_auth.origin_allowed``).
+
+Why a raw ASGI app rather than django-eventstream's view, and which parts of it are used
+(each pitfall checked in django_eventstream 5.3.4's installed source):
+
+(a) One OS thread per open stream. Its ``views.events`` is a sync view returning a
+    ``StreamingHttpResponse`` over an async generator. Under ASGI, Django's ``ASGIHandler`` wraps
+    every request in ``asgiref.sync.ThreadSensitiveContext``, and the first thread-sensitive call
+    in it (the sync view itself, but equally the ``request_started`` signal's sync receivers and
+    every ``MiddlewareMixin`` middleware) creates a one-thread executor owned by that request
+    until the response ends. Measured here (uvicorn, 30 open streams): +30 OS threads with its
+    view, and also +30 with an *async* Django view, even with no middleware but CORS. So no view
+    inside Django's handler avoids it; this app is routed before Django (``with_sse`` in
+    ``notify_project/asgi.py``), never enters that context, and only touches the database through
+    ``stream``/``socket_auth``/``authz`` at connect time (worker pools or asgiref's one shared
+    sync thread). tests/test_sse.py holds 50 streams open and checks the thread count stays flat.
+(b) Its Redis listener never restarts. ``ListenerManager.add_listener`` starts
+    ``RedisListener.listen()`` once per process (``redis_listener_started = True``) as a bare
+    task: ``async for message in self.pubsub.listen()`` has no error handling, so once redis-py
+    gives up reconnecting the task dies with its exception and nothing starts it again; that
+    process silently stops delivering. We never set ``EVENTSTREAM_REDIS``: the hub
+    (``hub.py``) is the only Redis listener bridge, and it reconnects, resubscribes and back-fills
+    from the database by itself.
+(c) Its storage deletes on every append. ``DjangoModelStorage.append_event`` calls
+    ``trim_event_log()`` after each insert (a query, and deletes in batches of 50, on the
+    publishing path; plus a locked counter row per channel). We do not use its storage: the
+    durable stream is our ``Notification`` table, its seq taken once at ingest, and retention is
+    trimmed by the periodic ``trim_retention_all`` task. ``NotificationStorage`` below only
+    implements its storage *interface* over that table.
+Also in its view: a hard-coded 20 s keep-alive sent as an event, a 2 KB padding prefix, and a
+per-listener queue of 10 that silently flags overflow; ours are a setting, a comment, none, and a
+bounded send queue that closes the stream (the client resumes by Last-Event-ID).
+
+Used from django-eventstream, where it fits:
+- ``utils.sse_encode_event``: the SSE framing (strips CR/LF/NUL from event names and ids, splits
+  data lines); the hub runs it once per message per process for all SSE streams (encoding "sse").
+- ``utils.parse_last_event_id``: accepts its ``<channel>:<id>`` Last-Event-ID form.
+- ``send_event(topic, event, data)`` keeps working for code written against it, through
+  ``EVENTSTREAM_STORAGE_CLASS = NotificationStorage`` (ingest: persisted, seq, routed, published
+  to every process by the hub) and ``EVENTSTREAM_CHANNELMANAGER_CLASS = TopicChannelManager``
+  (our topic rules answer its ``can_read_channel``). ``data`` must be a JSON object.
+Not used: its views, URLs, Listener/ListenerManager, RedisListener and storages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from io import BytesIO
+from urllib.parse import parse_qs, quote
+
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse
+from django.urls.resolvers import RoutePattern
+from django_eventstream.channelmanager import ChannelManagerBase
+from django_eventstream.event import Event
+from django_eventstream.storage import EventDoesNotExist, StorageBase
+from django_eventstream.utils import parse_last_event_id, sse_encode_event
+
+from routing_app.topics import is_valid_topic
+
+from . import stream
+from .authz import READ, Principal, adecide, decide
+from .hub import HubUnavailable, Message, Unsubscribed, hub
+from .sender import ConnectionSender, limit_kernel_buffer
+from .socket_auth import header, origin_allowed, principal_for_scope
+from .tokens import TokenError
+
+log = logging.getLogger(__name__)
+
+ENCODING = "sse"
+UNAVAILABLE_RETRY_MS = 5000  # EventSource waits this long before reconnecting after trouble
+OPEN_CHUNK = b": open\n\n"
+KEEPALIVE_CHUNK = b": keep-alive\n\n"
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
+]
+
+
+def encode_sse(message: Message) -> bytes:
+    """One notification as an SSE event; cached on the Message for every SSE stream."""
+    return sse_encode_event(
+        message.envelope["event"], message.encoded("plain"), event_id=message.seq
+    ).encode()
+
+
+hub.register_encoder(ENCODING, encode_sse)
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def _event(name: str, data: dict, event_id: int | None = None, retry_ms: int | None = None):
+    text = sse_encode_event(name, _json(data), event_id=event_id)
+    if retry_ms is not None:
+        text = f"retry: {retry_ms}\n" + text
+    return text.encode()
+
+
+def _body(chunk: bytes) -> dict:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+# --- request parsing ------------------------------------------------------------------------
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def last_event_id(scope: dict, topic: str) -> int | None:
+    """The seq to resume after: ``Last-Event-ID`` header, else the last non-empty ``lastEventId``
+    query value (django-eventstream's rule). ``N`` or django-eventstream's ``<channel>:<N>``.
+    Raises BadRequest."""
+    raw = header(scope, b"last-event-id")
+    if not raw:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        raw = next((v for v in reversed(query.get("lastEventId", [])) if v), None)
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        if ":" in raw:
+            raw = parse_last_event_id(raw).get(quote(topic, safe=""), "")
+        since = int(raw)
+    except ValueError:
+        raise BadRequest(
+            f"Last-Event-ID {raw!r} is not a seq of topic {topic!r}: send the id of the last "
+            "event received, or none to start live"
+        ) from None
+    if since < 0:
+        raise BadRequest("Last-Event-ID must not be negative")
+    return since
+
+
+def needs_reset(since: int, last_seq: int, oldest_seq: int | None) -> bool:
+    """``since`` cannot be resumed: retention deleted seqs after it, or it is ahead of the stream.
+    (The hub's rule in ``Hub._join``; decided here first so ``reset`` precedes any event.)"""
+    gone = oldest_seq - 1 if oldest_seq is not None else last_seq
+    return since > last_seq or since < gone
+
+
+# --- CORS: django-cors-headers' logic on a raw ASGI scope -------------------------------------
+
+
+def cors_headers(scope: dict, response: HttpResponse | None = None) -> list[tuple[bytes, bytes]]:
+    """The CORS headers django-cors-headers' middleware would add (preflight answer included when
+    ``response`` is None and the request is a preflight), as ASGI header pairs."""
+    from corsheaders.middleware import CorsMiddleware
+    from django.core.handlers.asgi import ASGIRequest
+
+    request = ASGIRequest(scope, BytesIO())
+    middleware = CorsMiddleware(lambda _request: response or HttpResponse())
+    answer = middleware(request)
+    return [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in answer.items()
+        if name.lower().startswith("access-control-") or name.lower() == "vary"
+    ]
+
+
+async def respond(send, scope: dict, status: int, detail: str, extra: dict | None = None) -> None:
+    """A plain (non-stream) JSON answer with CORS headers."""
+    body = _json({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    for name, value in (extra or {}).items():
+        headers.append((name.encode(), value.encode()))
+    headers += cors_headers(scope, HttpResponse())
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# --- one open stream --------------------------------------------------------------------------
+
+
+class EventStream:
+    """A hub subscriber writing one topic to one SSE response (see ``sender.ConnectionSender``:
+    immediate writes, bounded backlog, then ``overflow``)."""
+
+    encoding = ENCODING
+    __slots__ = ("topic", "sender", "finished", "_keepalive", "__weakref__")
+
+    def __init__(self, topic: str, send) -> None:
+        self.topic = topic
+        self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.overflow)
+        self.finished = asyncio.get_running_loop().create_future()
+        self._keepalive: asyncio.TimerHandle | None = None
+
+    def deliver(self, frame: bytes, message: Message) -> None:
+        self.sender.push(_body(frame))
+
+    def deliver_event(self, topic: str, event: str, payload: dict) -> None:
+        data = {"type": "event", "topic": topic, "event": event, "payload": payload}
+        self.sender.push(_body(_event(event, data)))
+
+    def push(self, chunk: bytes) -> None:
+        self.sender.push(_body(chunk))
+
+    async def drained(self) -> None:
+        """The hub awaits this between replay pages: a long replay waits for the reader."""
+        await self.sender.drained()
+
+    def overflow(self) -> None:
+        """The reader fell ``SOCKET_SEND_QUEUE`` chunks behind: end the stream; the client
+        reconnects with Last-Event-ID and reads the rest from the durable stream."""
+        hub.detach(self.topic, self)
+        self.end(
+            "too_slow",
+            "the stream fell too far behind and was closed; reconnect with Last-Event-ID",
+        )
+
+    def end(self, code: str, message: str, retry_ms: int | None = None) -> None:
+        """Send a last ``stream-error`` and end the response (also past a full backlog)."""
+        if self.finished.done():
+            return
+        data = {"type": "error", "code": code, "message": message}
+        self.sender.push_final(_body(_event("stream-error", data, retry_ms=retry_ms)))
+        self.sender.push_final({"type": "http.response.body", "body": b"", "more_body": False})
+        self.finished.set_result(code)
+
+    def start_keepalive(self, interval_s: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            if self.sender.closed:
+                return
+            self.push(KEEPALIVE_CHUNK)
+            self._keepalive = loop.call_later(interval_s, tick)
+
+        self._keepalive = loop.call_later(interval_s, tick)
+
+    def stop(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+
+async def _wait_for_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def sse_app(scope: dict, receive, send) -> None:
+    """ASGI app for ``/events/<topic>/`` (``scope["url_route"]["kwargs"]["topic"]``)."""
+    topic = scope["url_route"]["kwargs"]["topic"]
+    method = scope["method"]
+    if method == "OPTIONS":
+        await _preflight(scope, send)
+        return
+    if method != "GET":
+        await respond(send, scope, 405, "use GET to open an event stream", {"allow": "GET"})
+        return
+    if not is_valid_topic(topic):
+        await respond(send, scope, 400, f"{topic!r} is not a valid topic name")
+        return
+    if not origin_allowed(scope):
+        await respond(send, scope, 403, "pages of this origin may not open event streams here")
+        return
+    try:
+        since = last_event_id(scope, topic)
+        principal = await principal_for_scope(scope)
+    except BadRequest as exc:
+        await respond(send, scope, 400, str(exc))
+        return
+    except TokenError as exc:
+        await respond(send, scope, 401, str(exc))
+        return
+    decision = await adecide(principal, topic, READ)
+    if not decision.allowed:
+        if principal.is_authenticated:
+            await respond(send, scope, 403, decision.reason)
+        else:
+            await respond(
+                send, scope, 401, f"{decision.reason}: log in, or pass a token as ?token="
+            )
+        return
+    await _stream(scope, receive, send, topic, since)
+
+
+async def _preflight(scope: dict, send) -> None:
+    headers = cors_headers(scope)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", b"0"), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _stream(scope: dict, receive, send, topic: str, since: int | None) -> None:
+    # As for sockets: a reader that stops is dropped after ~SOCKET_SEND_QUEUE events, not after
+    # the kernel has buffered megabytes for it.
+    limit_kernel_buffer(send)
+    events = EventStream(topic, send)
+    start = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": STREAM_HEADERS + cors_headers(scope, HttpResponse()),
+    }
+    events.sender.push(start)
+    events.push(OPEN_CHUNK)
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        subscribe = asyncio.ensure_future(_subscribe(events, topic, since))
+        await asyncio.wait((subscribe, disconnected), return_when=asyncio.FIRST_COMPLETED)
+        if not subscribe.done():
+            subscribe.cancel()
+        elif subscribe.exception() is None:
+            events.start_keepalive(settings.SSE_KEEPALIVE_S)
+            await asyncio.wait((events.finished, disconnected), return_when=asyncio.FIRST_COMPLETED)
+        else:
+            _report_unavailable(events, topic, subscribe.exception())
+        if events.finished.done():
+            await events.sender.flushed()  # the last event reaches the reader (or is aborted)
+    finally:
+        disconnected.cancel()
+        events.stop()
+        await hub.unsubscribe(topic, events)
+        events.sender.dispose()
+
+
+async def _subscribe(events: EventStream, topic: str, since: int | None) -> None:
+    if since is not None:
+        last_seq, oldest_seq = await stream.topic_state(topic)
+        if needs_reset(since, last_seq, oldest_seq):
+            data = {
+                "type": "reset",
+                "topic": topic,
+                "since": since,
+                "oldest_seq": oldest_seq,
+                "last_seq": last_seq,
+            }
+            events.push(_event("reset", data, event_id=last_seq))
+            since = last_seq
+    result = await hub.subscribe(topic, events, since)
+    if result.reset:  # retention ran between our check and the hub's: say so, late
+        data = {
+            "type": "reset",
+            "topic": topic,
+            "since": since,
+            "oldest_seq": result.oldest_seq,
+            "last_seq": result.last_seq,
+        }
+        events.push(_event("reset", data, event_id=result.last_seq))
+    events.push(
+        _event("subscribed", {"type": "subscribed", "topic": topic, "last_seq": result.last_seq})
+    )
+
+
+def _report_unavailable(events: EventStream, topic: str, exc: BaseException) -> None:
+    if isinstance(exc, Unsubscribed):
+        return  # the stream was closed (too slow) during its replay; end() already ran
+    if isinstance(exc, HubUnavailable):
+        message = str(exc)
+    else:
+        log.warning("SSE on topic %s: cannot subscribe (%s: %s)", topic, type(exc).__name__, exc)
+        message = "the notification store is unreachable"
+    events.end("unavailable", f"{message}; retrying", retry_ms=UNAVAILABLE_RETRY_MS)
+
+
+# --- routing ----------------------------------------------------------------------------------
+
+SSE_PATH = "events/<str:topic>/"  # channels_app/urls.py names the same path "events"
+
+
+def with_sse(http_app):
+    """ASGI ``http`` app: ``/events/<topic>/`` to ``sse_app``, everything else to ``http_app``
+    (Django). Routed here, before Django's handler, for pitfall (a) in the module docstring."""
+    pattern = RoutePattern(SSE_PATH, is_endpoint=True)
+
+    async def app(scope: dict, receive, send) -> None:
+        if scope["path"].startswith("/events/"):
+            match = pattern.match(scope["path"][1:])
+            if match is not None:
+                scope = dict(scope, url_route={"args": match[1], "kwargs": match[2]})
+                return await sse_app(scope, receive, send)
+        return await http_app(scope, receive, send)
+
+    return app
+
+
+def events_outside_asgi(request, topic: str) -> JsonResponse:
+    """Django's view for the same path: only reached when the server does not run
+    ``notify_project.asgi.application`` (WSGI, the test client). Streams need that app."""
+    return JsonResponse(
+        {"detail": "event streams are served by the ASGI application (notify_project.asgi)"},
+        status=501,
+    )
+
+
+# --- django-eventstream compatibility: send_event() into the durable stream --------------------
+
+
+class TopicChannelManager(ChannelManagerBase):
+    """``EVENTSTREAM_CHANNELMANAGER_CLASS``: a django-eventstream channel is our topic; our topic
+    rules decide who reads it. Every topic is reliable (stored, resumable)."""
+
+    def get_channels_for_request(self, request, view_kwargs):
+        if "topic" in view_kwargs:
+            return {view_kwargs["topic"]}
+        return set(request.GET.getlist("channel"))
+
+    def can_read_channel(self, user, channel):
+        return decide(Principal.from_user(user), channel, READ).allowed
+
+    def is_channel_reliable(self, channel):
+        return True
+
+
+class NotificationStorage(StorageBase):
+    """``EVENTSTREAM_STORAGE_CLASS``: django-eventstream's storage interface over our durable
+    stream. ``send_event`` appends through ingest (one seq, routed, published after commit);
+    nothing is deleted here (retention is the periodic task's job). Sync: call from sync code."""
+
+    SOURCE = "system"  # send_event callers are this project's own code
+
+    def append_event(self, channel: str, event_type: str, data) -> Event:
+        from routing_app import notify
+
+        payload = json.loads(data) if isinstance(data, str | bytes) else data
+        if not isinstance(payload, dict):
+            raise ValueError("send_event data must be a JSON object for a notify topic")
+        result = notify(channel, event_type, payload, source=self.SOURCE)
+        return Event(channel, event_type, data, id=result.seq)
+
+    def get_events(self, channel: str, last_id: int, limit: int = 100) -> list[Event]:
+        """Events after ``last_id``; ``data`` is the envelope JSON (what our stream sends).
+        Raises EventDoesNotExist when ``last_id`` is no longer (or not yet) in the stream."""
+        from asgiref.sync import async_to_sync
+
+        last_seq, oldest_seq = async_to_sync(stream.topic_state)(channel)
+        if needs_reset(last_id, last_seq, oldest_seq):
+            raise EventDoesNotExist(f"seq {last_id} of {channel!r} is not kept", last_seq)
+        rows = async_to_sync(stream.read_after)(channel, last_id, limit)
+        return [Event(channel, row["event"], _json(row), id=row["seq"]) for row in rows]
+
+    def get_current_id(self, channel: str) -> int:
+        from routing_app.models import Topic
+
+        return Topic.objects.filter(name=channel).values_list("last_seq", flat=True).first() or 0
