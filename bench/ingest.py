@@ -11,6 +11,8 @@ are not pinned. Two phases, each a warm-up then a measured window:
 - single posts: ``--clients`` concurrent clients, each POSTing one notification at a time;
 - batches: ``--batch-clients`` concurrent clients POSTing ``--batch-size`` notifications each.
 
+First the same single-post load against a bare ASGI app on the same server core ("the limit"):
+on a machine shared with other work, compare with that rather than with absolute figures.
 Prints the machine, versions, accepted notifications/s, p50/p95/p99 latency, the server's CPU use
 and RSS, and the load generator's CPU use (near 100 % means the figure is the generator's limit).
 Afterwards it checks that every accepted notification is stored and each topic's seqs are 1..N.
@@ -66,6 +68,17 @@ class Phase:
             return float("nan")
         ordered = sorted(self.latencies_s)
         return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bare_app(scope: dict, receive, send) -> None:
+    """The limit: an ASGI app that reads the body and answers 202, nothing else."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"id":"-","topic":"-","seq":0}'})
 
 
 def free_port() -> int:
@@ -154,12 +167,14 @@ def manage(env: dict, *args: str) -> str:
     return result.stdout
 
 
-def start_server(env: dict, port: int, core: int, workers: int) -> subprocess.Popen:
+def start_server(
+    env: dict, port: int, core: int, workers: int, app: str = "notify_project.asgi:application"
+) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
         "uvicorn",
-        "notify_project.asgi:application",
+        app,
         "--host",
         "127.0.0.1",
         "--port",
@@ -170,6 +185,8 @@ def start_server(env: dict, port: int, core: int, workers: int) -> subprocess.Po
     ]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    if app.startswith("ingest:"):
+        argv += ["--app-dir", str(ROOT / "bench")]
     if shutil.which("taskset"):
         argv = ["taskset", "-c", str(core), *argv]
     return subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
@@ -181,7 +198,7 @@ def wait_ready(base: str, server: subprocess.Popen) -> None:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with {server.returncode} before answering")
         try:
-            if httpx.get(f"{base}/api/v1/openapi.json", timeout=2).status_code == 200:
+            if httpx.get(f"{base}/api/v1/openapi.json", timeout=2).status_code in (200, 202):
                 return
         except httpx.TransportError:
             pass
@@ -331,11 +348,31 @@ def main() -> None:
     try:
         manage(env, "migrate", "--noinput", "-v0")
         key = manage(env, "apikey", "create", "bench", "--rate", "1000000/s").strip()
+        os.sched_setaffinity(0, {args.client_core})
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        bare = start_server(env, port, args.server_core, 1, app="ingest:bare_app")
+        try:
+            wait_ready(base, bare)
+            limit = asyncio.run(
+                run_phase(
+                    base,
+                    key,
+                    Phase(f"bare ASGI app x{args.clients} (the limit)", 1),
+                    args.clients,
+                    args.topics,
+                    args.warmup,
+                    args.duration,
+                    bare.pid,
+                )
+            )
+        finally:
+            os.killpg(bare.pid, signal.SIGTERM)
+            bare.wait(timeout=30)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = start_server(env, port, args.server_core, args.workers)
         wait_ready(base, server)
-        os.sched_setaffinity(0, {args.client_core})
         print(
             f"uvicorn ({args.workers} worker(s)) on core {args.server_core}, load generator on "
             f"core {args.client_core}; {args.topics} topics; {args.warmup:.0f} s warm-up + "
@@ -387,6 +424,7 @@ def main() -> None:
                 server.pid,
             )
         )
+        print(report(limit))
         print(report(single))
         print(report(batch))
         print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")

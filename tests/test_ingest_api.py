@@ -142,6 +142,25 @@ async def test_key_use_is_recorded_in_last_used_at(api, ingest_key):
     assert key.last_used_at is not None
 
 
+async def test_ingest_answers_carry_cors_and_nosniff_headers(api, ingest_key):
+    origin = "http://localhost:3000"  # a NOTIFY_ALLOWED_ORIGINS default
+    answer = await api.post(URL, json=body(), headers={**bearer(ingest_key), "Origin": origin})
+    preflight = await api.options(
+        URL,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+
+    assert answer.status_code == 202
+    assert answer.headers["Access-Control-Allow-Origin"] == origin
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert preflight.status_code == 200
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+
+
 async def test_openapi_schema_and_docs_are_served(api):
     schema = await api.get("/api/v1/openapi.json")
     docs = await api.get("/api/v1/docs")
