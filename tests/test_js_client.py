@@ -496,6 +496,49 @@ def test_sse_composable_resumes_from_a_given_last_event_id(browser, servers, ser
     browser.eval("harness.unmount('s-from-1')")
 
 
+TRIM_SCRIPT = """
+import os, sys
+import django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
+django.setup()
+from routing_app.ingest import trim_retention
+from routing_app.models import Topic
+Topic.objects.filter(name=sys.argv[1]).update(retention_count=int(sys.argv[2]))
+trim_retention(Topic.objects.get(name=sys.argv[1]))
+"""
+
+
+def test_resume_beyond_retention_is_surfaced_as_reset(browser, servers, server_env):
+    """Asked to resume after seq 1 when the server only keeps seq 3: both clients say so."""
+    main, _ = servers
+    key = server_env["TEST_API_KEY"]
+    topic = "jsclient.trimmed"
+    for n in (1, 2, 3):
+        main.post(key, topic, "js.tick", {"n": n})
+    done = subprocess.run(
+        [sys.executable, "-c", TRIM_SCRIPT, topic, "1"],
+        cwd=ROOT,
+        env=server_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    notice = {"type": "reset", "topic": topic, "since": 1, "oldest_seq": 3, "last_seq": 3}
+
+    browser.eval(f"harness.startManager('m-trimmed', '{topic}', 1)")
+    browser.eval(f"harness.mountSse('s-trimmed', '{topic}', ['js.tick'], '1')")
+    browser.wait_equal("harness.managerLog('m-trimmed').resets", [notice])
+    browser.wait_equal("harness.resetShown('s-trimmed')", notice)
+    main.post(key, topic, "js.tick", {"n": 4})
+    # Nothing is replayed after a reset: both go on after last_seq.
+    browser.wait_equal("harness.managerLog('m-trimmed').seqs", [4])
+    browser.wait_equal("harness.seqs('s-trimmed')", [4])
+    browser.eval("harness.stopManager('m-trimmed')")
+    browser.eval("harness.unmount('s-trimmed')")
+
+
 def test_unmount_removes_listeners_and_closes_connections(browser, servers, server_env):
     main, _ = servers
     key = server_env["TEST_API_KEY"]

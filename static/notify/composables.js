@@ -327,10 +327,23 @@ export function useServerSentEvents(url, options = {}) {
     const es = new Impl(target.toString(), { withCredentials: !!options.withCredentials })
     source = es
     for (const type of types) attachListener(es, type, handle)
-    // django-eventstream's names for "your id is too old / unknown": surface, keep streaming.
-    for (const type of ['stream-reset', 'reset']) {
+    // "What you missed is gone" (ours: `reset`, django-eventstream's: `stream-reset`). Its id is
+    // where the stream goes on from; the browser adopts it as Last-Event-ID, and so do we, so a
+    // manual reconnect does not ask for the lost range again.
+    for (const type of ['reset', 'stream-reset']) {
       attachListener(es, type, (ev) => {
-        reset.value = { type: ev.type, data: ev.data }
+        let data = ev.data
+        try {
+          data = JSON.parse(ev.data)
+        } catch {
+          // keep the text
+        }
+        const n = numericId(ev.lastEventId)
+        if (n != null && (lastNumericId == null || n > lastNumericId)) {
+          lastNumericId = n
+          lastEventId.value = ev.lastEventId
+        }
+        reset.value = { type: ev.type, id: ev.lastEventId || null, data }
       })
     }
     attachListener(es, 'stream-error', (ev) => {

@@ -476,11 +476,9 @@ export class NotifySocketManager {
         if (conn.lastSeq == null && typeof frame.last_seq === 'number') conn.lastSeq = frame.last_seq
         return this._emit('subscribed', frame, topic)
       case 'reset':
-        // What we missed is gone. Resume from what the server still has, whichever order it
-        // sends the reset and the replay in.
-        if (typeof frame.oldest_seq === 'number') {
-          conn.lastSeq = Math.max(conn.lastSeq ?? 0, frame.oldest_seq - 1)
-        } else if (typeof frame.last_seq === 'number') {
+        // Part of what we missed is gone, and the server replayed nothing: the stream goes on
+        // after `last_seq`, so that is where we are now (a later resume must not ask again).
+        if (typeof frame.last_seq === 'number') {
           conn.lastSeq = Math.max(conn.lastSeq ?? 0, frame.last_seq)
         }
         return this._emit('reset', frame, topic)

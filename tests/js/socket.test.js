@@ -194,11 +194,13 @@ describe('NotifySocketManager', () => {
     assert.equal(server.connections[1].url.searchParams.get('since'), '41')
   })
 
-  test('reset frames are surfaced and resume continues from what the server kept', async () => {
+  test('reset frames are surfaced and the stream goes on after last_seq', async () => {
     const server = await scriptedServer((socket, url, index) => {
       if (index === 0) {
         socket.send(JSON.stringify({ type: 'reset', topic: 't.r', since: 2, oldest_seq: 50, last_seq: 60 }))
-        socket.send(note('t.r', 50))
+        socket.send(JSON.stringify({ type: 'subscribed', topic: 't.r', last_seq: 60 }))
+        socket.send(note('t.r', 61))
+        socket.close(1001)
       }
     })
     const m = manager({ url: server.url })
@@ -208,9 +210,11 @@ describe('NotifySocketManager', () => {
     const n = waitFor(m, 'notification')
     m.connect('t.r', { since: 2 })
     assert.deepEqual(await reset, { type: 'reset', topic: 't.r', since: 2, oldest_seq: 50, last_seq: 60 })
-    assert.equal((await n).seq, 50)
+    assert.equal((await n).seq, 61)
     assert.deepEqual(gaps, [])
+    await server.until((c) => c.length === 2)
     assert.equal(server.connections[0].url.searchParams.get('since'), '2')
+    assert.equal(server.connections[1].url.searchParams.get('since'), '61')
   })
 
   test('4403 stops the topic and reports it; nothing reconnects', async () => {

@@ -99,6 +99,7 @@ const SseList = (id, url, events, lastEventId) =>
         h('div', [
           h('p', { class: 'state' }, s.state.value),
           h('p', { class: 'last-id' }, String(s.lastEventId.value)),
+          h('p', { class: 'reset' }, JSON.stringify(s.reset.value?.data ?? null)),
           h(
             'ol',
             s.events.value.map((e) => h('li', { 'data-seq': e.data?.seq ?? e.id }, `${e.type} ${JSON.stringify(e.data?.data)}`)),
@@ -148,7 +149,7 @@ window.harness = {
     return true
   },
   /** A bare manager (no Vue) following `topic`; its log records what it delivered. */
-  startManager(name, topic) {
+  startManager(name, topic, since = null) {
     const m = new NotifySocketManager({ url: api, token, backoff: { baseMs: 100, maxMs: 1000 } })
     const log = { seqs: [], states: [], errors: [], resets: [], closes: [], subscribed: 0 }
     m.on('notification', (n) => log.seqs.push(n.seq))
@@ -159,7 +160,7 @@ window.harness = {
     m.on('error', (e) => log.errors.push({ code: e.code, fatal: !!e.fatal }))
     m.on('reset', (r) => log.resets.push(r))
     m.on('close', (c) => log.closes.push(c.code))
-    m.connect(topic)
+    m.connect(topic, { since })
     managers[name] = m
     logs[name] = log
     return true
@@ -196,6 +197,8 @@ window.harness = {
   /** The seqs the app at `id` shows, in display order (null when not mounted). */
   seqs: domSeqs,
   stateText: (id) => document.querySelector(`#${id} .state`)?.textContent ?? null,
+  /** The reset notice the SSE app at `id` shows (null: none). */
+  resetShown: (id) => JSON.parse(document.querySelector(`#${id} .reset`)?.textContent ?? 'null'),
   connectedText: (id) => document.querySelector(`#${id} .connected`)?.textContent ?? null,
   /** readyState of every WebSocket/EventSource the app at `id` opened. */
   readyStates: (id) => (opened[id] ?? []).map((s) => s.readyState),
