@@ -41,6 +41,7 @@ import secrets
 import time
 
 from django.conf import settings
+from django.db import DatabaseError
 
 from routing_app.topics import is_valid_topic
 
@@ -63,6 +64,7 @@ CLOSE_BAD_REQUEST = 4400  # unsupported protocol version
 CLOSE_UNAUTHORIZED = 4401  # forged or expired token
 CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 4429
+CLOSE_TRY_LATER = 1013
 
 
 def encode(join_ref: str | None, ref: str | None, topic: str, event: str, payload) -> str:
@@ -195,6 +197,10 @@ class PhoenixConnection:
             log.info("phoenix socket refused: %s", exc)
             await self.send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
             return False
+        except DatabaseError as exc:  # cannot load the user: the client reconnects later
+            log.warning("phoenix socket refused, database unavailable: %s", exc)
+            await self.send({"type": "websocket.close", "code": CLOSE_TRY_LATER})
+            return False
         accept = {"type": "websocket.accept"}
         if SUBPROTOCOL in offered:
             accept["subprotocol"] = SUBPROTOCOL  # required by clients that offered it
@@ -253,6 +259,10 @@ class PhoenixConnection:
             return
         try:
             await self.dispatch(join_ref, ref, topic, event, payload)
+        except DatabaseError as exc:  # an outage, not a bug: the channel stays, the client retries
+            log.warning("phoenix: %s on %s: database unavailable: %s", event, topic, exc)
+            reason = "temporarily unavailable: try again"
+            self.reply(join_ref, ref, topic, "error", {"reason": reason})
         except Exception:  # a channel crash: tell the client (it rejoins), keep the socket
             log.exception("phoenix: %s on %s failed", event, topic)
             joined = self.channels.get(topic)
@@ -337,7 +347,7 @@ class PhoenixConnection:
         after = state["last_seq"] if since is None else since
         try:
             result = await hub.subscribe(topic, joined, since=after)
-        except (HubUnavailable, Unsubscribed) as exc:
+        except (HubUnavailable, Unsubscribed, DatabaseError) as exc:
             # Already replied ok: fail the channel as phoenix does, and the client rejoins.
             log.warning("phoenix: join of %s failed after ok: %s", topic, exc)
             if self.channels.get(topic) is joined:

@@ -347,6 +347,30 @@ async def test_crashing_handler_sends_phx_error_for_its_channel(subscriber, defa
         handlers.unregister("crash:*")
 
 
+async def test_database_outage_in_a_handler_replies_error_and_keeps_the_channel(
+    subscriber, default_rules
+):
+    from django.db import OperationalError
+
+    @handlers.register("flaky:*")
+    async def flaky(request):
+        raise OperationalError("connection refused")
+
+    try:
+        client = await connect(subscriber)
+        join_ref = (await join(client, "flaky:db"))[0]
+        ref = await client.push("flaky:db", "request_update", {}, join_ref=join_ref)
+        reply = await client.reply(ref)
+        assert reply[4] == {
+            "status": "error",
+            "response": {"reason": "temporarily unavailable: try again"},
+        }
+        assert hub.stats()["subscribers"] == 1  # still joined
+        await client.ws.disconnect()
+    finally:
+        handlers.unregister("flaky:*")
+
+
 async def test_leave_replies_ok_then_phx_close_and_stops_delivery(subscriber, default_rules):
     client = await connect(subscriber)
     join_ref = (await join(client, "alerts.k8s"))[0]
