@@ -352,10 +352,11 @@ def browser(page_server, servers, server_env, tmp_path_factory) -> Iterator[Brow
 # --- tests ---------------------------------------------------------------------------------
 
 
-def test_socket_unit_tests_pass_in_node(tools):
-    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats."""
+def test_client_unit_tests_pass_in_node(tools):
+    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats;
+    the composables open nothing during server-side rendering and close with their scope."""
     done = subprocess.run(
-        ["node", "--test", str(JS_DIR / "socket.test.js")],
+        ["node", "--test", str(JS_DIR / "socket.test.js"), str(JS_DIR / "composables.test.js")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -159,9 +159,9 @@ export class NotifySocketManager {
     /** @type {Map<string, {resolve: Function, reject: Function, timer: any, topic: string}>} */
     this.pending = new Map()
     this._onOnline = () => this._retryNow()
-    if (this.options.reconnectOnOnline && typeof globalThis.addEventListener === 'function') {
-      globalThis.addEventListener('online', this._onOnline)
-    }
+    // Registered on the first connect(), not here: a manager built during server-side rendering
+    // (where connect() never runs) must not leave a listener on a worker's global scope.
+    this._listeningOnline = false
   }
 
   // --- events -------------------------------------------------------------------------------
@@ -218,6 +218,14 @@ export class NotifySocketManager {
    * @returns {NotifySocketManager}
    */
   connect(topic, opts = {}) {
+    if (
+      !this._listeningOnline &&
+      this.options.reconnectOnOnline &&
+      typeof globalThis.addEventListener === 'function'
+    ) {
+      globalThis.addEventListener('online', this._onOnline)
+      this._listeningOnline = true
+    }
     let conn = this.topics.get(topic)
     if (!conn) {
       conn = new TopicConnection(topic, opts.since ?? null)
@@ -278,8 +286,9 @@ export class NotifySocketManager {
   /** Close every topic, and stop listening to the browser's "online" event. */
   close() {
     for (const topic of [...this.topics.keys()]) this.disconnect(topic)
-    if (typeof globalThis.removeEventListener === 'function') {
+    if (this._listeningOnline) {
       globalThis.removeEventListener('online', this._onOnline)
+      this._listeningOnline = false
     }
   }
 
