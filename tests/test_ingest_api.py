@@ -93,6 +93,26 @@ async def test_batch_stores_all_in_order_with_per_item_answers(api, ingest_key):
     ]
 
 
+async def test_large_batch_stores_every_item_and_its_data_with_consecutive_seqs(api, ingest_key):
+    items = [
+        body(topic=f"bulk.t{n % 3}", data={"n": n, "text": 'naïve ☃ "quoted"\ttab\\'})
+        for n in range(25)
+    ]  # more than stream_writes.STATEMENT_MAX_ROWS: the COPY path on Postgres
+
+    answer = await api.post(
+        f"{URL}/batch", json={"notifications": items}, headers=bearer(ingest_key)
+    )
+
+    assert answer.status_code == 202, answer.text
+    results = answer.json()["results"]
+    assert [r["seq"] for r in results] == [n // 3 + 1 for n in range(25)]
+    stored = await sync_to_async(list)(
+        Notification.objects.order_by("topic__name", "seq").values_list("topic__name", "data")
+    )
+    assert len(stored) == 25
+    assert stored[0] == ("bulk.t0", {"n": 0, "text": 'naïve ☃ "quoted"\ttab\\'})
+
+
 async def test_batch_with_one_bad_item_stores_nothing_and_names_the_item(api, ingest_key):
     items = [body(), body(topic="Not A Topic"), body()]
 
