@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,13 @@ SUBSCRIBE_TIMEOUT_S = 5.0  # waiting for Redis to confirm a SUBSCRIBE (HubUnavai
 RECONNECT_DELAY_S = (0.1, 5.0)  # first and longest wait between Redis reconnect attempts
 FILL_RETRY_S = 1.0  # database unreachable during a fill: try again after this
 DISPATCH_YIELD_EVERY = 20  # during fills, let the loop breathe after this many messages
+# Messages that arrive together (a burst read from Redis in one go, a fill) are handed to
+# subscribers as one batch: one socket write for several frames. A batch is flushed when the
+# loop has nothing more to read right now, or at these bounds (a batch must fit the transport's
+# and the kernel's buffers, or every socket would fall onto its slow path).
+BATCH_MAX_MESSAGES = 64
+BATCH_MAX_BYTES = 32 * 1024
+READ_YIELD_EVERY = 64  # Redis messages read in a row before letting other tasks run
 
 JSON_SEPARATORS = (",", ":")
 
@@ -82,8 +90,30 @@ class Message:
             frame = self._frames[encoding] = _encoders[encoding](self)
         return frame
 
+    def ws_frame(self, encoding: str) -> bytes:
+        """The complete unmasked, uncompressed WebSocket text frame of ``encoded(encoding)``,
+        built once per message (for ConnectionSender.push_text's prebuilt-frame path)."""
+        key = "ws-frame:" + encoding
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = self._frames[key] = websocket_text_frame(self.encoded(encoding))
+        return frame
+
     def __repr__(self) -> str:
         return f"<Message {self.topic}#{self.seq}>"
+
+
+def websocket_text_frame(text: str | bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455 section 5.2) carrying ``text``."""
+    payload = text.encode() if isinstance(text, str) else text
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 65536:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload
 
 
 def encode_plain(message: Message) -> str:
@@ -96,11 +126,39 @@ def encode_plain(message: Message) -> str:
 _encoders: dict[str, Callable[[Message], str | bytes]] = {"plain": encode_plain}
 
 
+class Batch:
+    """Consecutive messages of one topic delivered together; per-encoding results cached."""
+
+    __slots__ = ("messages", "_cache")
+
+    def __init__(self, messages: list[Message]):
+        self.messages = messages
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def frames(self, encoding: str) -> list:
+        """Each message's frame for ``encoding``, in order."""
+        key = ("frames", encoding)
+        frames = self._cache.get(key)
+        if frames is None:
+            frames = self._cache[key] = [m.encoded(encoding) for m in self.messages]
+        return frames
+
+    def ws_bytes(self, encoding: str) -> bytes:
+        """The messages' prebuilt WebSocket frames (``Message.ws_frame``), concatenated."""
+        key = ("ws", encoding)
+        data = self._cache.get(key)
+        if data is None:
+            data = self._cache[key] = b"".join(m.ws_frame(encoding) for m in self.messages)
+        return data
+
+
 class Subscriber(Protocol):
     """What an edge registers with the hub (a plain socket, a Phoenix channel join, an SSE stream).
 
     Optional: ``async def drained(self)`` -- if present, replay awaits it after each message, so
     a long replay waits for the peer instead of overflowing the send queue.
+    Optional: ``def deliver_batch(self, batch: Batch)`` -- several consecutive messages at once
+    (else ``deliver`` is called for each).
     """
 
     encoding: str
@@ -155,6 +213,9 @@ class _Topic:
         "open_task",
         "needs_backfill",
         "closed",
+        "outbox",
+        "outbox_bytes",
+        "flush_scheduled",
     )
 
     def __init__(self, name: str, channel: bytes):
@@ -173,6 +234,9 @@ class _Topic:
         self.open_task: asyncio.Task | None = None
         self.needs_backfill = False
         self.closed = False
+        self.outbox: list[Message] = []  # accepted in order (last_seq), not yet handed out
+        self.outbox_bytes = 0
+        self.flush_scheduled = False
 
     def is_empty(self) -> bool:
         return not self.members and not self.joining
@@ -309,6 +373,7 @@ class Hub:
                     await self._fill_to(state, since)
         while True:  # replay from the database until the live buffer continues seamlessly
             self._check_joining(state, sub, join)
+            self._flush(state)  # everything accepted so far is now in members' and our buffer
             buffer = join.buffer
             if buffer and buffer[0].seq <= cursor + 1:
                 break
@@ -332,6 +397,7 @@ class Hub:
                     await drained()
             cursor = rows[-1]["seq"]
         encoding = sub.encoding
+        self._flush(state)
         for message in join.buffer:
             if message.seq > cursor:
                 sub.deliver(message.encoded(encoding), message)
@@ -415,6 +481,7 @@ class Hub:
         if state.gap_timer is not None:
             state.gap_timer.cancel()
         state.pending.clear()
+        state.outbox = []
         for future in (state.ready, state.subscribed):
             if future is not None and not future.done():
                 future.cancel()
@@ -508,18 +575,57 @@ class Hub:
             state.fill_task = self._spawn(self._fill(state, None))
 
     def _dispatch(self, state: _Topic, message: Message) -> None:
-        """Hand ``message`` to every live subscriber: one encode per encoding, no awaiting."""
+        """Accept ``message`` as the topic's next: it is handed to subscribers at the next flush
+        (this loop iteration's end, or now when the batch is full)."""
         state.last_seq = message.seq
-        for encoding, subs in tuple(state.members.items()):
-            frame = message.encoded(encoding)
-            for sub in tuple(subs):
-                try:
-                    sub.deliver(frame, message)
-                except Exception:  # one broken edge must not stop the fanout to the others
-                    log.exception("deliver failed on %s; subscriber dropped", state.name)
-                    self._remove_member(state, sub)
+        state.outbox.append(message)
+        raw = message._raw
+        state.outbox_bytes += len(raw) if raw is not None else 512
+        if len(state.outbox) >= BATCH_MAX_MESSAGES or state.outbox_bytes >= BATCH_MAX_BYTES:
+            self._flush(state)
+        elif not state.flush_scheduled:
+            state.flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush, state)
+
+    def _scheduled_flush(self, state: _Topic) -> None:
+        state.flush_scheduled = False
+        self._flush(state)
+
+    def _flush(self, state: _Topic) -> None:
+        """Hand the accepted messages to every live subscriber: one encode per encoding per
+        message, one batch per subscriber, no awaiting; and to joiners' buffers."""
+        messages = state.outbox
+        if not messages:
+            return
+        state.outbox = []
+        state.outbox_bytes = 0
+        if len(messages) == 1:
+            message = messages[0]
+            for encoding, subs in tuple(state.members.items()):
+                frame = message.encoded(encoding)
+                for sub in tuple(subs):
+                    try:
+                        sub.deliver(frame, message)
+                    except Exception:  # one broken edge must not stop the fanout to the others
+                        log.exception("deliver failed on %s; subscriber dropped", state.name)
+                        self._remove_member(state, sub)
+        else:
+            batch = Batch(messages)
+            for _encoding, subs in tuple(state.members.items()):
+                for sub in tuple(subs):
+                    try:
+                        deliver_batch = getattr(sub, "deliver_batch", None)
+                        if deliver_batch is not None:
+                            deliver_batch(batch)
+                        else:
+                            for message in messages:
+                                sub.deliver(message.encoded(sub.encoding), message)
+                    except Exception:
+                        log.exception("deliver failed on %s; subscriber dropped", state.name)
+                        self._remove_member(state, sub)
         for join in state.joining.values():
-            join.offer(message)
+            for message in messages:
+                join.offer(message)
 
     # --- filling gaps from the database ------------------------------------------------------
 
@@ -618,6 +724,7 @@ class Hub:
         state = self._topics.get(topic)
         if state is None:
             return
+        self._flush(state)  # an event published after a notification arrives after it
         subs = [s for group in state.members.values() for s in group]
         subs += [s for s in state.joining]  # joiners miss no event either (events carry no seq)
         for sub in subs:
@@ -822,7 +929,10 @@ class Hub:
     async def _read(self, pubsub) -> None:
         parse = pubsub.parse_response
         handlers = self._handlers
+        in_a_row = 0
         while True:
+            # Returns without suspending while Redis's data is already buffered: a burst is read
+            # whole and flushed as batches once the reader has to wait (or at batch bounds).
             response = await parse(block=True)
             if response is None:
                 continue
@@ -831,8 +941,10 @@ class Hub:
                 handler = handlers.get(response[1])
                 if handler is not None:
                     handler(response[2])
-                # One message may have meant thousands of socket writes: let other tasks run.
-                await asyncio.sleep(0)
+                in_a_row += 1
+                if in_a_row >= READ_YIELD_EVERY:
+                    in_a_row = 0
+                    await asyncio.sleep(0)  # let sockets' own tasks run during a long burst
             elif kind == b"subscribe":
                 self._on_subscribed(response[1])
 

@@ -88,6 +88,21 @@ def abort_transport(send: Send) -> bool:
     return True
 
 
+def uvicorn_websocket(send: Send):
+    """uvicorn's sans-I/O WebSocket protocol object under ``send``, or None for other servers.
+
+    Used only for the fast path below; every attribute it relies on is checked here, so a future
+    uvicorn that changes them falls back to plain ASGI sends instead of breaking.
+    """
+    proto = getattr(send, "__self__", None)
+    if type(proto).__name__ != "WebSocketsSansIOProtocol":
+        return None
+    for name in ("transport", "writable", "conn", "close_sent", "disconnected"):
+        if not hasattr(proto, name):
+            return None
+    return proto
+
+
 class ConnectionSender:
     """Ordered, non-blocking, bounded writes to one ASGI connection. Use from its event loop."""
 
@@ -101,6 +116,7 @@ class ConnectionSender:
         "_abort_timer",
         "closed",
         "close_sent",
+        "_raw",
     )
 
     def __init__(self, send: Send, limit: int, on_overflow: Callable[[], None]):
@@ -113,6 +129,23 @@ class ConnectionSender:
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False  # no more frames accepted (closing, overflowed or send failed)
         self.close_sent = False
+        self._raw = None  # uvicorn's protocol, when frames may be written pre-framed
+
+    def enable_prebuilt_frames(self) -> bool:
+        """Let ``push_text`` write a prebuilt frame straight to the transport (call after accept).
+
+        Only on uvicorn's sans-I/O protocol and only without permessage-deflate (a compressed
+        connection has its own deflate context, so its frames differ per socket). A server-to-
+        client frame is not masked, so without compression the bytes of a message's frame are
+        the same for every socket: the hub builds them once per message, and a delivery is one
+        ``transport.write``, skipping per socket the ASGI send coroutine and websockets' framing.
+        uvicorn's own checks are kept: handshake done, not closing, transport writable.
+        """
+        proto = uvicorn_websocket(self._send)
+        if proto is None or proto.conn.extensions or not proto.handshake_complete:
+            return False
+        self._raw = proto
+        return True
 
     @property
     def backlog(self) -> int:
@@ -146,6 +179,47 @@ class ConnectionSender:
         self._backlog = deque()
         self._task = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
         return True
+
+    def push_text(self, text: str, frame: bytes | None = None) -> bool:
+        """``push`` of a text message; ``frame`` is its prebuilt WebSocket frame, written as is
+        when ``enable_prebuilt_frames`` succeeded and nothing is queued (same order either way)."""
+        raw = self._raw
+        if (
+            raw is not None
+            and frame is not None
+            and self._backlog is None
+            and not self.closed
+            and raw.writable.is_set()
+            and not raw.close_sent
+            and not raw.disconnected
+        ):
+            transport = raw.transport
+            if not transport.is_closing():
+                transport.write(frame)
+                return True
+        return self.push({"type": "websocket.send", "text": text})
+
+    def push_texts(self, texts: list[str], frames: bytes | None = None) -> bool:
+        """``push_text`` for several messages; ``frames`` is their prebuilt frames concatenated,
+        written with one ``transport.write`` on the fast path."""
+        raw = self._raw
+        if (
+            raw is not None
+            and frames is not None
+            and self._backlog is None
+            and not self.closed
+            and raw.writable.is_set()
+            and not raw.close_sent
+            and not raw.disconnected
+        ):
+            transport = raw.transport
+            if not transport.is_closing():
+                transport.write(frames)
+                return True
+        taken = True
+        for text in texts:
+            taken = self.push({"type": "websocket.send", "text": text}) and taken
+        return taken
 
     async def _drain(self, coro, waiting) -> None:
         try:

@@ -28,7 +28,7 @@ from routing_app.topics import is_valid_topic
 
 from . import socket_auth
 from .authz import PUBLISH, READ, adecide
-from .hub import JSON_SEPARATORS, HubUnavailable, Message, SubscribeResult, Unsubscribed, hub
+from .hub import JSON_SEPARATORS, Batch, HubUnavailable, Message, SubscribeResult, Unsubscribed, hub
 from .sender import ConnectionSender, limit_kernel_buffer
 from .tokens import TokenError
 
@@ -88,7 +88,10 @@ class PlainSocket:
     # --- hub Subscriber ---------------------------------------------------------------------
 
     def deliver(self, frame: str, message: Message) -> None:
-        self.sender.push({"type": "websocket.send", "text": frame})
+        self.sender.push_text(frame, message.ws_frame("plain"))
+
+    def deliver_batch(self, batch: Batch) -> None:
+        self.sender.push_texts(batch.frames("plain"), batch.ws_bytes("plain"))
 
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
         self.send_json({"type": "event", "topic": topic, "event": event, "payload": payload})
@@ -202,6 +205,7 @@ async def plain_socket_app(scope, receive, send) -> None:
         await _wait_disconnect(receive)
         return
     sock = PlainSocket(topic, principal, send)
+    sock.sender.enable_prebuilt_frames()
     loop = asyncio.get_running_loop()
     try:
         if await _subscribe(sock, since):
