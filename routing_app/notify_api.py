@@ -39,7 +39,8 @@ def notify(
     Raises ``IngestError`` (``.errors`` names each bad field) for bad input and
     ``IdempotencyConflict`` when the key was used with another body. Called inside
     ``transaction.atomic()``, the notification commits (and reaches clients) with that
-    transaction, and disappears with it on rollback.
+    transaction, and disappears with it on rollback; until then the topic's row stays locked, so
+    other writers of the topic wait: keep such transactions short.
     """
     item = _item(topic, event, data, severity, source, idempotency_key, recipients)
     return ingest([item])[0]
