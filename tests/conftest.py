@@ -60,6 +60,23 @@ def _fresh_caches():
     authz.invalidate_rules()
 
 
+@pytest.fixture(autouse=True)
+def _default_topic_rules(request, django_db_setup, django_db_blocker):
+    """Transactional tests end with a flush, which also deletes the fresh-install topic rules that
+    a data migration created: put them back, so every test starts from a fresh install."""
+    import importlib
+
+    from django.apps import apps
+
+    from channels_app.models import TopicRule
+
+    migration = importlib.import_module("channels_app.migrations.0002_default_topic_rules")
+    with django_db_blocker.unblock():
+        if not TopicRule.objects.exists():
+            migration.create_defaults(apps, None)
+    yield
+
+
 @pytest.fixture
 def admin_user(django_user_model):
     """Alice, a superuser who runs the system."""
