@@ -59,6 +59,10 @@ DISPATCH_YIELD_EVERY = 20  # during fills, let the loop breathe after this many 
 BATCH_MAX_MESSAGES = 64
 BATCH_MAX_BYTES = 32 * 1024
 READ_YIELD_EVERY = 64  # Redis messages read in a row before letting other tasks run
+# A Redis host that vanishes without a TCP reset (partition, frozen VM) leaves a connection that
+# just stays silent: ping it when nothing came for this long, and reconnect if still nothing.
+REDIS_PING_AFTER_S = 15.0
+REDIS_SILENT_MAX_S = 10.0
 
 JSON_SEPARATORS = (",", ":")
 
@@ -278,6 +282,7 @@ class Hub:
         self._publisher = None  # redis.asyncio client for hub.send / broadcast_event
         self._tasks: set[asyncio.Task] = set()
         self.reconnects = 0  # Redis reconnections so far (tests and stats read it)
+        self._last_heard = 0.0  # loop time of the last reply on the pub/sub connection
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -878,6 +883,7 @@ class Hub:
 
         delay = RECONNECT_DELAY_S[0]
         connected_before = False
+        watchdog: asyncio.Task | None = None
         while True:
             client = aioredis.Redis.from_url(
                 self._redis_url,
@@ -911,12 +917,18 @@ class Hub:
                 delay = RECONNECT_DELAY_S[0]
                 if self._commands and self._command_task is None:
                     self._command_task = self._spawn(self._send_commands())
+                watchdog = self._spawn(self._watch(pubsub))
                 await self._read(pubsub)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 log.warning("hub: Redis connection lost (%s); reconnecting", exc)
+            except Exception:  # a bug must not leave the process deaf: log it, reconnect
+                log.exception("hub: Redis reader failed; reconnecting")
             finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+                    watchdog = None
                 self._pubsub = None
                 try:
                     await pubsub.aclose()
@@ -926,16 +938,38 @@ class Hub:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_S[1])
 
+    async def _watch(self, pubsub) -> None:
+        """Ping a connection that has been silent; drop it if it stays silent (reader then fails
+        and the loop reconnects, resubscribes and back-fills)."""
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        while True:
+            await asyncio.sleep(REDIS_PING_AFTER_S)
+            if loop.time() - self._last_heard < REDIS_PING_AFTER_S:
+                continue  # messages are flowing: alive
+            sent = loop.time()
+            await pubsub.execute_command("PING")
+            await asyncio.sleep(REDIS_SILENT_MAX_S)
+            if self._last_heard < sent:
+                log.warning(
+                    "hub: Redis silent for %.0f s after a ping; reconnecting", loop.time() - sent
+                )
+                if pubsub.connection is not None:
+                    await pubsub.connection.disconnect(nowait=True)
+                return
+
     async def _read(self, pubsub) -> None:
         parse = pubsub.parse_response
         handlers = self._handlers
+        clock = asyncio.get_running_loop().time
         in_a_row = 0
         while True:
             # Returns without suspending while Redis's data is already buffered: a burst is read
             # whole and flushed as batches once the reader has to wait (or at batch bounds).
             response = await parse(block=True)
-            if response is None:
-                continue
+            self._last_heard = clock()
+            if response is None or isinstance(response, bytes):
+                continue  # a pong outside subscribed mode
             kind = response[0]
             if kind == b"message":
                 handler = handlers.get(response[1])

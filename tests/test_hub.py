@@ -271,3 +271,31 @@ async def test_after_a_redis_outage_the_hub_resubscribes_and_back_fills(clean_hu
     await store("hub.outage", 2)
     assert await recorder.wait_for(9) == list(range(1, 10))
     await hub.unsubscribe("hub.outage", recorder)
+
+
+async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_redis, monkeypatch):
+    import signal
+
+    from channels_app import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "REDIS_PING_AFTER_S", 0.2)
+    monkeypatch.setattr(hub_module, "REDIS_SILENT_MAX_S", 0.5)
+    recorder = Recorder()
+    await hub.subscribe("hub.silent", recorder)
+    await store("hub.silent", 1)
+    await recorder.wait_for(1)
+    own_redis.proc.send_signal(signal.SIGSTOP)  # the host hangs: no reset, no answer
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while hub.stats()["redis_connected"]:  # the watchdog notices the silence
+            assert time.monotonic() < deadline, "the silent connection was kept"
+            await asyncio.sleep(0.05)
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + WAIT_S
+    while hub.stats()["reconnects"] < 1:
+        assert time.monotonic() < deadline, "the hub did not reconnect"
+        await asyncio.sleep(0.05)
+    await store("hub.silent", 1)
+    assert await recorder.wait_for(2) == [1, 2]
+    await hub.unsubscribe("hub.silent", recorder)
