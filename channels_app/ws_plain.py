@@ -23,6 +23,7 @@ import logging
 import time
 
 from django.conf import settings
+from django.db import DatabaseError
 
 from routing_app.topics import is_valid_topic
 
@@ -175,6 +176,10 @@ async def _subscribe(sock: PlainSocket, since: int | None) -> bool:
     except HubUnavailable as exc:
         sock.close(CLOSE_TRY_LATER, str(exc))
         return False
+    except DatabaseError:
+        log.warning("socket replay failed: database unavailable", exc_info=True)
+        sock.close(CLOSE_TRY_LATER, "history is unavailable; reconnect later")
+        return False
     except Unsubscribed:
         return False
     if result.reset:
@@ -244,6 +249,9 @@ async def _admit(scope, topic: str):
         principal = await socket_auth.principal_for_scope(scope)
     except TokenError as exc:
         return CLOSE_UNAUTHENTICATED, str(exc)[:120], None, None
+    except DatabaseError:
+        log.warning("socket authentication failed: database unavailable", exc_info=True)
+        return CLOSE_TRY_LATER, "cannot check credentials now; reconnect later", None, None
     decision = await adecide(principal, topic, READ)
     if not decision.allowed:
         if not principal.is_authenticated:
@@ -304,8 +312,6 @@ async def _on_frame(sock: PlainSocket, event: dict) -> None:
 
 
 async def _publish(sock: PlainSocket, frame: dict, ref) -> None:
-    from django.db import DatabaseError
-
     from routing_app.ingest import IngestError, NotificationIn, aingest
 
     decision = await adecide(sock.principal, sock.topic, PUBLISH)
