@@ -453,6 +453,30 @@ async def test_bad_last_event_id_is_a_400(server):
     assert "Last-Event-ID" in answer.json()["detail"]
 
 
+async def test_ephemeral_topic_events_reach_sse_streams_without_an_id(server):
+    """A Phoenix client's request_update on a reverse_flow topic broadcasts reverse_flow_update to
+    every subscriber of the topic, SSE streams included (hub.broadcast_event -> deliver_event)."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    topic = f"reverse_flow:sse-{uuid.uuid4().hex[:8]}"  # the built-in handler's reverse_flow:*
+    await post(server, topic, "state.changed", {"v": 1})
+    async with open_stream(server.events_url(topic, token=server.token("sam"))) as stream:
+        await stream.until_subscribed()
+        ws_url = server.url.replace("http://", "ws://") + "/socket/websocket"
+        ws_url += f"?vsn=2.0.0&token={server.token('sam')}"
+        async with ws_connect(ws_url, open_timeout=EVENT_TIMEOUT_S) as phoenix:
+            await phoenix.send(json.dumps(["1", "1", topic, "phx_join", {}]))
+            await phoenix.send(json.dumps(["1", "2", topic, "request_update", {}]))
+            item = await stream.next_event()
+            while item.name == "presence_diff":  # the Phoenix join's own presence broadcast
+                item = await stream.next_event()
+    assert item.name == "reverse_flow_update"
+    assert item.id is None  # ephemeral: not part of the resumable stream
+    assert item.json["type"] == "event"
+    assert (item.json["topic"], item.json["event"]) == (topic, "reverse_flow_update")
+    assert item.json["payload"]["last_seq"] == 1
+
+
 # --- authorization ------------------------------------------------------------------------------
 
 
