@@ -16,6 +16,7 @@ import time
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from channels_app import fanout, stream
 from channels_app.hub import Message, hub
@@ -299,3 +300,34 @@ async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_
     await store("hub.silent", 1)
     assert await recorder.wait_for(2) == [1, 2]
     await hub.unsubscribe("hub.silent", recorder)
+
+
+# --- the pubsub channel kind -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the pubsub channel kind needs Redis")
+async def test_pubsub_channel_kind_publishes_the_envelope_on_notify_topic(clean_hub):
+    import json
+
+    import redis.asyncio as aioredis
+
+    from routing_app.models import Channel, Notification, Route
+
+    def configure() -> None:
+        channel = Channel.objects.create(name="bus", kind="pubsub")
+        route = Route.objects.create(name="to-bus", topic_pattern="bus.#")
+        route.channels.add(channel)
+
+    await sync_to_async(configure)()
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    pubsub = client.pubsub()
+    await pubsub.subscribe("notify:bus.orders")
+    try:
+        assert (await pubsub.get_message(timeout=WAIT_S))["type"] == "subscribe"
+        await store("bus.orders", 1)
+        message = await pubsub.get_message(timeout=WAIT_S)
+        stored = await sync_to_async(Notification.objects.get)(topic__name="bus.orders")
+        assert json.loads(message["data"]) == stored.envelope("bus.orders")
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
