@@ -49,15 +49,18 @@ def _fast_password_hashing():
 
 @pytest.fixture(autouse=True)
 def _fresh_caches():
-    """Per-process caches of routes and topic rules must not outlive a test's rolled-back rows."""
-    from channels_app import authz
+    """Per-process caches of routes, topic rules and socket principals must not outlive a test's
+    rolled-back rows (SQLite reuses user ids)."""
+    from channels_app import authz, socket_auth
     from routing_app import router
 
     router.invalidate_routes()
     authz.invalidate_rules()
+    socket_auth.forget_principals()
     yield
     router.invalidate_routes()
     authz.invalidate_rules()
+    socket_auth.forget_principals()
 
 
 @pytest.fixture(autouse=True)
