@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from websockets.exceptions import InvalidState
+
 log = logging.getLogger(__name__)
 
 # After a close frame is queued, the peer gets this long to take it (it first reads what the
@@ -117,6 +119,7 @@ class ConnectionSender:
         "closed",
         "close_sent",
         "_raw",
+        "_prebuilt",
     )
 
     def __init__(self, send: Send, limit: int, on_overflow: Callable[[], None]):
@@ -129,22 +132,26 @@ class ConnectionSender:
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False  # no more frames accepted (closing, overflowed or send failed)
         self.close_sent = False
-        self._raw = None  # uvicorn's protocol, when frames may be written pre-framed
+        self._raw = None  # uvicorn's protocol, when writes may go straight to its transport
+        self._prebuilt = False  # and the connection is uncompressed: prebuilt frames fit it
 
     def enable_prebuilt_frames(self) -> bool:
-        """Let ``push_text`` write a prebuilt frame straight to the transport (call after accept).
+        """Let ``push_text``/``push_texts`` write straight to the transport (call after accept).
 
-        Only on uvicorn's sans-I/O protocol and only without permessage-deflate (a compressed
-        connection has its own deflate context, so its frames differ per socket). A server-to-
-        client frame is not masked, so without compression the bytes of a message's frame are
-        the same for every socket: the hub builds them once per message, and a delivery is one
-        ``transport.write``, skipping per socket the ASGI send coroutine and websockets' framing.
-        uvicorn's own checks are kept: handshake done, not closing, transport writable.
+        Only on uvicorn's sans-I/O protocol, doing what its ``send`` does for ``websocket.send``
+        (same checks: handshake done, not closing, transport writable) without the coroutine:
+        - without permessage-deflate, a server-to-client frame is not masked, so a message's
+          frame bytes are the same for every socket: the hub builds them once per message and a
+          delivery is one ``transport.write`` (no per-socket framing);
+        - with it, each socket has its own deflate context: frames go through websockets'
+          protocol object per socket, but a batch still leaves in one write.
+        Returns whether the direct path is on (else push_text falls back to ASGI sends).
         """
         proto = uvicorn_websocket(self._send)
-        if proto is None or proto.conn.extensions or not proto.handshake_complete:
+        if proto is None or not proto.handshake_complete:
             return False
         self._raw = proto
+        self._prebuilt = not proto.conn.extensions
         return True
 
     @property
@@ -180,46 +187,56 @@ class ConnectionSender:
         self._task = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
         return True
 
-    def push_text(self, text: str, frame: bytes | None = None) -> bool:
-        """``push`` of a text message; ``frame`` is its prebuilt WebSocket frame, written as is
-        when ``enable_prebuilt_frames`` succeeded and nothing is queued (same order either way)."""
+    def _direct(self):
+        """uvicorn's protocol when a write may go straight to its transport now, else None."""
         raw = self._raw
         if (
-            raw is not None
-            and frame is not None
-            and self._backlog is None
-            and not self.closed
-            and raw.writable.is_set()
-            and not raw.close_sent
-            and not raw.disconnected
+            raw is None
+            or self._backlog is not None
+            or self.closed
+            or not raw.writable.is_set()
+            or raw.close_sent
+            or raw.disconnected
+            or raw.transport.is_closing()
         ):
-            transport = raw.transport
-            if not transport.is_closing():
-                transport.write(frame)
+            return None
+        return raw
+
+    def push_text(self, text: str, frame: bytes | None = None) -> bool:
+        """``push`` of a text message; ``frame`` is its prebuilt uncompressed WebSocket frame
+        (``hub.Message.ws_frame``). Same order and queueing rules as ``push``."""
+        raw = self._direct()
+        if raw is not None:
+            if frame is not None and self._prebuilt:
+                raw.transport.write(frame)
                 return True
+            return self._write_texts(raw, (text,))
         return self.push({"type": "websocket.send", "text": text})
 
     def push_texts(self, texts: list[str], frames: bytes | None = None) -> bool:
-        """``push_text`` for several messages; ``frames`` is their prebuilt frames concatenated,
-        written with one ``transport.write`` on the fast path."""
-        raw = self._raw
-        if (
-            raw is not None
-            and frames is not None
-            and self._backlog is None
-            and not self.closed
-            and raw.writable.is_set()
-            and not raw.close_sent
-            and not raw.disconnected
-        ):
-            transport = raw.transport
-            if not transport.is_closing():
-                transport.write(frames)
+        """``push_text`` for several messages (``frames``: their prebuilt frames concatenated);
+        on the direct path they leave in one ``transport.write``."""
+        raw = self._direct()
+        if raw is not None:
+            if frames is not None and self._prebuilt:
+                raw.transport.write(frames)
                 return True
+            return self._write_texts(raw, texts)
         taken = True
         for text in texts:
             taken = self.push({"type": "websocket.send", "text": text}) and taken
         return taken
+
+    def _write_texts(self, raw, texts) -> bool:
+        conn = raw.conn
+        try:
+            for text in texts:
+                conn.send_text(text.encode())
+        except InvalidState:  # the closing handshake started under us: the peer is leaving
+            self.closed = True
+            return False
+        raw.transport.write(b"".join(conn.data_to_send()))
+        return True
 
     async def _drain(self, coro, waiting) -> None:
         try:
