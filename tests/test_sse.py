@@ -150,9 +150,9 @@ class Server:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("sse")
+@contextlib.contextmanager
+def running_server(workdir: Path, db_suffix: str, **overrides: str) -> Iterator[Server]:
+    """A set-up database and a uvicorn process serving notify on it (``overrides``: more env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(
         NOTIFY_ALLOWED_ORIGINS=APP_ORIGIN,
@@ -162,9 +162,10 @@ def server(tmp_path_factory) -> Iterator[Server]:
     )
     if settings.REDIS_URL:
         env["REDIS_PREFIX"] = f"{settings.REDIS_PREFIX}-sse-{uuid.uuid4().hex[:6]}"
+    env.update(overrides)
     drop = None
     if settings.USING_POSTGRES:
-        env["DATABASE_URL"], drop = _fresh_postgres_database(os.environ["DATABASE_URL"], "_sse")
+        env["DATABASE_URL"], drop = _fresh_postgres_database(os.environ["DATABASE_URL"], db_suffix)
     else:
         env.pop("DATABASE_URL", None)
         env["SQLITE_PATH"] = str(workdir / "db.sqlite3")
@@ -202,6 +203,12 @@ def server(tmp_path_factory) -> Iterator[Server]:
                 proc.wait()
         if drop:
             drop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("sse"), "_sse") as running:
+        yield running
 
 
 async def post(server: Server, topic: str, event: str, data: dict | None = None) -> dict:
@@ -668,6 +675,73 @@ async def test_open_streams_do_not_hold_an_os_thread_each(server):
     assert received == [[1]] * streams
     # A thread per stream would add 50; worker pools may still start a few of their threads.
     assert during - before < streams // 5, (before, during)
+
+
+class OwnRedis:
+    """A redis-server of this test (no persistence), restartable on the same port; never the
+    shared one, so stopping it disturbs nobody else."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        log = self.workdir / "redis.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        _wait_listening(self.port, self.proc, log)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def _stream_until_subscribed_or_error(url: str) -> Item:
+    """Open a stream; return its ``subscribed`` or ``stream-error`` event (then close)."""
+    async with open_stream(url) as stream:
+        while True:
+            item = await stream.next_event()
+            if item.name in ("subscribed", "stream-error"):
+                return item
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="Redis outages exist only in the Redis mode")
+async def test_redis_outage_gives_a_retry_hint_then_new_streams_work_again(tmp_path):
+    """django-eventstream's Redis listener dies with an outage and its process then serves no
+    stream, new ones included (pitfall (b)). Ours: a stream opened while Redis is down ends with
+    ``stream-error`` "unavailable" and a retry hint, and once Redis is back new streams are live
+    again, through the hub's own reconnect."""
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        with running_server(tmp_path, "_sse_outage", REDIS_URL=redis.url) as srv:
+            topic = unique_topic("sse.outage")
+            url = srv.events_url(topic, token=srv.token("sam"))
+            assert (await _stream_until_subscribed_or_error(url)).name == "subscribed"
+            redis.stop()
+            item = await _stream_until_subscribed_or_error(url)
+            assert item.name == "stream-error"
+            assert item.json["code"] == "unavailable"
+            assert int(item.retry) > 0
+            redis.start()
+            deadline = time.monotonic() + EVENT_TIMEOUT_S
+            while (await _stream_until_subscribed_or_error(url)).name != "subscribed":
+                # An EventSource retries after ``retry``; the hub reconnects within seconds.
+                assert time.monotonic() < deadline, "no live stream after Redis came back"
+            async with open_stream(url) as stream:
+                await stream.until_subscribed()
+                await post(srv, topic, "tick")
+                assert await stream.seqs_until(1) == [1]
+    finally:
+        redis.stop()
 
 
 # --- pieces of channels_app.sse, in-process ---------------------------------------------------
