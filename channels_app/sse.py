@@ -88,6 +88,7 @@ from io import BytesIO
 from urllib.parse import parse_qs, quote
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpResponse, JsonResponse
 from django.urls.resolvers import RoutePattern
 from django_eventstream.channelmanager import ChannelManagerBase
@@ -191,7 +192,7 @@ def cors_headers(scope: dict, response: HttpResponse | None = None) -> list[tupl
     from django.core.handlers.asgi import ASGIRequest
 
     request = ASGIRequest(scope, BytesIO())
-    middleware = CorsMiddleware(lambda _request: response or HttpResponse())
+    middleware = CorsMiddleware(lambda _request: HttpResponse() if response is None else response)
     answer = middleware(request)
     return [
         (name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -219,7 +220,7 @@ class EventStream:
     immediate writes, bounded backlog, then ``overflow``)."""
 
     encoding = ENCODING
-    __slots__ = ("topic", "sender", "finished", "_keepalive", "__weakref__")
+    __slots__ = ("topic", "sender", "finished", "_keepalive")
 
     def __init__(self, topic: str, send) -> None:
         self.topic = topic
@@ -238,7 +239,7 @@ class EventStream:
         self.sender.push(_body(chunk))
 
     async def drained(self) -> None:
-        """The hub awaits this between replay pages: a long replay waits for the reader."""
+        """The hub awaits this after each replayed message: a long replay waits for the reader."""
         await self.sender.drained()
 
     def overflow(self) -> None:
@@ -300,13 +301,17 @@ async def sse_app(scope: dict, receive, send) -> None:
     try:
         since = last_event_id(scope, topic)
         principal = await principal_for_scope(scope)
+        decision = await adecide(principal, topic, READ)
     except BadRequest as exc:
         await respond(send, scope, 400, str(exc))
         return
     except TokenError as exc:
         await respond(send, scope, 401, str(exc))
         return
-    decision = await adecide(principal, topic, READ)
+    except DatabaseError as exc:  # users or rules unreadable: a transient trouble, not a refusal
+        log.warning("SSE on topic %s: cannot authorize (%s)", topic, exc)
+        await _unavailable(scope, send, "the user database is unreachable; retrying")
+        return
     if not decision.allowed:
         if principal.is_authenticated:
             await respond(send, scope, 403, decision.reason)
@@ -316,6 +321,16 @@ async def sse_app(scope: dict, receive, send) -> None:
             )
         return
     await _stream(scope, receive, send, topic, since)
+
+
+async def _unavailable(scope: dict, send, message: str) -> None:
+    """A stream that only says ``stream-error`` "unavailable" with ``retry``: a 200, so that
+    EventSource tries again by itself (it gives up for good on any other status)."""
+    data = {"type": "error", "code": "unavailable", "message": message}
+    headers = STREAM_HEADERS + cors_headers(scope, HttpResponse())
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    body = OPEN_CHUNK + _event("stream-error", data, retry_ms=UNAVAILABLE_RETRY_MS)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _preflight(scope: dict, send) -> None:
@@ -346,8 +361,11 @@ async def _stream(scope: dict, receive, send, topic: str, since: int | None) -> 
     try:
         subscribe = asyncio.ensure_future(_subscribe(events, topic, since))
         await asyncio.wait((subscribe, disconnected), return_when=asyncio.FIRST_COMPLETED)
-        if not subscribe.done():
+        if not subscribe.done():  # the client left during the replay
             subscribe.cancel()
+            await asyncio.wait((subscribe,))
+            if not subscribe.cancelled():
+                subscribe.exception()  # retrieved: it no longer matters, the client is gone
         elif subscribe.exception() is None:
             events.start_keepalive(settings.SSE_KEEPALIVE_S)
             await asyncio.wait((events.finished, disconnected), return_when=asyncio.FIRST_COMPLETED)

@@ -209,6 +209,8 @@ def running_server(workdir: Path, db_suffix: str, **overrides: str) -> Iterator[
 def server(tmp_path_factory) -> Iterator[Server]:
     with running_server(tmp_path_factory.mktemp("sse"), "_sse") as running:
         yield running
+    # Whatever the clients did (left mid-replay, stalled, were refused), the server never failed.
+    assert "Traceback" not in running.log.read_text(), running.log.read_text()[-3000:]
 
 
 async def post(server: Server, topic: str, event: str, data: dict | None = None) -> dict:
@@ -675,6 +677,38 @@ async def test_open_streams_do_not_hold_an_os_thread_each(server):
     assert received == [[1]] * streams
     # A thread per stream would add 50; worker pools may still start a few of their threads.
     assert during - before < streams // 5, (before, during)
+
+
+async def hub_counts(server: Server) -> dict:
+    async with httpx.AsyncClient(timeout=EVENT_TIMEOUT_S) as client:
+        answer = await client.get(
+            f"{server.url}/api/v1/realtime/hub",
+            headers={"Authorization": f"Bearer {server.setup['api_key']}"},
+        )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+async def test_closed_streams_leave_nothing_subscribed_even_mid_replay(server):
+    """Clients that leave, one of them in the middle of a long replay, leave no subscriber and no
+    topic subscription behind in the server's hub."""
+    topic = unique_topic("sse.leave")
+    for _ in range(2):
+        await post_batch(server, topic, [{"n": n} for n in range(750)])
+    url = server.events_url(topic, token=server.token("sam"))
+    async with open_stream(url) as first, open_stream(url) as second:
+        await first.until_subscribed()
+        await second.until_subscribed()
+        async with open_stream(
+            server.events_url(topic, token=server.token("sam"), lastEventId=0)
+        ) as replaying:
+            assert (await replaying.next_event()).id == "1"  # leaves with ~1,500 still to replay
+        assert (await hub_counts(server))["subscribers"] >= 2
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while (counts := await hub_counts(server))["subscribers"] or counts["topics"]:
+        # The server learns of each disconnect asynchronously; poll its counts until they settle.
+        assert time.monotonic() < deadline, counts
+        await asyncio.sleep(0.05)
 
 
 class OwnRedis:
