@@ -409,8 +409,38 @@ def ws_path(svc: Services, target: str, topic: str) -> str:
     return "/sub" if target == "bare" else f"/ws/{topic}/?token={svc.token}"
 
 
-def one_run(svc, args, target: str, part: str, cfg_extra: dict, profile: Path | None = None):
+def machine_busy_pct(sample_s: float = 2.0) -> float:
+    """CPU busy on the whole machine over ``sample_s`` (100 % = one core), from /proc/stat."""
+    from fanout_load import cores_busy_s
+
+    before = cores_busy_s()["cpu"]
+    time.sleep(sample_s)
+    return 100 * (cores_busy_s()["cpu"] - before) / sample_s
+
+
+def wait_quiet(args) -> None:
+    """Other jobs share this machine: wait (up to ``--wait-quiet`` s) until they use less than
+    ``--quiet-pct`` of a core, so that a run measures us and not them."""
+    deadline = time.monotonic() + args.wait_quiet
+    while True:
+        busy = machine_busy_pct()
+        if busy <= args.quiet_pct or time.monotonic() >= deadline:
+            state = "quiet" if busy <= args.quiet_pct else "NOT quiet (gave up waiting)"
+            print(f"    machine busy {busy:.0f} % of a core before the run: {state}")
+            return
+
+
+PROFILED: set[str] = set()
+
+
+def one_run(svc, args, target: str, part: str, cfg_extra: dict):
     print(f"  [{time.strftime('%H:%M:%S')}] {part} {target} load avg {os.getloadavg()[0]:.2f}")
+    wait_quiet(args)
+    profile = None
+    if args.profile and target == "ours" and part not in PROFILED:
+        # Only the first run of each part: py-spy's sampling slows the server it samples.
+        PROFILED.add(part)
+        profile = Path(args.profile) / (part.replace("/", "-") + ".txt")
     server = svc.start(target)
     try:
         cfg = base_cfg(svc, server, target) | cfg_extra
@@ -445,10 +475,7 @@ def run_ws(svc, args) -> dict:
                     "batch": 100,
                     "timeout_s": 120,
                 }
-                profile = None
-                if args.profile and target == "ours" and run == 0:
-                    profile = Path(args.profile) / f"ws-{variant}.txt"
-                pair[target] = one_run(svc, args, target, f"ws/{variant}", extra, profile)
+                pair[target] = one_run(svc, args, target, f"ws/{variant}", extra)
             if "ours" in pair and "bare" in pair:
                 ours, bare = pair["ours"].get("msgs_per_s"), pair["bare"].get("msgs_per_s")
                 if ours and bare:
@@ -522,6 +549,7 @@ def idle_hold(svc, args, topic: str) -> dict:
         f"{n} client process(es) (fd hard limit {per_process + FD_MARGIN}); "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
+    wait_quiet(args)
     servers = [svc.start("ours") for _ in range(n)]
     clients: list[ClientProcess] = []
     try:
@@ -732,6 +760,19 @@ def summarize(results: dict) -> None:
         print(line)
 
 
+def serve_for_experiments(svc: Services) -> None:
+    """--serve: our server as the bench runs it, until Ctrl-C (for profiling by hand)."""
+    server = svc.start("ours")
+    info = {"port": server.port, "pid": server.pid, "api_key": svc.api_key, "token": svc.token}
+    print(json.dumps(info), flush=True)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Realtime fanout benchmark (see module docstring)."
@@ -752,9 +793,18 @@ def parse_args(argv=None):
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--hold", type=float, default=None, help="idle hold seconds at 25,000")
     parser.add_argument(
-        "--profile", default="", help="directory: py-spy record ours during ws runs"
+        "--profile", default="", help="directory: py-spy records our server in each part's run 1"
     )
     parser.add_argument("--json", default="", help="also write every figure to this file")
+    parser.add_argument(
+        "--serve", action="store_true", help="only start our server, print its port"
+    )
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0.0, help="wait up to this many s for a quiet machine"
+    )
+    parser.add_argument(
+        "--quiet-pct", type=float, default=15.0, help="quiet = others use less than this %% CPU"
+    )
     args = parser.parse_args(argv)
     args.parts = args.only or list(PART_NAMES)
     args.targets = ["bare", "ours"] if args.target == "both" else [args.target]
@@ -787,6 +837,9 @@ def main(argv=None) -> None:
         tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp,
         Services(args, Path(tmp)) as svc,
     ):
+        if args.serve:
+            serve_for_experiments(svc)
+            return
         for part in args.parts:
             print(f"\n=== {part} ===")
             results[part] = RUNNERS[part](svc, args)

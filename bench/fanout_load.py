@@ -108,14 +108,17 @@ class IngestPublisher:
             self.free.put_nowait(poster)
         self.topic = topic
         self.counter = 0
+        self.answer_ms: list[float] = []
 
     async def one(self) -> tuple[int, float]:
-        """POST one notification; returns (seq, monotonic time the request was written)."""
+        """POST one notification; returns (seq, monotonic time the request was written).
+        The answer's delay (written -> 202 parsed) is appended to ``answer_ms``."""
         poster = await self.free.get()
         try:
             self.counter += 1
             body = json.dumps(bench_item(self.topic, self.counter)).encode()
             status, payload, sent = await poster.post(INGEST_ONE_PATH, body)
+            self.answer_ms.append((time.monotonic() - sent) * 1000)
         finally:
             self.free.put_nowait(poster)
         if status != 202:
@@ -410,6 +413,8 @@ async def part_latency(cfg: dict, ctl: Control) -> dict:
         done = Completion(clients, last, last + n)
         for c in clients:
             c.stats.record = []
+        answers = getattr(pub, "answer_ms", [])
+        answers.clear()
         await ctl("measure", "latency")
         window = Window(_pids(cfg))
         sent = await paced(n)
@@ -426,6 +431,9 @@ async def part_latency(cfg: dict, ctl: Control) -> dict:
             "p95_ms": round(_percentile(lat, 95), 3),
             "p99_ms": round(_percentile(lat, 99), 3),
             "max_ms": round(lat[-1], 3) if lat else None,
+            # ours: POST written -> 202 parsed (the answer may come after the deliveries)
+            "answer_p50_ms": round(_percentile(sorted(answers), 50), 3) if answers else None,
+            "answer_p99_ms": round(_percentile(sorted(answers), 99), 3) if answers else None,
             **delivery_summary(clients, n),
             **cpu,
             "connect_failed": len(errors),
