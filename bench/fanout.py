@@ -775,7 +775,7 @@ def serve_for_experiments(svc: Services) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Realtime fanout benchmark (see module docstring)."
+        description="Realtime fanout benchmark (see module docstring).", allow_abbrev=False
     )
     parser.add_argument(
         "--only", action="append", choices=PART_NAMES, help="run only this part (repeatable)"
