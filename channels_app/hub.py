@@ -883,6 +883,7 @@ class Hub:
 
         delay = RECONNECT_DELAY_S[0]
         connected_before = False
+        reader: asyncio.Task | None = None
         watchdog: asyncio.Task | None = None
         while True:
             client = aioredis.Redis.from_url(
@@ -917,8 +918,13 @@ class Hub:
                 delay = RECONNECT_DELAY_S[0]
                 if self._commands and self._command_task is None:
                     self._command_task = self._spawn(self._send_commands())
-                watchdog = self._spawn(self._watch(pubsub))
-                await self._read(pubsub)
+                # The reader and a watchdog race: the reader ends by an error, the watchdog by
+                # declaring a silent connection dead; either way the connection is replaced.
+                reader = self._spawn(self._read(pubsub))
+                watchdog = self._spawn(self._watch())
+                await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises the reader's error
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -926,9 +932,10 @@ class Hub:
             except Exception:  # a bug must not leave the process deaf: log it, reconnect
                 log.exception("hub: Redis reader failed; reconnecting")
             finally:
-                if watchdog is not None:
-                    watchdog.cancel()
-                    watchdog = None
+                for task in (reader, watchdog):
+                    if task is not None:
+                        task.cancel()
+                reader = watchdog = None
                 self._pubsub = None
                 try:
                     await pubsub.aclose()
@@ -938,9 +945,9 @@ class Hub:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_S[1])
 
-    async def _watch(self, pubsub) -> None:
-        """Ping a connection that has been silent; drop it if it stays silent (reader then fails
-        and the loop reconnects, resubscribes and back-fills)."""
+    async def _watch(self) -> None:
+        """Ping a connection that has been silent; return (it is then replaced) if it stays
+        silent. Pings go through the command queue's connection, the pub/sub one."""
         loop = asyncio.get_running_loop()
         self._last_heard = loop.time()
         while True:
@@ -948,14 +955,18 @@ class Hub:
             if loop.time() - self._last_heard < REDIS_PING_AFTER_S:
                 continue  # messages are flowing: alive
             sent = loop.time()
-            await pubsub.execute_command("PING")
-            await asyncio.sleep(REDIS_SILENT_MAX_S)
+            pubsub = self._pubsub
+            if pubsub is None:
+                return
+            try:
+                await asyncio.wait_for(pubsub.execute_command("PING"), REDIS_SILENT_MAX_S)
+            except TimeoutError:
+                pass  # could not even write: as silent as can be
+            await asyncio.sleep(max(0.0, sent + REDIS_SILENT_MAX_S - loop.time()))
             if self._last_heard < sent:
                 log.warning(
                     "hub: Redis silent for %.0f s after a ping; reconnecting", loop.time() - sent
                 )
-                if pubsub.connection is not None:
-                    await pubsub.connection.disconnect(nowait=True)
                 return
 
     async def _read(self, pubsub) -> None:

@@ -288,15 +288,11 @@ async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_
     own_redis.proc.send_signal(signal.SIGSTOP)  # the host hangs: no reset, no answer
     try:
         deadline = time.monotonic() + WAIT_S
-        while hub.stats()["redis_connected"]:  # the watchdog notices the silence
+        while hub.stats()["redis_connected"]:  # the watchdog dropped the silent connection
             assert time.monotonic() < deadline, "the silent connection was kept"
             await asyncio.sleep(0.05)
     finally:
         own_redis.proc.send_signal(signal.SIGCONT)
-    deadline = time.monotonic() + WAIT_S
-    while hub.stats()["reconnects"] < 1:
-        assert time.monotonic() < deadline, "the hub did not reconnect"
-        await asyncio.sleep(0.05)
     await store("hub.silent", 1)
     assert await recorder.wait_for(2) == [1, 2]
     await hub.unsubscribe("hub.silent", recorder)
