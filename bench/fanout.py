@@ -458,29 +458,48 @@ def one_run(svc, args, target: str, part: str, cfg_extra: dict):
     return result
 
 
+WS_VARIANTS = ("plain", "deflate", "paced")
+PACE_PER_S = 25  # paced variant: each message crosses the server alone (40 ms apart)
+
+
 def run_ws(svc, args) -> dict:
-    out: dict = {"plain": [], "deflate": []}
+    """Saturation (a burst of batches, plain and deflate) and the paced per-message cost."""
+    out: dict = {variant: [] for variant in WS_VARIANTS}
     topic = TOPICS["ws"]
     for run in range(args.runs):
-        for variant in ("plain", "deflate"):
+        for variant in WS_VARIANTS:
             pair = {}
-            for target in args.targets:
+            targets = list(args.targets)
+            if variant == "paced" and "ours" in targets:
+                targets.append("ours-1sub")  # what the ingest path alone costs at that rate
+            for target in targets:
+                server = "ours" if target.startswith("ours") else target
                 extra = {
-                    "path": ws_path(svc, target, topic),
+                    "path": ws_path(svc, server, topic),
                     "topic": topic,
                     "deflate": variant == "deflate",
-                    "subscribers": args.ws_subscribers,
-                    "messages": args.ws_messages,
+                    "subscribers": 1 if target == "ours-1sub" else args.ws_subscribers,
+                    "messages": args.paced_messages if variant == "paced" else args.ws_messages,
+                    "pace_per_s": PACE_PER_S if variant == "paced" else 0,
                     "warmup": 10,
                     "batch": 100,
                     "timeout_s": 120,
                 }
-                pair[target] = one_run(svc, args, target, f"ws/{variant}", extra)
-            if "ours" in pair and "bare" in pair:
-                ours, bare = pair["ours"].get("msgs_per_s"), pair["bare"].get("msgs_per_s")
-                if ours and bare:
-                    pair["ratio"] = round(ours / bare, 3)
-                    print(f"    ratio ours/bare run {run + 1} {variant}: {pair['ratio']}")
+                label = f"ws/{variant}" + ("/1-subscriber" if target == "ours-1sub" else "")
+                pair[target] = one_run(svc, args, server, label, extra)
+            ours, bare = pair.get("ours", {}), pair.get("bare", {})
+            if ours.get("msgs_per_s") and bare.get("msgs_per_s") and variant != "paced":
+                pair["ratio"] = round(ours["msgs_per_s"] / bare["msgs_per_s"], 3)
+                print(f"    ratio ours/bare run {run + 1} {variant}: {pair['ratio']}")
+            base = pair.get("ours-1sub", {})
+            if ours.get("server_cpu_s") is not None and base.get("server_cpu_s") is not None:
+                extra_s = ours["server_cpu_s"] - base["server_cpu_s"]
+                extra_n = ours["delivered"] - base["delivered"]
+                pair["ours_marginal_us_per_delivery"] = round(1e6 * extra_s / max(extra_n, 1), 2)
+                print(
+                    "    ours: server CPU per extra delivery, ingest cost taken out: "
+                    f"{pair['ours_marginal_us_per_delivery']} us"
+                )
             out[variant].append(pair)
     return out
 
@@ -696,7 +715,7 @@ def summarize(results: dict) -> None:
     print("\n=== summary (each value is one run) ===")
     checks = []
     if "ws" in results:
-        for variant in ("plain", "deflate"):
+        for variant in WS_VARIANTS:
             runs = results["ws"][variant]
             ours = _values(runs, "ours", "msgs_per_s")
             bare = _values(runs, "bare", "msgs_per_s")
@@ -709,6 +728,20 @@ def summarize(results: dict) -> None:
                 f"{_fmt(_values(runs, 'ours', 'client_cpu_pct'))}"
                 f"  bare: {_fmt(_values(runs, 'bare', 'client_cpu_pct'))}"
             )
+            print(
+                f"ws {variant:7s} server us per delivery ours: "
+                f"{_fmt(_values(runs, 'ours', 'server_us_per_delivery'))}"
+                f"  bare: {_fmt(_values(runs, 'bare', 'server_us_per_delivery'))}"
+            )
+            if variant == "paced":
+                marginal = [
+                    r["ours_marginal_us_per_delivery"]
+                    for r in runs
+                    if "ours_marginal_us_per_delivery" in r
+                ]
+                print(
+                    f"ws paced   ours marginal us per delivery (ingest taken out): {_fmt(marginal)}"
+                )
             print(
                 f"ws {variant:7s} server CPU % ours: "
                 f"{_fmt(_values(runs, 'ours', 'server_cpu_pct'))}"
@@ -812,6 +845,7 @@ def parse_args(argv=None):
     args.runs = args.runs or (1 if q else 2)
     args.ws_subscribers = 1000
     args.ws_messages = 100 if q else 300
+    args.paced_messages = 50 if q else 150
     args.latency_messages = 100 if q else 500
     args.idle_first = 2000 if q else 10_000
     args.idle_total = 5000 if q else 25_000

@@ -47,7 +47,8 @@ def proc_rss_kb(pid: int) -> int:
 
 
 def cores_busy_s() -> dict[str, float]:
-    """Busy (non-idle, non-iowait) seconds per CPU line of /proc/stat."""
+    """Busy seconds per CPU line of /proc/stat (not idle, iowait or steal), and ``steal``: time
+    the hypervisor gave to other VMs while we wanted the CPU."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
@@ -55,7 +56,9 @@ def cores_busy_s() -> dict[str, float]:
                 break
             name, *vals = line.split()
             v = [int(x) for x in vals]
-            out[name] = (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+            out[name] = (sum(v[:7]) - v[3] - v[4]) / CLK_TCK
+            if name == "cpu":
+                out["steal"] = v[7] / CLK_TCK
     return out
 
 
@@ -77,16 +80,18 @@ class Window:
             used = proc_cpu_s(pid) - self.cpu0[name]
             ours += used
             out[f"{name}_cpu_pct"] = round(100 * used / wall, 1)
+            out[f"{name}_cpu_s"] = round(used, 3)
         me = time.process_time() - self.me0
         ours += me
         out["client_cpu_pct"] = round(100 * me / wall, 1)
         cores1 = cores_busy_s()
         for name in cores1:
-            if name != "cpu":
+            if name not in ("cpu", "steal"):
                 out[f"{name}_busy_pct"] = round(100 * (cores1[name] - self.cores0[name]) / wall, 1)
         # What ran besides us (other helpers' tests, kernel softirq not charged to our pids).
         other = cores1["cpu"] - self.cores0["cpu"] - ours
         out["other_cpu_pct"] = round(100 * max(other, 0.0) / wall, 1)
+        out["steal_pct"] = round(100 * (cores1["steal"] - self.cores0["steal"]) / wall, 1)
         return out
 
 
@@ -220,6 +225,19 @@ async def make_publisher(cfg: dict, topic: str):
     return IngestPublisher(cfg, topic)
 
 
+async def publish_paced(pub, count: int, rate: float) -> dict[int, float]:
+    """Publish ``count`` single messages open-loop at ``rate``/s (a slow answer does not delay
+    the next one); returns {seq: monotonic time its request was written}."""
+    start = time.monotonic() + 0.05
+    tasks = []
+    for k in range(count):
+        delay = start + k / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(pub.one()))
+    return dict(await asyncio.gather(*tasks))
+
+
 # --- connections ----------------------------------------------------------------------------------
 
 
@@ -345,7 +363,11 @@ async def part_fanout(cfg: dict, ctl: Control) -> dict:
         done = Completion(clients, last, last + n)
         await ctl("measure", "fanout")
         window = Window(_pids(cfg))
-        sent = await pub.batch(n, cfg["batch"])
+        if cfg.get("pace_per_s"):
+            # One message at a time: each crosses the server alone (no burst to batch).
+            sent = sorted((await publish_paced(pub, n, cfg["pace_per_s"])).items())
+        else:
+            sent = await pub.batch(n, cfg["batch"])
         if sent[-1][0] != last + n:
             return {"error": f"seqs moved under us: expected {last + n}, got {sent[-1][0]}"}
         finished = await done.wait(cfg["timeout_s"])
@@ -355,7 +377,9 @@ async def part_fanout(cfg: dict, ctl: Control) -> dict:
         t_first = min((c.stats.t_first for c in clients if c.stats.t_first), default=t0)
         summary = delivery_summary(clients, n)
         elapsed = t_end - t0
+        server_s = cpu.get("server_cpu_s", 0.0)
         return {
+            "server_us_per_delivery": round(1e6 * server_s / max(summary["delivered"], 1), 2),
             "finished": finished,
             "msgs_per_s": round(summary["delivered"] / elapsed) if elapsed > 0 else 0,
             "fanout_only_msgs_per_s": round(summary["delivered"] / (t_end - t_first))
@@ -393,19 +417,8 @@ async def part_latency(cfg: dict, ctl: Control) -> dict:
     pub = await make_publisher(cfg, cfg["topic"])
     rate, n = cfg["rate"], cfg["messages"]
     try:
-
-        async def paced(count: int) -> dict[int, float]:
-            start = time.monotonic() + 0.05
-            tasks = []
-            for k in range(count):
-                delay = start + k / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.ensure_future(pub.one()))
-            return dict(await asyncio.gather(*tasks))
-
         warm = Completion(clients, -1, 0)
-        warm_sent = await paced(cfg["warmup"])
+        warm_sent = await publish_paced(pub, cfg["warmup"], rate)
         last = max(warm_sent)
         warm.retarget(last)
         if not await warm.wait(READY_TIMEOUT_S):
@@ -417,7 +430,7 @@ async def part_latency(cfg: dict, ctl: Control) -> dict:
         answers.clear()
         await ctl("measure", "latency")
         window = Window(_pids(cfg))
-        sent = await paced(n)
+        sent = await publish_paced(pub, n, rate)
         finished = await done.wait(cfg["timeout_s"])
         cpu = window.close()
         lat = sorted(
