@@ -8,6 +8,7 @@ connection in Django's one shared sync thread before the app even runs.
 from channels.routing import URLRouter
 from django.urls import path
 
+from . import log_redaction
 from .phoenix import phoenix_app
 from .socket_auth import origin_allowed
 from .ws_plain import plain_socket_app
@@ -34,3 +35,4 @@ class OriginCheck:
 
 
 websocket_application = OriginCheck(URLRouter(websocket_urlpatterns))
+log_redaction.install()  # tokens ride in query strings, which uvicorn logs

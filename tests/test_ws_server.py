@@ -25,7 +25,7 @@ def live(tmp_path_factory):
     prefix = os.environ.get("REDIS_PREFIX", "notify") + "-wsserver"
     env = server_env(db, os.environ.get("REDIS_URL", ""), prefix)
     users = seed(env)
-    server = ServerProcess(env, tmp / "uvicorn.log")
+    server = ServerProcess(env, tmp / "uvicorn.log", log_level="info")
     server.start()
     yield server, users
     server.stop()
@@ -93,3 +93,13 @@ async def test_refusals_carry_their_close_codes(live):
     ):
         async with connect(path) as ws:
             assert await closed_with(ws) == code
+
+
+async def test_tokens_in_query_strings_are_kept_out_of_the_server_log(live):
+    server, users = live
+    token = server.token(users["sam"])
+    async with connect(url(server, "e2e.logged", token)) as ws:
+        await next_of(ws, "subscribed")
+    log = server.log.read_text()
+    assert "/ws/e2e.logged/?token=[redacted]" in log  # uvicorn's "[accepted]" line, at INFO
+    assert token not in log

@@ -150,8 +150,9 @@ def seed(env: dict[str, str]) -> dict:
 class ServerProcess:
     """uvicorn serving notify_project.asgi with the production WebSocket options."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, log_level: str = "warning") -> None:
         self.env = env
+        self.log_level = log_level
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -168,7 +169,7 @@ class ServerProcess:
                     "--host=127.0.0.1",
                     f"--port={self.port}",
                     "--lifespan=off",
-                    "--log-level=warning",
+                    f"--log-level={self.log_level}",
                     "--no-access-log",
                     *UVICORN_WS_ARGS,
                 ],
