@@ -29,6 +29,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Field, NinjaAPI, Query, Router, Schema
 from ninja.decorators import decorate_view
 from ninja.errors import AuthorizationError, HttpError, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from channels_app.api import router as channels_router
 
@@ -70,10 +71,12 @@ any_key = ApiKeyAuth()
 # --- schemas ----------------------------------------------------------------------------------
 
 
-class NotificationBody(Schema):
+# Request bodies are plain pydantic models: ninja.Schema's per-object validator (for Django
+# attribute access, not needed on input) cost half the CPU of a 100-item batch (measured).
+class NotificationBody(BaseModel):
     """One notification to store and route."""
 
-    model_config = {"extra": "forbid"}  # a misspelt field is an error, not silently dropped
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not dropped
 
     topic: str = Field(examples=["alerts.k8s"], description="lowercase segments, '.' or ':'")
     event: str = Field(examples=["pod.crashloop"])
@@ -81,7 +84,9 @@ class NotificationBody(Schema):
     severity: Literal[tuple(SEVERITIES)] = "info"  # type: ignore[valid-type]
     source: Literal[tuple(SOURCES)] = "api"  # type: ignore[valid-type]
     idempotency_key: str | None = Field(None, description="retries with it store once")
-    recipients: list[str] = Field(default=[], description="extra addresses: email, +E.164, URL")
+    recipients: list[str] = Field(
+        default_factory=list, description="extra addresses: email, +E.164, URL"
+    )
 
     def to_item(self) -> NotificationIn:
         return NotificationIn(
@@ -95,8 +100,8 @@ class NotificationBody(Schema):
         )
 
 
-class BatchBody(Schema):
-    model_config = {"extra": "forbid"}
+class BatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     notifications: list[NotificationBody] = Field(min_length=1, max_length=BATCH_MAX_ITEMS)
 
