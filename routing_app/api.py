@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from channels_app.api import router as channels_router
 
-from . import apikeys, db_threads, sources
+from . import apikeys, db_threads, group_commit, sources
 from .apikeys import ApiKeyAuth, KeyInfo
 from .ingest import (
     BATCH_MAX_ITEMS,
@@ -42,7 +42,8 @@ from .ingest import (
     IngestError,
     IngestResult,
     NotificationIn,
-    ingest,
+    check,
+    persist,
 )
 from .models import SEVERITIES, SOURCES, Notification, Topic
 from .topics import is_valid_topic
@@ -264,21 +265,31 @@ def _authorize(key: KeyInfo, items: list[NotificationIn]) -> None:
 def _ingest_as(key: KeyInfo, items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:
     apikeys.check_rate(key)
     apikeys.touch(key)
-    return ingest(items, on_conflict=on_conflict)
+    return persist(items, on_conflict=on_conflict)
+
+
+def _locate(exc: IngestError, loc_prefix: list | None) -> IngestError:
+    """Point a batch's error paths into its list (ingest omits the index for one item)."""
+    if loc_prefix is not None:
+        for error in exc.errors:
+            loc = error["loc"]
+            error["loc"] = loc_prefix + (loc if isinstance(loc[0], int) else [0, *loc])
+    return exc
 
 
 async def _store(
     key: KeyInfo, items: list[NotificationIn], on_conflict: str, loc_prefix: list | None = None
 ) -> list[IngestResult]:
+    """Authorize, check and store ``items`` for ``key``: API posts (``REFUSE``) join the group
+    commit (group_commit.py); source posts, which keep the first of a reused key, go alone."""
     _authorize(key, items)
     try:
+        check(items)
+        if on_conflict == REFUSE:
+            return await group_commit.submit(key, items)
         return await db_threads.run(_ingest_as, key, items, on_conflict)
     except IngestError as exc:
-        if loc_prefix is not None:  # batch: point into the list (ingest omits the index for one)
-            for error in exc.errors:
-                loc = error["loc"]
-                error["loc"] = loc_prefix + (loc if isinstance(loc[0], int) else [0, *loc])
-        raise
+        raise _locate(exc, loc_prefix) from None
 
 
 def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpResponse:

@@ -13,6 +13,7 @@ event with details that changed (annotations, counters), and the first stored on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import zlib
@@ -165,6 +166,22 @@ def validate(item: NotificationIn, loc: tuple = ()) -> list[dict]:
     return errors
 
 
+def check(items: list[NotificationIn]) -> None:
+    """Raise IngestError (400) naming every bad field of ``items`` (JSON paths; the item's index
+    first when there are several). Valid items get their ``data_json`` set for ``persist``."""
+    errors = []
+    for index, item in enumerate(items):
+        errors += validate(item, (index,) if len(items) > 1 else ())
+    if errors:
+        raise IngestError(errors)
+
+
+def persist(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
+    """Store ``items``, already ``check``-ed, in one transaction (see ``ingest``)."""
+    with transaction.atomic():
+        return _persist(items, on_conflict)
+
+
 def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
     """Persist ``items`` in one transaction; return one result per item, in order.
 
@@ -172,14 +189,8 @@ def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[In
     key is reused with another body (with ``on_conflict=REFUSE``), and the database's
     OperationalError when it is unreachable.
     """
-    errors = []
-    for index, item in enumerate(items):
-        errors += validate(item, (index,) if len(items) > 1 else ())
-    if errors:
-        raise IngestError(errors)
-    with transaction.atomic():
-        results = _persist(items, on_conflict)
-    return results
+    check(items)
+    return persist(items, on_conflict=on_conflict)
 
 
 async def aingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
@@ -221,8 +232,8 @@ def _persist(items: list[NotificationIn], on_conflict: str) -> list[IngestResult
         for (index, _), result in zip(fresh, created, strict=True):
             results[index] = result
     for index, result in enumerate(results):
-        if isinstance(result, int):
-            results[index] = results[result]
+        if isinstance(result, int):  # the same answer; this one stored nothing new
+            results[index] = dataclasses.replace(results[result], created=False)
     return results  # type: ignore[return-value]
 
 
