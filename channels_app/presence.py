@@ -5,6 +5,12 @@ client ``assets/js/phoenix/presence.js``): a state is ``{key: {"metas": [meta, .
 is ``{"joins": state, "leaves": state}``. Every meta carries a ``phx_ref`` unique to one track (one
 socket's join) and ``online_at`` (epoch seconds); a user with two tabs is one key with two metas.
 
+Who is tracked, all under the same key (the user id) and meta shape: every Phoenix join
+(``phoenix.py``), and every plain socket (``ws_plain.py``) and SSE stream (``sse.py``) of a
+logged-in user (``ConnectionPresence``, meta ``via`` = "websocket" / "sse"). So each way of
+asking (``presence_state``, the plain socket's ``presence`` frame, the HTTP endpoint) lists the
+union of every protocol on every process. Tracking happens at connect and disconnect only.
+
 Two backends behind one interface (CONVENTIONS 7), chosen by ``settings.REDIS_URL``:
 
 - ``MemoryPresence`` for the embedded mode (one process).
@@ -104,6 +110,76 @@ def presence_key(user_id: int | None, anonymous_ref: str) -> str:
     return str(user_id) if user_id is not None else f"anonymous:{anonymous_ref}"
 
 
+class ConnectionPresence:
+    """The presence of one plain-socket or SSE connection on its topic (``via`` names the
+    protocol: "websocket" or "sse"), under the same key and meta shape as a Phoenix join (key =
+    user id; meta ``{phx_ref, online_at, user_id, username, via}``), so ``presence_state`` /
+    ``presence_diff``, the plain socket's ``presence`` answer and the HTTP endpoint list every
+    protocol. Anonymous connections are not tracked (there is no one to show).
+
+    Contract: ``await track()`` once the subscription is live (again is a no-op); ``await
+    untrack()`` in the connection's ``finally``. The entry never outlives the connection, even
+    when the connection's task is cancelled in the middle of either call: both run shielded, and
+    ``untrack`` waits for a track still in flight. Presence is advisory: when the store is
+    unreachable the connection goes on untracked (logged)."""
+
+    __slots__ = ("topic", "user_id", "username", "via", "_pending", "_tracked")
+
+    def __init__(self, topic: str, principal, via: str) -> None:
+        self.topic = topic
+        self.user_id: int | None = principal.user_id
+        self.username: str = principal.username
+        self.via = via
+        self._pending: asyncio.Future | None = None  # a track in flight
+        self._tracked: tuple[Presence, Tracked] | None = None
+
+    async def track(self) -> None:
+        if self.user_id is None or self._pending is not None or self._tracked is not None:
+            return
+        self._pending = asyncio.ensure_future(self._track())
+        try:
+            # Shielded: a cancelled caller leaves the track to finish, and untrack() undoes it.
+            tracked = await asyncio.shield(self._pending)
+        except asyncio.CancelledError:
+            raise  # _pending stays for untrack()
+        except BaseException:
+            self._pending = None  # failed: nothing tracked, the error goes to the caller
+            raise
+        self._pending, self._tracked = None, tracked
+
+    async def _track(self) -> tuple[Presence, Tracked] | None:
+        backend = get_presence()
+        meta = {"user_id": self.user_id, "username": self.username, "via": self.via}
+        try:
+            return backend, await backend.track(self.topic, presence_key(self.user_id, ""), meta)
+        except PresenceUnavailable as exc:
+            log.warning("presence: %s on %s not tracked: %s", self.via, self.topic, exc)
+            return None
+
+    async def untrack(self) -> None:
+        pending, self._pending = self._pending, None
+        tracked, self._tracked = self._tracked, None
+        if pending is None and tracked is None:
+            return
+        await asyncio.shield(asyncio.ensure_future(_untrack_after(pending, tracked)))
+
+
+async def _untrack_after(
+    pending: asyncio.Future | None, tracked: tuple[Presence, Tracked] | None
+) -> None:
+    if pending is not None:
+        await asyncio.wait((pending,))
+        if pending.cancelled():
+            return
+        if pending.exception() is not None:  # its caller was cancelled: nobody else saw it
+            log.error("presence: track failed", exc_info=pending.exception())
+            return
+        tracked = pending.result()
+    if tracked is not None:
+        backend, entry = tracked
+        await backend.untrack(entry)
+
+
 class Presence:
     """The interface and the part both backends share: local watchers and diff fan-in."""
 
@@ -140,7 +216,8 @@ class Presence:
 
     async def untrack(self, tracked: Tracked) -> None:
         """Remove the presence and broadcast its leave; a presence already gone is no error.
-        Never raises: a failed untrack is left to the dead-process sweep (Redis) to clean."""
+        Never raises: an entry Redis could not remove is retried on this process's next beat
+        (the dead-process sweep would never take it: the process is alive)."""
         try:
             removed = await self._remove(tracked)
         except PresenceUnavailable as exc:
@@ -234,6 +311,9 @@ def default_process_id() -> str:
 class _Local:
     tracked: dict[str, Tracked] = field(default_factory=dict)  # ref -> tracked
     per_topic: dict[str, int] = field(default_factory=dict)  # topic -> how many refs
+    # Entries Redis may still hold though no connection has them (an untrack, or a track whose
+    # reply was lost, failed to reach it): removed on the next beat.
+    orphans: dict[str, Tracked] = field(default_factory=dict)  # ref -> tracked
 
 
 class RedisPresence(Presence):
@@ -293,6 +373,7 @@ class RedisPresence(Presence):
             await self._redis(pipe.execute())
         except PresenceUnavailable:
             self._forget(tracked)
+            self._local.orphans[tracked.ref] = tracked  # the write may have landed
             raise
 
     async def _remove(self, tracked: Tracked) -> bool:
@@ -301,7 +382,11 @@ class RedisPresence(Presence):
         pipe.hdel(self.keys.topic(tracked.topic), self._field(tracked.ref))
         if tracked.topic not in self._local.per_topic:
             pipe.srem(self.keys.process_topics(self.process_id), tracked.topic)
-        results = await self._redis(pipe.execute())
+        try:
+            results = await self._redis(pipe.execute())
+        except PresenceUnavailable:
+            self._local.orphans[tracked.ref] = tracked
+            raise
         return bool(results[0])
 
     def _remember(self, tracked: Tracked) -> None:
@@ -345,7 +430,21 @@ class RedisPresence(Presence):
         )
         if added and self._local.tracked:
             await self._retrack_all()
+        if self._local.orphans:
+            await self._remove_orphans()
         await self.sweep()
+
+    async def _remove_orphans(self) -> None:
+        orphans = list(self._local.orphans.values())
+        pipe = self.redis.pipeline(transaction=False)
+        for tracked in orphans:
+            pipe.hdel(self.keys.topic(tracked.topic), self._field(tracked.ref))
+        results = await self._redis(pipe.execute())
+        for tracked, removed in zip(orphans, results, strict=True):
+            self._local.orphans.pop(tracked.ref, None)
+            if removed:
+                self._publish(tracked.topic, diff(leaves=one(tracked.key, tracked.meta)))
+        # process-topics may keep these topics: harmless (a sweep finds no field there)
 
     async def _retrack_all(self) -> None:
         log.warning("presence: heartbeat of %s had vanished; re-tracking", self.process_id)

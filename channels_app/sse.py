@@ -36,6 +36,8 @@ Authentication and authorization are the sockets': ``socket_auth.principal_for_s
 or the session cookie) and ``authz`` READ. CORS is django-cors-headers' own logic and settings
 (``CORS_ALLOWED_ORIGINS`` = NOTIFY_ALLOWED_ORIGINS, credentials allowed), applied to these
 responses too; pages of other origins are refused outright (``socket_auth.origin_allowed``).
+A logged-in reader is present on the topic while its stream is open (``presence.py``: same key
+and meta as a Phoenix join, ``via: "sse"``), tracked once live and untracked when it ends.
 
 Why a raw ASGI app rather than django-eventstream's view, and which parts of it are used
 (each pitfall checked in django_eventstream 5.3.4's installed source):
@@ -101,6 +103,7 @@ from routing_app.topics import is_valid_topic
 from . import stream
 from .authz import READ, Principal, adecide, decide
 from .hub import HubUnavailable, Message, Unsubscribed, hub
+from .presence import ConnectionPresence
 from .sender import ConnectionSender, limit_kernel_buffer
 from .socket_auth import header, origin_allowed, principal_for_scope
 from .tokens import TokenError
@@ -220,10 +223,11 @@ class EventStream:
     immediate writes, bounded backlog, then ``overflow``)."""
 
     encoding = ENCODING
-    __slots__ = ("topic", "sender", "finished", "_keepalive")
+    __slots__ = ("topic", "sender", "finished", "presence", "_keepalive")
 
-    def __init__(self, topic: str, send) -> None:
+    def __init__(self, topic: str, send, principal: Principal) -> None:
         self.topic = topic
+        self.presence = ConnectionPresence(topic, principal, "sse")
         self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.overflow)
         self.finished = asyncio.get_running_loop().create_future()
         self._keepalive: asyncio.TimerHandle | None = None
@@ -320,7 +324,7 @@ async def sse_app(scope: dict, receive, send) -> None:
                 send, scope, 401, f"{decision.reason}: log in, or pass a token as ?token="
             )
         return
-    await _stream(scope, receive, send, topic, since)
+    await _stream(scope, receive, send, topic, since, principal)
 
 
 async def _unavailable(scope: dict, send, message: str) -> None:
@@ -345,11 +349,13 @@ async def _preflight(scope: dict, send) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _stream(scope: dict, receive, send, topic: str, since: int | None) -> None:
+async def _stream(
+    scope: dict, receive, send, topic: str, since: int | None, principal: Principal
+) -> None:
     # As for sockets: a reader that stops is dropped after ~SOCKET_SEND_QUEUE events, not after
     # the kernel has buffered megabytes for it.
     limit_kernel_buffer(send)
-    events = EventStream(topic, send)
+    events = EventStream(topic, send, principal)
     start = {
         "type": "http.response.start",
         "status": 200,
@@ -376,6 +382,7 @@ async def _stream(scope: dict, receive, send, topic: str, since: int | None) -> 
     finally:
         disconnected.cancel()
         events.stop()
+        await events.presence.untrack()  # also when the client left while the track ran
         await hub.unsubscribe(topic, events)
         events.sender.dispose()
 
@@ -406,6 +413,10 @@ async def _subscribe(events: EventStream, topic: str, since: int | None) -> None
     events.push(
         _event("subscribed", {"type": "subscribed", "topic": topic, "last_seq": result.last_seq})
     )
+    # Present once live (a logged-in reader only). After `subscribed`: nothing may come between
+    # the replay and it. A client leaving meanwhile cancels this task; _stream's finally still
+    # undoes the track (ConnectionPresence).
+    await events.presence.track()
 
 
 def _report_unavailable(events: EventStream, topic: str, exc: BaseException) -> None:

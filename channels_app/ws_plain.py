@@ -12,7 +12,8 @@ Protocol (notes/REALTIME-CONTRACT.md; RFC 6455 for close codes):
 A raw ASGI app, not a Channels consumer: Channels' ``dispatch`` awaits a trip to the shared sync
 thread before every handler (``aclose_old_connections``), per message per socket, and the
 consumer class costs more per connection (LIBRARY-NOTES.md: raw ASGI measured fastest). No ORM
-on the per-message path: authentication, authorization and replay happen at connect/resume only.
+on the per-message path: authentication, authorization and replay happen at connect/resume only,
+presence (a logged-in user, meta ``via: "websocket"``) at connect and disconnect only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from routing_app.topics import is_valid_topic
 from . import socket_auth
 from .authz import PUBLISH, READ, adecide
 from .hub import JSON_SEPARATORS, Batch, HubUnavailable, Message, SubscribeResult, Unsubscribed, hub
+from .presence import ConnectionPresence
 from .sender import ConnectionSender, limit_kernel_buffer
 from .tokens import TokenError
 
@@ -74,6 +76,7 @@ class PlainSocket:
         "heartbeat",
         "budget",
         "budget_at",
+        "presence",
         "__weakref__",
     )
 
@@ -85,6 +88,7 @@ class PlainSocket:
         self.heartbeat = None
         self.budget = 2.0 * CLIENT_FRAMES_PER_S
         self.budget_at = self.last_seen
+        self.presence = ConnectionPresence(topic, principal, "websocket")
 
     # --- hub Subscriber ---------------------------------------------------------------------
 
@@ -215,6 +219,10 @@ async def plain_socket_app(scope, receive, send) -> None:
     try:
         if await _subscribe(sock, since):
             sock.start_heartbeat(loop)
+            # Present once live (a logged-in user only). Not before `subscribed`: nothing may
+            # come between the replay and it. Before the first client frame is read, so the
+            # socket's own `presence` request lists it.
+            await sock.presence.track()
         while True:
             event = await receive()
             kind = event["type"]
@@ -225,6 +233,7 @@ async def plain_socket_app(scope, receive, send) -> None:
             elif kind == "websocket.disconnect":
                 break
     finally:
+        await sock.presence.untrack()
         await hub.unsubscribe(topic, sock)
         sock.stop()
 
