@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +69,7 @@ BENCH_ORIGIN = "http://bench.invalid"
 TOPICS = {
     "ws": "bench.fanout",
     "latency": "bench.latency",
+    "bus": "bench.bus",
     "idle": "bench.idle",
     "sse": "bench.sse",
 }
@@ -175,6 +177,7 @@ class Services:
         self.logdir = logdir
         self.redis: subprocess.Popen | None = None
         self.redis_pid = 0
+        self.redis_addr: tuple[str, int] = ("127.0.0.1", 6379)
         self.env: dict[str, str] = {}
         self.api_key = ""
         self.token = ""
@@ -196,6 +199,8 @@ class Services:
             wait_port(port, self.redis, 20, self.logdir / "redis.log")
             self.redis_pid = self.redis.pid
             redis_url = f"redis://127.0.0.1:{port}/0"
+        parsed = urllib.parse.urlparse(redis_url)
+        self.redis_addr = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
         db_url = self._fresh_database()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
         env.update(
@@ -218,10 +223,12 @@ class Services:
         import psycopg
 
         base = self.args.pg.rstrip("/")
+        # --serve gets its own database: a bench run meanwhile recreates the bench's.
+        name = BENCH_DB + ("_serve" if self.args.serve else "")
         with psycopg.connect(base + "/postgres", autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {BENCH_DB}")
-        return f"{base}/{BENCH_DB}"
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{base}/{name}"
 
     def _setup(self) -> None:
         py = sys.executable
@@ -444,7 +451,8 @@ def one_run(svc, args, target: str, part: str, cfg_extra: dict):
     server = svc.start(target)
     try:
         cfg = base_cfg(svc, server, target) | cfg_extra
-        name = "fanout" if part.startswith(("ws", "sse")) else part
+        name = part.split("/")[0]
+        name = "fanout" if name in ("ws", "sse") else name
         result = run_client(name, cfg, args.part_timeout, profile)
     finally:
         server.stop()
@@ -505,21 +513,28 @@ def run_ws(svc, args) -> dict:
 
 
 def run_latency(svc, args) -> dict:
+    """Ingest POST -> subscriber, ours and bare; and ours from Redis PUBLISH on (no ingest)."""
     out: dict = {"runs": []}
-    topic = TOPICS["latency"]
     for _ in range(args.runs):
         pair = {}
-        for target in args.targets:
+        for target in [*args.targets, "ours-bus"] if "ours" in args.targets else args.targets:
+            bus = target == "ours-bus"
+            server = "ours" if bus else target
+            topic = TOPICS["bus" if bus else "latency"]
             extra = {
-                "path": ws_path(svc, target, topic),
+                "path": ws_path(svc, server, topic),
                 "topic": topic,
+                "bus": bus,
+                "redis_addr": svc.redis_addr,
+                "redis_prefix": BENCH_PREFIX,
                 "subscribers": 100,
                 "rate": 50,
                 "messages": args.latency_messages,
                 "warmup": 20,
                 "timeout_s": 30,
             }
-            pair[target] = one_run(svc, args, target, "latency", extra)
+            label = "latency/redis-publish-to-client" if bus else "latency"
+            pair[target] = one_run(svc, args, server, label, extra)
         out["runs"].append(pair)
     return out
 
@@ -687,11 +702,18 @@ def machine_info(args) -> dict:
         "server_core": args.server_core,
         "client_core": args.client_core,
         "load_avg_at_start": os.getloadavg(),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_files": len(git("status", "--short", "--untracked-files=no").splitlines()),
     }
 
 
+def git(*argv: str) -> str:
+    done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 def _values(runs: list[dict], target: str, key: str) -> list:
-    return [r[target][key] for r in runs if target in r and key in r[target]]
+    return [r[target][key] for r in runs if r.get(target, {}).get(key) is not None]
 
 
 def _fmt(values: list, unit: str = "") -> str:
@@ -752,8 +774,8 @@ def summarize(results: dict) -> None:
                 checks.append(_check("ws ratio to bare (plain)", ratios, AIMS["ws_ratio"], True))
     if "latency" in results:
         runs = results["latency"]["runs"]
-        for target in ("ours", "bare"):
-            for key in ("p50_ms", "p95_ms", "p99_ms"):
+        for target in ("ours", "ours-bus", "bare"):
+            for key in ("p50_ms", "p95_ms", "p99_ms", "answer_p50_ms"):
                 vals = _values(runs, target, key)
                 if vals:
                     print(f"latency {target} {key}: {_fmt(vals, ' ms')}")
@@ -798,6 +820,9 @@ def serve_for_experiments(svc: Services) -> None:
     server = svc.start("ours")
     info = {"port": server.port, "pid": server.pid, "api_key": svc.api_key, "token": svc.token}
     print(json.dumps(info), flush=True)
+    # Background shells ignore SIGINT: SIGTERM stops it too, cleanly.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.proc.wait()
     except KeyboardInterrupt:

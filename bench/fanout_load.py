@@ -217,7 +217,56 @@ class BarePublisher:
             self.ws.close()
 
 
+class BusPublisher:
+    """Our server without ingest: PUBLISHes envelopes straight on the hub's Redis channel (the
+    step after ingest's commit), to take the fanout path's own latency apart. Seqs start at 1 on a
+    topic no one ingests into, which the hub accepts as the topic's next (its stored last is 0)."""
+
+    def __init__(self, cfg: dict, topic: str) -> None:
+        self.cfg = cfg
+        self.channel = f"{cfg['redis_prefix']}:hub:{topic}".encode()
+        self.topic = topic
+        self.seq = 0
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        host, port = self.cfg["redis_addr"]
+        self.reader, self.writer = await asyncio.open_connection(host, port)
+
+    async def one(self) -> tuple[int, float]:
+        self.seq += 1
+        envelope = json.dumps(
+            {
+                "type": "notification",
+                "topic": self.topic,
+                "seq": self.seq,
+                "id": str(uuid.uuid4()),
+                "event": "bench.tick",
+                "data": {**BENCH_DATA, "i": self.seq},
+                "severity": "info",
+                "source": "api",
+                "ts": datetime.now(UTC).isoformat(),
+            },
+            separators=(",", ":"),
+        ).encode()
+        parts = [b"PUBLISH", self.channel, envelope]
+        command = b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        sent = time.monotonic()
+        self.writer.write(command)
+        await self.reader.readline()  # ":<receivers>"
+        return self.seq, sent
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def make_publisher(cfg: dict, topic: str):
+    if cfg.get("bus"):
+        bus = BusPublisher(cfg, topic)
+        await bus.open()
+        return bus
     if cfg["target"] == "bare":
         pub = BarePublisher(cfg)
         await pub.open()
