@@ -13,7 +13,10 @@ large, 415 not JSON, 422 idempotency key reused with another body, 429 over the 
 
 Order of checks: body size and content type, then the key (401/403), then the body's shape (400),
 then the key's rights on what it posts (403), then, on a database thread, the rate (429) and the
-transaction. The realtime edge (``channels_app.api.router``) is mounted here too.
+transaction. Posts to ``/notifications`` and ``/notifications/batch`` of concurrent requests share
+transactions (group_commit.py); each still gets its own answer. The ingest paths are served by a
+lean handler without Django's sync middleware (asgi_api.py). The realtime edge
+(``channels_app.api.router``) is mounted here too.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ OS thread of its own for the request's first thread-sensitive call), sends ``req
 ``request_finished`` through ``sync_to_async`` (thread hops), and runs each ``MiddlewareMixin``
 middleware's hooks through ``sync_to_async`` (two hops per middleware). With the project's eight
 middleware that is about twenty thread hops and a thread start per request. Measured in-process
-(bench notes in routing_app/api.py's report): CPU per accepted single post fell from 7.5 to
-4.9 ms on a contended 2-core machine, per 401 answer from 3.1 to 1.5 ms.
+on this (contended, 2-core) machine: CPU per accepted single post fell from 7.5 to 4.9 ms, per
+401 answer from 3.1 to 1.5 ms (before the other savings; bench/ingest.py has today's figures).
 
 The ingest endpoints need none of it: a bearer key instead of sessions, cookies or CSRF, JSON
 instead of pages, and their database work runs on ``db_threads``, which cleans its own
