@@ -71,7 +71,9 @@ def close_all() -> None:
     As many jobs as the pool has threads each wait at a barrier until all are running, so every
     thread of the pool (started or not yet) takes exactly one of them.
     """
-    pool = _pool()
+    if _executor is None:
+        return  # never used: no connections
+    pool = _executor
     barrier = threading.Barrier(_workers)
 
     def close_mine() -> None:
