@@ -1,10 +1,12 @@
 """HTTP endpoints of the realtime edge (tokens, presence), mounted on the API in routing_app."""
 
+import logging
 from datetime import UTC, datetime
 
 from ninja import Field, Router, Schema
 
 router = Router(tags=["realtime"])
+log = logging.getLogger(__name__)
 
 
 # --- presence (GET /api/v1/topics/{topic}/presence) ------------------------------------------
@@ -119,6 +121,36 @@ def _active_user(username: str):
     return model._default_manager.filter(**{model.USERNAME_FIELD: username}, is_active=True).first()
 
 
+def _limit_token_minting(who: str) -> None:
+    """django-ratelimit's fixed window per requester (API key or session user) at TOKEN_RATE.
+
+    Raises RateLimited (429 with Retry-After) when over it, LimiterUnavailable (503) when the
+    cache does not answer and the limiter fails closed."""
+    from django.conf import settings
+    from django_ratelimit.core import get_usage
+
+    from routing_app.apikeys import LimiterUnavailable, RateLimited
+
+    try:
+        usage = get_usage(
+            None,
+            group="notify.tokens",
+            key=lambda _group, _request: who,
+            rate=settings.TOKEN_RATE,
+            increment=True,
+        )
+    except Exception as exc:  # noqa: BLE001  (the cache backend's own error types vary)
+        log.warning("token rate limiter unavailable (fail open: %s)", settings.RATELIMIT_FAIL_OPEN)
+        if settings.RATELIMIT_FAIL_OPEN:
+            return
+        raise LimiterUnavailable() from exc
+    if usage is None or not usage["should_limit"]:
+        return
+    if usage["time_left"] < 0:  # django-ratelimit's answer when its cache failed (fail closed)
+        raise LimiterUnavailable()
+    raise RateLimited(max(1, usage["time_left"]), settings.TOKEN_RATE)
+
+
 @router.post("/tokens", auth=_TokenRequester(), response=TokenOut)
 async def create_token(request, body: TokenBody):
     """A signed client token for sockets and SSE (``?token=``): ``{"token", "expires_at"}``.
@@ -133,6 +165,12 @@ async def create_token(request, body: TokenBody):
 
     from .tokens import mint
 
+    who = (
+        f"key:{request.auth.prefix}"
+        if hasattr(request.auth, "scopes")
+        else f"user:{request.auth.pk}"
+    )
+    await db_threads.run(_limit_token_minting, who)
     if body.ttl is not None and not 1 <= body.ttl <= settings.TOKEN_MAX_TTL_S:
         raise HttpError(400, f"ttl must be between 1 and {settings.TOKEN_MAX_TTL_S} seconds")
     if hasattr(request.auth, "scopes"):  # an API key

@@ -206,6 +206,9 @@ MAX_MESSAGE_BYTES = 64 * 1024  # the seed report's message size limit
 INGEST_RATE = env_str("INGEST_RATE", "6000/s")  # per API key; django-ratelimit syntax
 TOKEN_TTL_S = env_int("TOKEN_TTL_S", 3600)  # client tokens for sockets and SSE
 TOKEN_MAX_TTL_S = 24 * 3600
+# Tokens minted per API key or session user (django-ratelimit syntax): a page reconnecting in a
+# loop must not turn into a flood of signatures.
+TOKEN_RATE = env_str("TOKEN_RATE", "120/m")
 HEARTBEAT_INTERVAL_S = env_int("HEARTBEAT_INTERVAL_S", 30)  # idle proxies cut at ~60 s
 # A socket that has not sent anything for two heartbeat intervals is dead.
 HEARTBEAT_TIMEOUT_S = env_int("HEARTBEAT_TIMEOUT_S", 2 * HEARTBEAT_INTERVAL_S)

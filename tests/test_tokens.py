@@ -196,3 +196,27 @@ def _close_database_threads():
     from routing_app import db_threads
 
     db_threads.close_all()
+
+
+@KEYED
+def test_token_minting_is_rate_limited_per_requester(settings, api_key, subscriber):
+    """django-ratelimit's fixed window at TOKEN_RATE: past it, 429 with Retry-After."""
+    from django.core.cache import cache
+    from django.test import Client
+
+    cache.clear()
+    settings.TOKEN_RATE = "3/m"
+    client = Client()
+    headers = {"Authorization": f"Bearer {api_key[1]}"}
+    answers = [
+        client.post(
+            "/api/v1/tokens",
+            {"user": subscriber.username},
+            content_type="application/json",
+            headers=headers,
+        )
+        for _ in range(4)
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert int(answers[-1]["Retry-After"]) >= 1
+    assert "rate" in answers[-1].json()["detail"]
