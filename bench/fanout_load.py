@@ -227,6 +227,7 @@ class BusPublisher:
         self.channel = f"{cfg['redis_prefix']}:hub:{topic}".encode()
         self.topic = topic
         self.seq = 0
+        self.lock = asyncio.Lock()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -252,10 +253,12 @@ class BusPublisher:
         ).encode()
         parts = [b"PUBLISH", self.channel, envelope]
         command = b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-        sent = time.monotonic()
-        self.writer.write(command)
-        await self.reader.readline()  # ":<receivers>"
-        return self.seq, sent
+        seq = self.seq
+        async with self.lock:  # one reply at a time on this connection
+            sent = time.monotonic()
+            self.writer.write(command)
+            await self.reader.readline()  # ":<receivers>"
+        return seq, sent
 
     async def aclose(self) -> None:
         if self.writer is not None:
