@@ -201,6 +201,14 @@ class Services:
             redis_url = f"redis://127.0.0.1:{port}/0"
         parsed = urllib.parse.urlparse(redis_url)
         self.redis_addr = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
+        try:
+            self._prepare(redis_url)
+        except BaseException:
+            self.__exit__()  # __exit__ is not called when __enter__ raises: stop our redis
+            raise
+        return self
+
+    def _prepare(self, redis_url: str) -> None:
         db_url = self._fresh_database()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
         env.update(
@@ -217,7 +225,6 @@ class Services:
         env.pop("CI", None)
         self.env = env
         self._setup()
-        return self
 
     def _fresh_database(self) -> str:
         import psycopg
@@ -881,7 +888,16 @@ def parse_args(argv=None):
     return args
 
 
+def use_project_venv() -> None:
+    """Re-run under the project's .venv when started with another Python (it needs uvicorn,
+    websockets, psycopg... and the servers it starts use the same interpreter)."""
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        os.execv(str(venv_python), [str(venv_python), *sys.argv])  # noqa: S606  (our own argv)
+
+
 def main(argv=None) -> None:
+    use_project_venv()
     args = parse_args(argv)
     os.sched_setaffinity(0, {args.client_core})
     raise_nofile()
