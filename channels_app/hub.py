@@ -6,9 +6,11 @@ the shape; notes/REALTIME-CONTRACT.md is the API the edges (plain socket, Phoeni
 against.
 
 Modes:
-- Redis (``REDIS_URL`` set): ``fanout.publish`` PUBLISHes each notification envelope on
-  ``<REDIS_PREFIX>:hub:<topic>``; every process holds one redis.asyncio pub/sub connection with one
-  SUBSCRIBE per topic it has local subscribers for, and drops it with the last one.
+- Redis (``REDIS_URL`` set): ``fanout.publish`` PUBLISHes notification envelopes on
+  ``<REDIS_PREFIX>:hub:<topic>``, one envelope (a JSON object) or a batch's consecutive envelopes
+  of the topic (a JSON array of them) per payload; every process holds one redis.asyncio pub/sub
+  connection with one SUBSCRIBE per topic it has local subscribers for, and drops it with the
+  last one.
 - Embedded: ``fanout.publish`` hands messages to this process's hub thread-safely.
 
 Guarantee, per topic and process: subscribers get seqs contiguously and in order. A seq that
@@ -65,6 +67,9 @@ REDIS_PING_AFTER_S = 15.0
 REDIS_SILENT_MAX_S = 10.0
 
 JSON_SEPARATORS = (",", ":")
+# json's C scanner: decodes one value at an index and says where it ended, so each envelope of a
+# multi-message payload keeps its own text (sent verbatim to plain sockets, never re-encoded).
+_scan_once = json.JSONDecoder().scan_once
 
 
 class HubUnavailable(Exception):
@@ -80,7 +85,7 @@ class Message:
 
     __slots__ = ("topic", "seq", "envelope", "_raw", "_frames")
 
-    def __init__(self, topic: str, seq: int, envelope: dict, raw: bytes | None = None):
+    def __init__(self, topic: str, seq: int, envelope: dict, raw: str | bytes | None = None):
         self.topic = topic
         self.seq = seq
         self.envelope = envelope  # Notification.envelope(); treat as read-only: it is shared
@@ -122,12 +127,42 @@ def websocket_text_frame(text: str | bytes) -> bytes:
 
 def encode_plain(message: Message) -> str:
     """The plain socket's frame: the envelope as compact JSON (reused verbatim from Redis)."""
-    if message._raw is not None:
-        return message._raw.decode()
+    raw = message._raw
+    if raw is not None:
+        return raw if isinstance(raw, str) else raw.decode()
     return json.dumps(message.envelope, separators=JSON_SEPARATORS, ensure_ascii=False)
 
 
 _encoders: dict[str, Callable[[Message], str | bytes]] = {"plain": encode_plain}
+
+
+def _split_array(text: str) -> list[tuple[Any, str | None]]:
+    """The values of the JSON array ``text``, each with its own JSON text. Compact arrays (what
+    ``fanout.publish`` sends) are cut by the C scanner; anything else is parsed whole (then the
+    values carry no text and are encoded again where needed). Raises ValueError if not an array."""
+    items: list[tuple[Any, str | None]] = []
+    index, end = 1, len(text)
+    try:
+        if text[index] != "]":
+            while True:
+                value, stop = _scan_once(text, index)
+                items.append((value, text[index:stop]))
+                if text[stop] == "]":
+                    index = stop + 1
+                    break
+                if text[stop] != ",":
+                    raise ValueError("not compact")
+                index = stop + 1
+        else:
+            index += 1
+        if index != end:
+            raise ValueError("not compact")
+    except (StopIteration, IndexError, ValueError):
+        whole = json.loads(text)
+        if not isinstance(whole, list):
+            raise ValueError("not a JSON array") from None
+        return [(value, None) for value in whole]
+    return items
 
 
 class Batch:
@@ -525,11 +560,34 @@ class Hub:
                 self._on_live(state, Message(topic, envelope["seq"], envelope))
 
     def _on_topic_payload(self, state: _Topic, data: bytes) -> None:
+        """One bus payload: an envelope (JSON object), or several of the topic's in order (a JSON
+        array, ``fanout.publish``'s batch), which are accepted together and so reach each
+        subscriber as one batch."""
+        if data[:1] == b"[":
+            try:
+                items = _split_array(data.decode())
+            except (ValueError, TypeError) as exc:
+                log.warning("topic %s: ignored a malformed bus message (%s)", state.name, exc)
+                return
+            for decoded, raw in items:
+                self._on_envelope(state, decoded, raw)
+            return
         try:
             decoded = json.loads(data)
+        except ValueError as exc:
+            log.warning("topic %s: ignored a malformed bus message (%s)", state.name, exc)
+            return
+        if isinstance(decoded, list):  # an array laid out otherwise (whitespace first)
+            for item in decoded:
+                self._on_envelope(state, item, None)
+            return
+        self._on_envelope(state, decoded, data)
+
+    def _on_envelope(self, state: _Topic, decoded: Any, raw: str | bytes | None) -> None:
+        try:
             kind = decoded["type"]
             if kind == "notification":
-                self._on_live(state, Message(state.name, int(decoded["seq"]), decoded, data))
+                self._on_live(state, Message(state.name, int(decoded["seq"]), decoded, raw))
             elif kind == "event":
                 self._dispatch_event(state.name, decoded["event"], decoded["payload"])
         except (ValueError, KeyError, TypeError) as exc:

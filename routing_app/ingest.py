@@ -33,6 +33,9 @@ IDEMPOTENCY_KEY_MAX_LENGTH = 200
 BATCH_MAX_ITEMS = 1000
 REFUSE = "refuse"  # a reused idempotency key with another body raises IdempotencyConflict
 KEEP_FIRST = "keep_first"  # ... answers with the first stored notification
+# allow_nan=False: Python's json accepts NaN/Infinity, JSON (and Postgres) do not. One instance
+# (stateless, thread-safe): json.dumps with options builds a new encoder per call (~1.5 us).
+_DATA_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 class IngestError(Exception):
@@ -107,8 +110,7 @@ def _data_problem(item: NotificationIn) -> str | None:
     if not isinstance(item.data, dict):
         return "must be a JSON object"
     try:
-        # allow_nan=False: Python's json accepts NaN/Infinity, JSON (and Postgres) do not
-        encoded = json.dumps(item.data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        encoded = _DATA_ENCODER.encode(item.data)
         size = len(encoded.encode())  # UnicodeEncodeError (a ValueError) on lone surrogates
     except (TypeError, ValueError):
         return "must be plain JSON: no NaN or Infinity, no unpaired surrogates"

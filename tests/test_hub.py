@@ -8,6 +8,7 @@ built on them are tested in test_ws_plain.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import subprocess
@@ -132,6 +133,57 @@ async def test_each_message_is_encoded_once_per_encoding(clean_hub):
     assert plain[0].frames[0] is plain[4].frames[0]  # the same frame object for every socket
     for recorder in counted + plain:
         await hub.unsubscribe("hub.encode", recorder)
+
+
+class BatchRecorder(Recorder):
+    """A Subscriber taking several consecutive messages at once, as the socket edges do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def deliver_batch(self, batch) -> None:
+        self.batches.append([m.seq for m in batch.messages])
+        for frame, message in zip(batch.frames(self.encoding), batch.messages, strict=True):
+            self.deliver(frame, message)
+
+
+async def test_a_batch_reaches_each_subscriber_as_one_batch_per_topic_in_order(clean_hub):
+    from routing_app.models import Notification
+
+    first, second = BatchRecorder(), BatchRecorder()
+    await hub.subscribe("hub.batch.a", first)
+    await hub.subscribe("hub.batch.b", second)
+    items = [NotificationIn(topic=f"hub.batch.{t}", event="tick") for t in "abab" * 5]
+    await sync_to_async(ingest)(items)
+    assert await first.wait_for(10) == list(range(1, 11))
+    assert await second.wait_for(10) == list(range(1, 11))
+    assert first.batches == [list(range(1, 11))]  # one PUBLISH, one delivery for the batch
+    stored = await sync_to_async(list)(
+        Notification.objects.filter(topic__name="hub.batch.a").order_by("seq")
+    )
+    assert [json.loads(f) for f in first.frames] == [n.envelope("hub.batch.a") for n in stored]
+    await hub.unsubscribe("hub.batch.a", first)
+    await hub.unsubscribe("hub.batch.b", second)
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="bus payloads need Redis")
+async def test_a_bus_array_in_any_json_layout_is_accepted_in_order(clean_hub, held_publishes):
+    import redis.asyncio as aioredis
+
+    recorder = Recorder()
+    await store("hub.layout", 3)
+    await hub.subscribe("hub.layout", recorder, since=0)
+    await store("hub.layout", 2)  # held: the test publishes them itself, spaced out
+    body = " [ " + " , ".join(fanout._dumps(envelope) for _, envelope in held_publishes) + " ] "
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    try:
+        await client.publish(hub.topic_channel("hub.layout"), body.encode())
+        assert await recorder.wait_for(5) == [1, 2, 3, 4, 5]
+        assert [json.loads(f)["seq"] for f in recorder.frames] == [1, 2, 3, 4, 5]
+    finally:
+        await client.aclose()
+    await hub.unsubscribe("hub.layout", recorder)
 
 
 async def test_publishing_from_another_thread_reaches_the_loop(clean_hub):
