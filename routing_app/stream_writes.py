@@ -26,7 +26,7 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from django.db import connection, models
+from django.db import connection, models, transaction
 
 from .models import Notification, Topic
 
@@ -156,7 +156,9 @@ def _advance_all(counts: dict[str, int]) -> dict[str, tuple[int, int]]:
         cursor.execute(_ADVANCE_ALL_SQL, [names, names, [counts[name] for name in names]])
         advanced = cursor.fetchall()
     taken = {name: (topic_id, last_seq - counts[name] + 1) for name, topic_id, last_seq in advanced}
-    _known_topics.update(taken)
+    # Only once committed: a topic this transaction created is invisible to others until then,
+    # and a writer that skipped creating it would lock it out of name order (a deadlock).
+    transaction.on_commit(functools.partial(_known_topics.update, list(taken)))
     for name in names:
         if name not in taken:  # deleted after we cached it: the one-topic way recreates it
             _known_topics.discard(name)
