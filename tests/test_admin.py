@@ -254,3 +254,11 @@ def test_trim_action_applies_a_topics_retention(client, admin_user):
     )
     assert "Deleted 3 notification(s) past retention." in response.text
     assert sorted(topic.notifications.values_list("seq", flat=True)) == [4, 5]
+
+
+@pytest.mark.django_db
+def test_home_page_links_admin_and_api_docs(client):
+    """The URL `make run` prints answers with the way in, not a 404."""
+    response = client.get("/")
+    assert response.status_code == 200
+    assert b'href="/admin/"' in response.content and b'href="/api/v1/docs"' in response.content
