@@ -19,12 +19,13 @@ import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from channels_app.ws_plain import UVICORN_WS_ARGS
+from tests.ws_server import free_port, fresh_postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
@@ -71,14 +72,6 @@ def tools() -> None:
         pytest.skip("run `make test` once to install: " + ", ".join(missing))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- a database and the server processes ---------------------------------------------------
 
 
@@ -91,7 +84,7 @@ def server_env(tools, tmp_path_factory) -> Iterator[dict[str, str]]:
     env["REDIS_PREFIX"] = os.environ.get("REDIS_PREFIX", "notify") + "-jsclient"
     drop = None
     if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
-        url, drop = _fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_jsclient")
+        url, drop = fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_jsclient")
         env["DATABASE_URL"] = url
     else:
         env.pop("DATABASE_URL", None)
@@ -113,24 +106,6 @@ def server_env(tools, tmp_path_factory) -> Iterator[dict[str, str]]:
         drop()
 
 
-def _fresh_postgres_database(url: str, suffix: str):
-    """Create an empty database next to the one in `url`; return its URL and a drop function."""
-    import psycopg
-
-    parsed = urlparse(url)
-    name = parsed.path.lstrip("/") + suffix
-    admin = urlunparse(parsed._replace(path="/postgres"))
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    drop()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlunparse(parsed._replace(path="/" + name)), drop
-
-
 class ServerProcess:
     """One uvicorn process serving notify on a fixed port, which can be killed and restarted.
 
@@ -139,7 +114,7 @@ class ServerProcess:
 
     def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
         self.env = env
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -211,7 +186,7 @@ def servers(server_env, tmp_path_factory) -> Iterator[tuple[ServerProcess, Serve
     other = ServerProcess(server_env, log_dir, "other")
     try:
         # The page's origin must be allowed (CORS for SSE and tokens, Origin check for sockets).
-        page_port = _free_port()
+        page_port = free_port()
         server_env["NOTIFY_ALLOWED_ORIGINS"] = f"http://127.0.0.1:{page_port}"
         server_env["TEST_PAGE_PORT"] = str(page_port)
         main.spawn()  # both start at once; the browser fixture waits for them

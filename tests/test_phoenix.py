@@ -13,17 +13,17 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import httpx
 import pytest
+
+from tests.ws_server import free_port, fresh_postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
@@ -67,36 +67,12 @@ def tools() -> None:
         pytest.skip("run `make test` once to install: " + ", ".join(missing))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fresh_postgres_database(url: str, suffix: str):
-    """Create an empty database next to the one in `url`; return its URL and a drop function."""
-    import psycopg
-
-    parsed = urlparse(url)
-    name = parsed.path.lstrip("/") + suffix
-    admin = urlunparse(parsed._replace(path="/postgres"))
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    drop()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return urlunparse(parsed._replace(path="/" + name)), drop
-
-
 class Server:
     """One uvicorn process serving notify on a fixed port; can be killed and started again."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.socket_url = f"ws://127.0.0.1:{self.port}/socket"
         self.log = log
@@ -177,7 +153,7 @@ def live(tools, tmp_path_factory) -> Iterator[Live]:
     env["PRESENCE_TTL_S"] = str(PRESENCE_TTL_S)
     drop = None
     if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
-        url, drop = _fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_phoenix")
+        url, drop = fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_phoenix")
         env["DATABASE_URL"] = url
     else:
         env.pop("DATABASE_URL", None)

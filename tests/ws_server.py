@@ -91,6 +91,24 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
+def fresh_postgres_database(url: str, suffix: str):
+    """Create an empty database next to the one in `url`; return its URL and a drop function."""
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/") + suffix
+    admin = urlunparse(parsed._replace(path="/postgres"))
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    drop()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunparse(parsed._replace(path="/" + name)), drop
+
+
 class ServerDatabase:
     """A fresh database for server processes: Postgres next to DATABASE_URL's, else SQLite."""
 
@@ -99,21 +117,7 @@ class ServerDatabase:
         self._drop = None
         url = os.environ.get("DATABASE_URL", "")
         if url.startswith(("postgres://", "postgresql://")):
-            import psycopg
-
-            parsed = urlparse(url)
-            name = parsed.path.lstrip("/") + suffix
-            admin = urlunparse(parsed._replace(path="/postgres"))
-
-            def drop() -> None:
-                with psycopg.connect(admin, autocommit=True) as conn:
-                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-            drop()
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}"')
-            self._drop = drop
-            self.env["DATABASE_URL"] = urlunparse(parsed._replace(path="/" + name))
+            self.env["DATABASE_URL"], self._drop = fresh_postgres_database(url, suffix)
         else:
             self.env["DATABASE_URL"] = ""
             self.env["SQLITE_PATH"] = str(tmp_dir / "db.sqlite3")
