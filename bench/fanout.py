@@ -1,37 +1,54 @@
 """Realtime fanout benchmark (issue 3, point 6): our edge against a bare `websockets` server.
 
-    .venv/bin/python bench/fanout.py                 # every part, 2 runs each (~10 min)
-    .venv/bin/python bench/fanout.py --quick         # smaller counts, 1 run (~2 min)
+    .venv/bin/python bench/fanout.py --wait-quiet 180   # every part, 2 runs each (~25 min)
+    .venv/bin/python bench/fanout.py --quick            # smaller counts, 1 run (~4 min)
     .venv/bin/python bench/fanout.py --only ws --target bare   # the bare-server part alone
+    .venv/bin/python bench/fanout.py --only latency --profile /tmp/prof   # py-spy our server
 
 It starts everything itself: its own redis-server on a free port, a fresh Postgres database
 (``notify_h7_bench`` on the server of ``--pg``), migrations, a user with a client token and an API
 key, then per run a fresh server process: ours is the production ASGI server, uvicorn (uvloop,
-httptools, permessage-deflate on by default), ``notify_project.asgi:application`` in Redis mode;
-the bare one is bench/bare_ws_server.py. Server (and Redis) are pinned to ``--server-core``, the
-load generator (this process and its forked client processes) to ``--client-core``.
+httptools, its default websockets-sansio protocol with permessage-deflate on, ``--lifespan off``
+as ``manage.py serve`` runs it, access log off), ``notify_project.asgi:application`` in Redis mode
+with DEBUG off; the bare one is bench/bare_ws_server.py (websockets.broadcast on uvloop). Server
+and Redis are pinned to ``--server-core``, the load generator (this process and its forked client
+processes) to ``--client-core``. Postgres is the machine's shared server (not pinned).
 
-Parts and method (each part is run ``--runs`` times; a fresh server process per run):
-- ws: S=1,000 plain-WebSocket subscribers on one topic, without and with permessage-deflate
-  (the client offers it as browsers do). After a warm-up, N messages are published as fast as the
-  publisher can (ours: POST /api/v1/notifications/batch, batches of 100 sent concurrently; bare:
-  frames on a /publish socket); delivered msg/s = S*N / (first publish written -> last message
-  received by the last subscriber). Every subscriber checks every seq (in order, none missing,
-  none twice). The bare server runs in the same run on the same core; ratio = ours / bare.
+Parts and method (each part runs ``--runs`` times; a fresh server process per run; ours and bare
+alternate in the same run on the same core):
+- ws: S=1,000 plain-WebSocket subscribers on one topic. Variants:
+  plain / deflate: after a warm-up, N=300 notifications published as fast as possible (ours:
+  POST /api/v1/notifications/batch, 3 batches of 100 sent concurrently; bare: frames on a
+  /publish socket); delivered msg/s = S*N / (first publish request written -> last subscriber's
+  last message). Deflate: the client offers permessage-deflate as browsers do. Caution: our hub
+  hands a burst to each socket as one batch (one write per socket per batch) where
+  websockets.broadcast writes once per message per socket, so the ratio ours/bare in these
+  variants compares designs, not the per-message path; both are often load-generator-bound.
+  paced: 25 msg/s, each message crosses the server alone (no batching possible); the server CPU
+  per delivery is compared, for ours with the ingest cost taken out (the same run with 1
+  subscriber is subtracted).
+  Every subscriber checks every seq: in order, none missing, none twice.
 - latency: 100 subscribers, 50 notifications/s open-loop, each a single POST
-  /api/v1/notifications; latency = POST written -> message parsed by a subscriber, both stamped
+  /api/v1/notifications; latency = request written -> message parsed by a subscriber, both stamped
   with time.monotonic() in the same client process; p50/p95/p99 over every (message, subscriber).
-- idle: server RSS growth per connection from 1 to 10,000 idle subscribed sockets (RSS is user
-  memory; kernel socket buffers are not in it), then up to 25,000 held for ``--hold`` seconds
-  (longer than the 30 s heartbeat by default, so app and protocol pings are answered at scale),
-  then one published message must reach all 25,000. Source addresses 127.0.0.2-9 spread the
-  ephemeral ports; RLIMIT_NOFILE is raised in every process.
-- sse: 500 SSE streams on /events/<topic>/, N messages as in ws; events/s.
-Per measured window it prints the CPU use of the server, Redis and the load generator, per-core
-busy time, and CPU used by anything else on the machine (other jobs distort the figures; rerun
-when ``other`` is high). The load generator is bench/minimal_clients.py (raw asyncio on uvloop,
-no JSON decoding), so that it is not the bottleneck; when its CPU nears 100 % the figure is a
-lower bound for the server, and the output says so.
+  Also the ingest answer time, and (ours-bus) the same from a raw Redis PUBLISH on the hub's
+  channel, i.e. without ingest, to tell the fanout path's share from ingest's.
+- idle: server RSS growth per connection from 1 to 10,000 idle subscribed sockets, without and
+  with permessage-deflate negotiated (RSS is user memory; kernel socket buffers are not in it),
+  and how long one message takes to reach them all; then 25,000 sockets held for ``--hold``
+  seconds (longer than the 30 s heartbeat by default, so app and protocol pings are answered at
+  scale) after which one notification posted to one server must reach all 25,000. Sockets per
+  process are capped by RLIMIT_NOFILE's hard limit (20,000 here; raising it needs
+  CAP_SYS_RESOURCE): the 25,000 are then spread over as few server processes (all on the server
+  core, sharing Redis: the production shape) and client processes as the limit allows. Source
+  addresses 127.0.0.2-9 spread the ephemeral ports.
+- sse: 500 SSE streams on /events/<topic>/, N=200 as in ws; events/s.
+Per measured window it prints the CPU use of the server, Redis and the load generator, the server
+CPU per delivery, per-core busy time, steal, and CPU used by anything else on the machine (other
+jobs distort figures: ``--wait-quiet`` waits for a quiet machine before each run; judge a run by
+its ``other_cpu_pct``). The load generator is bench/minimal_clients.py (raw asyncio on uvloop, no
+JSON decoding) so that it is not the bottleneck; when its CPU nears 100 % the figure is a lower
+bound for the server, and the output says so.
 """
 
 from __future__ import annotations
@@ -547,20 +564,25 @@ def run_latency(svc, args) -> dict:
 
 
 def run_idle(svc, args) -> dict:
-    out: dict = {"memory": [], "hold": []}
+    """Memory per idle socket without and with permessage-deflate (browsers offer it, and the
+    server then keeps a compressor and a decompressor per socket), then the 25,000 hold."""
+    out: dict = {"memory": [], "memory_deflate": [], "hold": []}
     topic = TOPICS["idle"]
     for _ in range(args.runs):
-        pair = {}
-        for target in args.targets:
-            extra = {
-                "path": ws_path(svc, target, topic),
-                "topic": topic,
-                "first": args.idle_first,
-                "settle_s": 2.0,
-            }
-            pair[target] = one_run(svc, args, target, "idle_memory", extra)
-        out["memory"].append(pair)
-        if "ours" in args.targets:
+        for key, deflate in (("memory", False), ("memory_deflate", True)):
+            pair = {}
+            for target in args.targets:
+                extra = {
+                    "path": ws_path(svc, target, topic),
+                    "topic": topic,
+                    "first": args.idle_first,
+                    "settle_s": 2.0,
+                    "deflate": deflate,
+                }
+                label = "idle_memory" + ("/deflate" if deflate else "")
+                pair[target] = one_run(svc, args, target, label, extra)
+            out[key].append(pair)
+        if "ours" in args.targets and not args.no_hold:
             out["hold"].append({"ours": idle_hold(svc, args, topic)})
     return out
 
@@ -794,10 +816,12 @@ def summarize(results: dict) -> None:
         )
     if "idle" in results:
         runs = results["idle"]["memory"]
-        for target in ("ours", "bare"):
-            vals = _values(runs, target, "kb_per_idle_conn")
-            if vals:
-                print(f"idle {target} KB per idle connection: {_fmt(vals)}")
+        for key in ("memory", "memory_deflate"):
+            for target in ("ours", "bare"):
+                vals = _values(results["idle"][key], target, "kb_per_idle_conn")
+                if vals:
+                    label = "with permessage-deflate" if key == "memory_deflate" else "plain"
+                    print(f"idle {target} KB per idle connection ({label}): {_fmt(vals)}")
         held = _values(results["idle"]["hold"], "ours", "held")
         print(f"idle ours 25,000 held: {held}")
         checks.append(
@@ -857,6 +881,7 @@ def parse_args(argv=None):
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--hold", type=float, default=None, help="idle hold seconds at 25,000")
+    parser.add_argument("--no-hold", action="store_true", help="idle: memory only, no 25,000 hold")
     parser.add_argument(
         "--profile", default="", help="directory: py-spy records our server in each part's run 1"
     )
@@ -904,6 +929,7 @@ def main(argv=None) -> None:
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     info = machine_info(args)
+    print(__doc__)
     print("=== machine ===")
     print(json.dumps(info, indent=1))
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")

@@ -520,6 +520,7 @@ async def part_idle_memory(cfg: dict, ctl: Control) -> dict:
         # The first socket paid for lazy imports and pools: the baseline is taken after it.
         await asyncio.sleep(cfg["settle_s"])
         rss0 = proc_rss_kb(pid)
+        await ctl("measure", "connect")  # a profiler, if any, samples the connection storm
         t = time.monotonic()
         more, errs = await connect_many(cfg, first - 1, path, offset=1)
         rate = len(more) / (time.monotonic() - t)
@@ -527,6 +528,16 @@ async def part_idle_memory(cfg: dict, ctl: Control) -> dict:
         errors += errs
         await asyncio.sleep(cfg["settle_s"])
         rss1 = proc_rss_kb(pid)
+        # One message to all of them: how long until the first and the last has it.
+        pub = await make_publisher(cfg, cfg["topic"])
+        try:
+            done = Completion(clients, -1, 0)
+            [(seq, sent)] = await pub.batch(1, 1)
+            done.retarget(seq)
+            reached_all = await done.wait(READY_TIMEOUT_S)
+        finally:
+            await pub.aclose()
+        firsts = [c.stats.t_first for c in clients if c.stats.t_first]
         return {
             "connections": len(clients),
             "connect_failed": len(errors),
@@ -535,6 +546,9 @@ async def part_idle_memory(cfg: dict, ctl: Control) -> dict:
             "rss_base_mb": round(rss0 / 1024, 1),
             "rss_loaded_mb": round(rss1 / 1024, 1),
             "kb_per_idle_conn": round((rss1 - rss0) / max(len(clients) - 1, 1), 1),
+            "publish_reached_all": reached_all,
+            "publish_to_first_s": round(min(firsts) - sent, 3) if firsts else None,
+            "publish_to_last_s": round(max(firsts) - sent, 3) if firsts else None,
         }
     finally:
         close_all(clients)
