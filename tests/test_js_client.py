@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from channels_app.ws_plain import UVICORN_WS_ARGS
-from tests.ws_server import free_port, fresh_postgres_database
+from tests.ws_server import free_port, run_setup_script, server_processes_env
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
@@ -79,28 +79,8 @@ def tools() -> None:
 def server_env(tools, tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment of the server processes: a database of their own, migrated, with user "sam"
     and an API key (scopes ingest, tokens) in env["TEST_API_KEY"]."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env["LOG_LEVEL"] = "WARNING"
-    env["REDIS_PREFIX"] = os.environ.get("REDIS_PREFIX", "notify") + "-jsclient"
-    drop = None
-    if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
-        url, drop = fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_jsclient")
-        env["DATABASE_URL"] = url
-    else:
-        env.pop("DATABASE_URL", None)
-        env["SQLITE_PATH"] = str(tmp_path_factory.mktemp("jsclient") / "db.sqlite3")
-    done = subprocess.run(
-        [sys.executable, "-c", SETUP_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    line = next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))
-    env["TEST_API_KEY"] = json.loads(line[len("SETUP ") :])["api_key"]
+    env, drop = server_processes_env(tmp_path_factory.mktemp("jsclient"), "jsclient")
+    env["TEST_API_KEY"] = run_setup_script(SETUP_SCRIPT, env)["api_key"]
     yield env
     if drop:
         drop()

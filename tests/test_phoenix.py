@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ws_server import free_port, fresh_postgres_database
+from tests.ws_server import free_port, run_setup_script, server_processes_env
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
@@ -147,29 +147,10 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tools, tmp_path_factory) -> Iterator[Live]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env["LOG_LEVEL"] = "WARNING"
-    env["REDIS_PREFIX"] = os.environ.get("REDIS_PREFIX", "notify") + "-phoenix"
-    env["PRESENCE_TTL_S"] = str(PRESENCE_TTL_S)
-    drop = None
-    if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
-        url, drop = fresh_postgres_database(os.environ["DATABASE_URL"], suffix="_phoenix")
-        env["DATABASE_URL"] = url
-    else:
-        env.pop("DATABASE_URL", None)
-        env["SQLITE_PATH"] = str(tmp_path_factory.mktemp("phoenix") / "db.sqlite3")
-    done = subprocess.run(
-        [sys.executable, "-c", SETUP_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    env, drop = server_processes_env(
+        tmp_path_factory.mktemp("phoenix"), "phoenix", PRESENCE_TTL_S=str(PRESENCE_TTL_S)
     )
-    assert done.returncode == 0, done.stderr
-    line = next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))
-    setup = json.loads(line[len("SETUP ") :])
+    setup = run_setup_script(SETUP_SCRIPT, env)
     logs = tmp_path_factory.mktemp("phoenix-logs")
     main, other = Server(env, logs / "main.log"), Server(env, logs / "other.log")
     try:

@@ -109,6 +109,39 @@ def fresh_postgres_database(url: str, suffix: str):
     return urlunparse(parsed._replace(path="/" + name)), drop
 
 
+def server_processes_env(tmp_dir: Path, name: str, **extra: str):
+    """Environment for server processes of one test module: the test's own, a fresh database
+    (Postgres next to DATABASE_URL's, else SQLite in ``tmp_dir``) and a Redis prefix of its own.
+    Returns (env, drop) where drop removes the database (None for SQLite)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["LOG_LEVEL"] = "WARNING"
+    env["REDIS_PREFIX"] = os.environ.get("REDIS_PREFIX", "notify") + f"-{name}"
+    env.update(extra)
+    drop = None
+    if os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")):
+        env["DATABASE_URL"], drop = fresh_postgres_database(os.environ["DATABASE_URL"], f"_{name}")
+    else:
+        env.pop("DATABASE_URL", None)
+        env["SQLITE_PATH"] = str(tmp_dir / "db.sqlite3")
+    return env, drop
+
+
+def run_setup_script(script: str, env: dict[str, str]) -> dict:
+    """Run a Python set-up script in ``env``; return the JSON it prints after ``SETUP ``."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))
+    return json.loads(line[len("SETUP ") :])
+
+
 class ServerDatabase:
     """A fresh database for server processes: Postgres next to DATABASE_URL's, else SQLite."""
 
