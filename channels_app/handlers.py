@@ -81,12 +81,12 @@ async def current_state(topic: str) -> dict:
     """The topic's latest state from the durable stream: ``{"topic", "last_seq", "oldest_seq",
     "notifications": [envelope, ...]}`` with at most LATEST_COUNT newest notifications, oldest
     first. A topic nothing was published on yet has last_seq 0 and no notifications."""
-    from . import stream
+    from routing_app import stream_reads
 
-    last_seq, oldest_seq = await stream.topic_state(topic)
+    last_seq, oldest_seq = await stream_reads.topic_state(topic)
     latest = []
     if last_seq:
-        latest = await stream.read_after(topic, max(last_seq - LATEST_COUNT, 0), LATEST_COUNT)
+        latest = await stream_reads.read_after(topic, max(last_seq - LATEST_COUNT, 0), LATEST_COUNT)
     return {"topic": topic, "last_seq": last_seq, "oldest_seq": oldest_seq, "notifications": latest}
 
 

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
-from . import stream
+from routing_app import stream_reads
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class Hub:
         if since is None:
             cursor = state.last_seq
         else:
-            db_last, oldest = await stream.topic_state(state.name)
+            db_last, oldest = await stream_reads.topic_state(state.name)
             gone = oldest - 1 if oldest is not None else db_last  # seqs <= gone were deleted
             if since > db_last or since < gone:
                 reset, cursor = True, state.last_seq
@@ -420,7 +420,7 @@ class Hub:
             target = state.last_seq
             if cursor >= target:
                 break
-            rows = await stream.read_after(state.name, cursor, REPLAY_PAGE, upto_seq=target)
+            rows = await stream_reads.read_after(state.name, cursor, REPLAY_PAGE, upto_seq=target)
             self._check_joining(state, sub, join)
             if not rows:  # deleted by retention while we read: nothing left to send
                 cursor = target
@@ -494,7 +494,7 @@ class Hub:
                 await state.subscribed  # resolved by the reader on Redis's "subscribe" reply
             while True:
                 try:
-                    last_seq, _ = await stream.topic_state(state.name)
+                    last_seq, _ = await stream_reads.topic_state(state.name)
                     break
                 except Exception as exc:  # noqa: BLE001  (database down: retry, joiners wait)
                     log.warning("topic %s: cannot read its state (%s); retrying", state.name, exc)
@@ -717,7 +717,7 @@ class Hub:
                 if target <= state.last_seq:
                     break
                 try:
-                    rows = await stream.read_after(
+                    rows = await stream_reads.read_after(
                         state.name, state.last_seq, REPLAY_PAGE, upto_seq=target
                     )
                 except Exception as exc:  # noqa: BLE001  (database down: hold and retry)
@@ -758,7 +758,7 @@ class Hub:
         """After a Redis outage: deliver whatever was published while this process was deaf."""
         while not state.closed:
             try:
-                db_last, _ = await stream.topic_state(state.name)
+                db_last, _ = await stream_reads.topic_state(state.name)
                 break
             except Exception as exc:  # noqa: BLE001
                 log.warning("topic %s: back-fill cannot read state (%s)", state.name, exc)

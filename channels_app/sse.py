@@ -98,9 +98,9 @@ from django_eventstream.event import Event
 from django_eventstream.storage import EventDoesNotExist, StorageBase
 from django_eventstream.utils import parse_last_event_id, sse_encode_event
 
+from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
-from . import stream
 from .authz import READ, Principal, adecide, decide
 from .hub import HubUnavailable, Message, Unsubscribed, hub
 from .presence import ConnectionPresence
@@ -389,7 +389,7 @@ async def _stream(
 
 async def _subscribe(events: EventStream, topic: str, since: int | None) -> None:
     if since is not None:
-        last_seq, oldest_seq = await stream.topic_state(topic)
+        last_seq, oldest_seq = await stream_reads.topic_state(topic)
         if needs_reset(since, last_seq, oldest_seq):
             data = {
                 "type": "reset",
@@ -500,10 +500,10 @@ class NotificationStorage(StorageBase):
         Raises EventDoesNotExist when ``last_id`` is no longer (or not yet) in the stream."""
         from asgiref.sync import async_to_sync
 
-        last_seq, oldest_seq = async_to_sync(stream.topic_state)(channel)
+        last_seq, oldest_seq = async_to_sync(stream_reads.topic_state)(channel)
         if needs_reset(last_id, last_seq, oldest_seq):
             raise EventDoesNotExist(f"seq {last_id} of {channel!r} is not kept", last_seq)
-        rows = async_to_sync(stream.read_after)(channel, last_id, limit)
+        rows = async_to_sync(stream_reads.read_after)(channel, last_id, limit)
         return [Event(channel, row["event"], _json(row), id=row["seq"]) for row in rows]
 
     def get_current_id(self, channel: str) -> int:

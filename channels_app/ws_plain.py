@@ -44,17 +44,6 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_HEARTBEAT = 4408
 CLOSE_TOO_SLOW = 4429
-# How production runs uvicorn for these sockets (manage.py serve, bench/, the tests' servers):
-# - websockets-sansio (uvicorn's default with `websockets` installed): its send() completes without
-#   suspending whenever the transport can take the frame, which the hub's immediate fanout uses;
-# - max size a little above ours: a frame just over 64 KB reaches the app and gets 1009 with a
-#   reason; a much larger one is cut by uvicorn itself (also 1009) before it is buffered whole;
-# - permessage-deflate on (uvicorn's default, stated so that it stays on).
-UVICORN_WS_ARGS = (
-    "--ws=websockets-sansio",
-    f"--ws-max-size={settings.MAX_MESSAGE_BYTES + 1024}",
-    "--ws-per-message-deflate=true",
-)
 # Client frames per second a socket may send (bucket refills at this rate, holds twice as much):
 # a flood gets error frames, not a stalled server.
 CLIENT_FRAMES_PER_S = 50

@@ -203,6 +203,17 @@ CELERY_BEAT_SCHEDULE = {
 # --- notify itself ------------------------------------------------------------------------
 
 MAX_MESSAGE_BYTES = 64 * 1024  # the seed report's message size limit
+# How production runs uvicorn for these sockets (manage.py serve, bench/, the tests' servers):
+# - websockets-sansio (uvicorn's default with `websockets` installed): its send() completes without
+#   suspending whenever the transport can take the frame, which the hub's immediate fanout uses;
+# - max size a little above ours: a frame just over 64 KB reaches the app and gets 1009 with a
+#   reason; a much larger one is cut by uvicorn itself (also 1009) before it is buffered whole;
+# - permessage-deflate on (uvicorn's default, stated so that it stays on).
+UVICORN_WS_ARGS = (
+    "--ws=websockets-sansio",
+    f"--ws-max-size={MAX_MESSAGE_BYTES + 1024}",
+    "--ws-per-message-deflate=true",
+)
 INGEST_RATE = env_str("INGEST_RATE", "6000/s")  # per API key; django-ratelimit syntax
 TOKEN_TTL_S = env_int("TOKEN_TTL_S", 3600)  # client tokens for sockets and SSE
 TOKEN_MAX_TTL_S = 24 * 3600

@@ -19,8 +19,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from channels_app import fanout, stream
+from channels_app import fanout
 from channels_app.hub import Message, hub
+from routing_app import stream_reads
 from routing_app.ingest import NotificationIn, ingest
 
 WAIT_S = 10
@@ -90,13 +91,13 @@ async def test_lost_publishes_are_read_once_per_process_from_the_database(
     clean_hub, held_publishes, monkeypatch
 ):
     reads = []
-    real_read_after = stream.read_after
+    real_read_after = stream_reads.read_after
 
     async def counting_read_after(*args, **kwargs):
         reads.append(args)
         return await real_read_after(*args, **kwargs)
 
-    monkeypatch.setattr(stream, "read_after", counting_read_after)
+    monkeypatch.setattr(stream_reads, "read_after", counting_read_after)
     recorders = [Recorder() for _ in range(5)]
     for recorder in recorders:
         await hub.subscribe("hub.lost", recorder)

@@ -23,8 +23,8 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+from django.conf import settings
 
-from channels_app.ws_plain import UVICORN_WS_ARGS
 from tests.ws_server import free_port, run_setup_script, server_processes_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ class ServerProcess:
                     f"--port={self.port}",
                     "--log-level=warning",
                     "--no-access-log",
-                    *UVICORN_WS_ARGS,  # as production runs it
+                    *settings.UVICORN_WS_ARGS,  # as production runs it
                 ],
                 cwd=ROOT,
                 env=self.env,

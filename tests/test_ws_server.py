@@ -1,5 +1,5 @@
 """The plain WebSocket end to end: a real uvicorn process run with the production options
-(ws_plain.UVICORN_WS_ARGS), real `websockets` clients. Redis mode when REDIS_URL is set (with a
+(settings.UVICORN_WS_ARGS), real `websockets` clients. Redis mode when REDIS_URL is set (with a
 prefix of its own), the embedded mode otherwise.
 """
 

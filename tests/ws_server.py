@@ -1,5 +1,5 @@
 """Real server processes for the realtime tests: a database of their own, a redis-server of their
-own, and uvicorn run the way production runs it (ws_plain.UVICORN_WS_ARGS).
+own, and uvicorn run the way production runs it (settings.UVICORN_WS_ARGS).
 
 Not a test module: test_ws_server.py and test_ws_overload.py use it.
 """
@@ -16,8 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import httpx
-
-from channels_app.ws_plain import UVICORN_WS_ARGS
+from django.conf import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
@@ -208,7 +207,7 @@ class ServerProcess:
                     "--lifespan=off",
                     f"--log-level={self.log_level}",
                     "--no-access-log",
-                    *UVICORN_WS_ARGS,
+                    *settings.UVICORN_WS_ARGS,
                 ],
                 cwd=ROOT,
                 env=self.env,

@@ -28,7 +28,6 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, connection
 from django.urls import Resolver404, resolve
 
-from channels_app.ws_plain import UVICORN_WS_ARGS
 from routing_app import demo
 
 STOP_TIMEOUT_S = 10  # graceful shutdown budget before SIGKILL (uvicorn drains, Celery warm-stops)
@@ -176,7 +175,7 @@ class Command(BaseCommand):
                     # open SSE streams and sockets would hold a plain shutdown until SIGKILL
                     "--timeout-graceful-shutdown",
                     str(STOP_TIMEOUT_S // 2),
-                    *UVICORN_WS_ARGS,
+                    *settings.UVICORN_WS_ARGS,
                 ],
             )
         ]

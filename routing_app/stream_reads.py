@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from django.db.models import Min
 
-from routing_app import db_threads
-from routing_app.models import Notification, Topic
+from . import db_threads
+from .models import Notification, Topic
 
 READ_PAGE_MAX = 1000  # rows per query; callers page with after_seq
 
