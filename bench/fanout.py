@@ -1,4 +1,4 @@
-"""Realtime fanout benchmark (issue 3, point 6): our edge against a bare `websockets` server.
+"""Realtime fanout benchmark: our edge against a bare `websockets` server.
 
     .venv/bin/python bench/fanout.py --wait-quiet 180   # every part, 2 runs each (~25 min)
     .venv/bin/python bench/fanout.py --quick            # smaller counts, 1 run (~4 min)

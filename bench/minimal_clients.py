@@ -1,6 +1,6 @@
 """Cheap load-generator clients for bench/fanout.py: WebSocket, SSE and HTTP POST on raw asyncio.
 
-Why not the `websockets` client: LIBRARY-NOTES.md measured the bare server saturating a load
+Why not the `websockets` client: the bare server, measured on a 2-core machine, saturated a load
 generator built on it at ~83 % of a core, so the generator, not the server, would set the figure.
 These clients parse frame headers and look only for the ``"seq"`` of each message (a regex on the
 bytes, no JSON decode); compressed messages are inflated because a context-takeover stream cannot
