@@ -15,13 +15,8 @@ from django.conf import settings
 from django.test import AsyncClient
 
 from channels_app.hub import hub
-from channels_app.presence import (
-    MemoryPresence,
-    PresenceUnavailable,
-    RedisPresence,
-    get_presence,
-    users,
-)
+from channels_app.presence import MemoryPresence, PresenceUnavailable, get_presence, users
+from channels_app.presence_redis import RedisPresence
 from tests.apiclient import bearer, create_key
 
 WAIT_S = 10  # upper bound for an awaited diff; passing runs take milliseconds
