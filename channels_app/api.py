@@ -1,4 +1,5 @@
-"""HTTP endpoints of the realtime edge (tokens, presence), mounted on the API in routing_app."""
+"""HTTP endpoints of the realtime edge (tokens, presence, hub counts): a Router that the
+project's API (notify_project/api.py) mounts at ``/api/v1/``."""
 
 import logging
 from datetime import UTC, datetime

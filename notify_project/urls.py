@@ -2,9 +2,11 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import TemplateView
 
+from .api import api
+
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/v1/", include("routing_app.urls")),
+    path("api/v1/", api.urls),  # notify_project/api.py: the ninja API, its OpenAPI schema and docs
     path("", include("channels_app.urls")),
     path("", TemplateView.as_view(template_name="home.html"), name="home"),
 ]

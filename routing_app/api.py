@@ -1,12 +1,13 @@
-"""The HTTP API, mounted at ``/api/v1/`` (OpenAPI schema at ``/api/v1/openapi.json``, docs page
-at ``/api/v1/docs``).
+"""The router's HTTP endpoints (ingest, sources, topic history): a ninja Router that
+notify_project/api.py mounts at ``/api/v1/`` beside the realtime edge's.
 
 Ingest answers ``202 {id, topic, seq}`` only after the transaction committed. A retry with the same
 ``idempotency_key`` (and the same body) gets the first answer again, also ``202``, with the header
 ``Idempotent-Replayed: true``; the same key with another body gets 422.
 
 Every error answer is ``{"detail": str, "errors": [{"loc": [...], "msg": str}]}``; ``loc`` is the
-JSON path of the bad field in the request body (``["query", name]`` for query parameters):
+JSON path of the bad field in the request body (``["query", name]`` for query parameters;
+``error_response`` builds it, here and in notify_project/api.py's error handlers):
 400 bad input, 401 no/invalid/revoked key, 403 key lacks the scope, source or topic, 413 body too
 large, 415 not JSON, 422 idempotency key reused with another body, 429 over the key's rate
 (``Retry-After``), 503 database or rate limiter unreachable (``Retry-After``).
@@ -15,26 +16,22 @@ Order of checks: body size and content type, then the key (401/403), then the bo
 then the key's rights on what it posts (403), then, on a database thread, the rate (429) and the
 transaction. Posts to ``/notifications`` and ``/notifications/batch`` of concurrent requests share
 transactions (group_commit.py); each still gets its own answer. The ingest paths are served by a
-lean handler without Django's sync middleware (asgi_api.py). The realtime edge
-(``channels_app.api.router``) is mounted here too.
+lean handler without Django's sync middleware (asgi_api.py).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Literal
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
-from ninja import Field, NinjaAPI, Query, Router, Schema
+from ninja import Field, Query, Router, Schema
 from ninja.decorators import decorate_view
-from ninja.errors import AuthorizationError, HttpError, ValidationError
+from ninja.errors import AuthorizationError
+from ninja.renderers import JSONRenderer
 from pydantic import BaseModel, ConfigDict
-
-from channels_app.api import router as channels_router
 
 from . import apikeys, db_threads, group_commit, sources
 from .apikeys import ApiKeyAuth, KeyInfo
@@ -51,8 +48,6 @@ from .ingest import (
 from .models import SEVERITIES, SOURCES, Notification, Topic
 from .topics import is_valid_topic
 
-log = logging.getLogger(__name__)
-
 # One notification's body: its data may be up to MAX_MESSAGE_BYTES, the envelope is small.
 SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
 # Batches and multi-alert webhooks; below Django's DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB), which
@@ -60,13 +55,10 @@ SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
 BATCH_BODY_MAX_BYTES = 2 * 1024 * 1024
 HISTORY_MAX_LIMIT = 1000
 
-api = NinjaAPI(
-    title="notify",
-    version="1",
-    description="Ingest notifications from sources and read topic history. "
-    "Authenticate with `Authorization: Bearer <API key>`.",
-    urls_namespace="api-v1",
-)
+# The project's API renders with this one too (notify_project/api.py passes it to NinjaAPI), so
+# an answer built here, past ninja's response validation, is rendered as ninja renders the others.
+RENDERER = JSONRenderer()
+
 router = Router(tags=["ingest"])
 ingest_key = ApiKeyAuth(scope="ingest")
 any_key = ApiKeyAuth()
@@ -156,7 +148,14 @@ class History(Schema):
 ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503)}
 
 
-# --- errors -----------------------------------------------------------------------------------
+# --- answers ----------------------------------------------------------------------------------
+
+
+def json_response(request: HttpRequest, data: Any, status: int) -> HttpResponse:
+    """``data`` as a JSON answer with ``status``, rendered as the API renders (``RENDERER``)."""
+    content = RENDERER.render(request, data, response_status=status)
+    content_type = f"{RENDERER.media_type}; charset={RENDERER.charset}"
+    return HttpResponse(content, status=status, content_type=content_type)
 
 
 def error_response(
@@ -166,58 +165,11 @@ def error_response(
     errors: list[dict] | None = None,
     retry_after_s: int | None = None,
 ) -> HttpResponse:
-    response = api.create_response(
-        request, {"detail": detail, "errors": errors or []}, status=status
-    )
+    """The API's error answer: ``{"detail", "errors"}`` with ``status`` (and ``Retry-After``)."""
+    response = json_response(request, {"detail": detail, "errors": errors or []}, status)
     if retry_after_s is not None:
         response["Retry-After"] = str(retry_after_s)
     return response
-
-
-def _strip_param_source(loc: tuple) -> list:
-    # ninja: ("body", "<param name>", *path) for a body model; ("query", name) for the query
-    if loc and loc[0] == "body":
-        return list(loc[2:])
-    return list(loc)
-
-
-@api.exception_handler(ValidationError)
-def _on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
-    errors = [{"loc": _strip_param_source(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors]
-    return error_response(request, 400, "the request is not valid; see errors", errors)
-
-
-@api.exception_handler(IngestError)
-def _on_ingest_error(request: HttpRequest, exc: IngestError) -> HttpResponse:
-    detail = "the request is not valid; see errors"
-    if exc.status == 422:
-        detail = "the idempotency key was used before with a different body"
-    return error_response(request, exc.status, detail, exc.errors)
-
-
-@api.exception_handler(HttpError)
-def _on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
-    cause = exc.__cause__
-    if exc.status_code == 400 and isinstance(cause, ValueError):  # ninja: body parse failed
-        errors = [{"loc": [], "msg": str(cause)}]
-        return error_response(request, 400, "the body is not valid JSON", errors)
-    return error_response(
-        request, exc.status_code, exc.message, retry_after_s=getattr(exc, "retry_after_s", None)
-    )
-
-
-def _on_database_unreachable(request: HttpRequest, exc: Exception) -> HttpResponse:
-    log.warning("database unreachable: %s", exc)
-    return error_response(
-        request,
-        503,
-        "the database is unreachable; nothing was stored, retry later",
-        retry_after_s=apikeys.UNAVAILABLE_RETRY_AFTER_S,
-    )
-
-
-api.add_exception_handler(OperationalError, _on_database_unreachable)
-api.add_exception_handler(InterfaceError, _on_database_unreachable)
 
 
 def json_body(max_bytes: int):
@@ -297,7 +249,7 @@ async def _store(
 
 def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpResponse:
     body = {"results": [{**r.answer(), "replayed": not r.created} for r in results]}
-    return api.create_response(request, body, status=202)
+    return json_response(request, body, 202)
 
 
 # --- endpoints --------------------------------------------------------------------------------
@@ -313,7 +265,7 @@ def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpRes
 async def post_notification(request: HttpRequest, payload: NotificationBody):
     """Store one notification; 202 with its topic seq once committed."""
     [result] = await _store(request.auth, [payload.to_item()], REFUSE)
-    response = api.create_response(request, result.answer(), status=202)
+    response = json_response(request, result.answer(), 202)
     if not result.created:
         response["Idempotent-Replayed"] = "true"
     return response
@@ -410,8 +362,4 @@ async def topic_history(
     if not key.allows_topic(topic):
         raise AuthorizationError(403, f"this API key may not read topic '{topic}'")
     history = await db_threads.run(_history, key, topic, after, limit)
-    return api.create_response(request, history, status=200)
-
-
-api.add_router("", router)
-api.add_router("", channels_router)
+    return json_response(request, history, 200)

@@ -16,6 +16,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
+from .addresses import ADDRESS_KINDS, address_kind
 from .topics import validate_topic_name, validate_topic_pattern
 
 SOURCES = ["k8s", "alertmanager", "workflow", "user", "api", "system"]
@@ -263,6 +264,11 @@ class Channel(models.Model):
             raise ValidationError(errors)
 
 
+# addresses.py cannot import this module (this one imports it), so its kinds are plain strings:
+# they must stay values of Channel.Kind.
+assert set(ADDRESS_KINDS) <= set(Channel.Kind.values), "addresses.py names a kind Channel lacks"
+
+
 class Provider(models.Model):
     """One concrete backend of a channel; the balancer picks among a channel's providers."""
 
@@ -339,8 +345,6 @@ class Route(models.Model):
         if not isinstance(self.sources, list) or any(s not in SOURCES for s in self.sources):
             raise ValidationError({"sources": f"a list of sources from: {', '.join(SOURCES)}"})
         # The router skips an address it cannot classify; say so here rather than drop it.
-        from .router import address_kind  # router imports this module
-
         unknown = [a for a in self.literal_addresses() if address_kind(a) is None]
         if unknown:
             raise ValidationError(

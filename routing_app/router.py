@@ -23,6 +23,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
+from .addresses import address_kind
 from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
 from .topics import topic_matches
 
@@ -65,17 +66,6 @@ for _model in (Route, Channel, Contact):
     )
 for _through in (Route.channels.through, Route.users.through, Route.groups.through):
     m2m_changed.connect(invalidate_routes, sender=_through, dispatch_uid=f"routes-m2m-{_through}")
-
-
-def address_kind(address: str) -> str | None:
-    """Which outbound kind a literal address belongs to (None when it fits none)."""
-    if address.startswith(("http://", "https://")):
-        return Channel.Kind.WEBHOOK
-    if address.startswith("+") and address[1:].isdigit():
-        return Channel.Kind.SMS
-    if "@" in address:
-        return Channel.Kind.EMAIL
-    return None
 
 
 def _user_addresses(users) -> dict[str, list[tuple[str, int]]]:

@@ -1,0 +1,83 @@
+"""The project's HTTP API, mounted at ``/api/v1/`` (OpenAPI schema at ``/api/v1/openapi.json``,
+docs page at ``/api/v1/docs``): one NinjaAPI holding the router's endpoints (``routing_app.api``)
+and the realtime edge's (``channels_app.api``), and answering every error they raise in one shape,
+``{"detail": str, "errors": [{"loc": [...], "msg": str}]}`` (``routing_app.api.error_response``).
+
+Both apps only define Routers; mounting them here keeps the dependencies one way
+(``channels_app`` -> ``routing_app``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import HttpError, ValidationError
+
+from channels_app.api import router as realtime_router
+from routing_app import apikeys
+from routing_app.api import RENDERER, error_response
+from routing_app.api import router as ingest_router
+from routing_app.ingest import IngestError
+
+log = logging.getLogger(__name__)
+
+api = NinjaAPI(
+    title="notify",
+    version="1",
+    description="Ingest notifications from sources and read topic history. "
+    "Authenticate with `Authorization: Bearer <API key>`.",
+    urls_namespace="api-v1",
+    renderer=RENDERER,
+)
+
+
+def _strip_param_source(loc: tuple) -> list:
+    # ninja: ("body", "<param name>", *path) for a body model; ("query", name) for the query
+    if loc and loc[0] == "body":
+        return list(loc[2:])
+    return list(loc)
+
+
+@api.exception_handler(ValidationError)
+def _on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    errors = [{"loc": _strip_param_source(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors]
+    return error_response(request, 400, "the request is not valid; see errors", errors)
+
+
+@api.exception_handler(IngestError)
+def _on_ingest_error(request: HttpRequest, exc: IngestError) -> HttpResponse:
+    detail = "the request is not valid; see errors"
+    if exc.status == 422:
+        detail = "the idempotency key was used before with a different body"
+    return error_response(request, exc.status, detail, exc.errors)
+
+
+@api.exception_handler(HttpError)
+def _on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, ValueError):  # ninja: body parse failed
+        errors = [{"loc": [], "msg": str(cause)}]
+        return error_response(request, 400, "the body is not valid JSON", errors)
+    return error_response(
+        request, exc.status_code, exc.message, retry_after_s=getattr(exc, "retry_after_s", None)
+    )
+
+
+def _on_database_unreachable(request: HttpRequest, exc: Exception) -> HttpResponse:
+    log.warning("database unreachable: %s", exc)
+    return error_response(
+        request,
+        503,
+        "the database is unreachable; nothing was stored, retry later",
+        retry_after_s=apikeys.UNAVAILABLE_RETRY_AFTER_S,
+    )
+
+
+api.add_exception_handler(OperationalError, _on_database_unreachable)
+api.add_exception_handler(InterfaceError, _on_database_unreachable)
+
+api.add_router("", ingest_router)
+api.add_router("", realtime_router)
