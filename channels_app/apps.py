@@ -6,4 +6,11 @@ class ChannelsAppConfig(AppConfig):
     verbose_name = "Realtime edge"
 
     def ready(self) -> None:
-        from . import authz  # noqa: F401  (connects the rule-cache invalidation signals)
+        from routing_app import router
+
+        from . import (
+            authz,  # noqa: F401  (connects the rule-cache invalidation signals)
+            fanout,
+        )
+
+        router.register_after_commit_publisher(fanout.publish_committed)

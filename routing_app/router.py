@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
@@ -25,6 +26,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 
 from .addresses import address_kind
 from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
+from .pubsub import publish_pubsub
 from .topics import topic_matches
 
 log = logging.getLogger(__name__)
@@ -167,17 +169,33 @@ def _deliveries_for(n, channel_id, kind, r: CompiledRoute, extra: list[str]) -> 
     return out
 
 
+# Realtime publishers, registered by the realtime edge at start-up (its AppConfig.ready()): the
+# router knows no edge, it calls whatever registered, after commit only.
+RealtimePublisher = Callable[[list[tuple[str, dict]]], None]
+_after_commit_publishers: list[RealtimePublisher] = []
+
+
+def register_after_commit_publisher(publish: RealtimePublisher) -> None:
+    """Have ``publish(messages)`` called after every commit that stored notifications, with their
+    ``(topic, envelope)`` pairs in seq order per topic. It runs in the committing thread and may
+    raise (logged, never re-raised: clients recover a missed message from the stream by seq).
+    Registering the same function twice registers it once."""
+    if publish not in _after_commit_publishers:
+        _after_commit_publishers.append(publish)
+
+
 def _publish(messages: list[tuple[str, dict]], pubsub: list[tuple[str, Notification]]) -> None:
     """After commit: the realtime stream, then the pubsub channel kind. Never raises: the
     notification is stored, and clients recover a missed live message from the stream."""
-    from channels_app import fanout  # the realtime edge; imported late to keep apps decoupled
-
-    try:
-        fanout.publish(messages)
-    except Exception:  # noqa: BLE001  (degrade: resume recovers it; log once per batch)
-        log.warning("realtime publish failed for %d notification(s)", len(messages), exc_info=True)
+    for publish in _after_commit_publishers:
+        try:
+            publish(messages)
+        except Exception:  # noqa: BLE001  (degrade: resume recovers it; log once per batch)
+            log.warning(
+                "realtime publish failed for %d notification(s)", len(messages), exc_info=True
+            )
     if pubsub:
         try:
-            fanout.publish_pubsub([(topic, n.envelope(topic)) for topic, n in pubsub])
+            publish_pubsub([(topic, n.envelope(topic)) for topic, n in pubsub])
         except Exception:  # noqa: BLE001
             log.warning("pubsub publish failed for %d notification(s)", len(pubsub), exc_info=True)

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from channels_app import fanout
 from channels_app.hub import Message, hub
-from routing_app import stream_reads
+from routing_app import redis_publisher, stream_reads
 from routing_app.ingest import NotificationIn, ingest
 
 WAIT_S = 10
@@ -300,9 +300,9 @@ def own_redis(tmp_path, settings, monkeypatch):
     server = RedisServer(tmp_path)
     server.start()
     settings.REDIS_URL = server.url
-    monkeypatch.setattr(fanout, "_client", None)  # publish to this Redis
+    monkeypatch.setattr(redis_publisher, "_client", None)  # publish to this Redis
     yield server
-    fanout._client = None
+    redis_publisher._client = None
     if server.proc.poll() is None:
         server.kill()
 
