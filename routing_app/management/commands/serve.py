@@ -41,6 +41,40 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the forked child)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def uvicorn_argv(host: str, port: int, workers: int = 1) -> list[str]:
+    """uvicorn's command line for serving ``notify_project.asgi`` as production runs it.
+
+    The tests' server processes (tests/servers.py) run this same command line, so what they test
+    is what runs.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "notify_project.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--lifespan",
+        "off",  # Django has no lifespan handlers
+        # open SSE streams and sockets would hold a plain shutdown until SIGKILL
+        "--timeout-graceful-shutdown",
+        str(STOP_TIMEOUT_S // 2),
+        *settings.UVICORN_WS_ARGS,
+    ]
+
+
+CELERY_COMMAND = (sys.executable, "-m", "celery", "-A", "notify_project")
+
+
+def celery_worker_argv() -> list[str]:
+    """The Celery worker's command line as production runs it (tests/servers.py runs it too)."""
+    return [*CELERY_COMMAND, "worker", "--loglevel", "INFO"]
+
+
 @dataclass
 class Child:
     name: str
@@ -155,40 +189,16 @@ class Command(BaseCommand):
             # Each process would have its own in-memory channel layer and hub: a notification
             # ingested in one would never reach sockets held by another.
             raise CommandError("several workers need REDIS_URL (the embedded mode is one process)")
-        python = sys.executable
-        children = [
-            Child(
-                "uvicorn",
-                [
-                    python,
-                    "-m",
-                    "uvicorn",
-                    "notify_project.asgi:application",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--workers",
-                    str(workers),
-                    "--lifespan",
-                    "off",  # Django has no lifespan handlers
-                    # open SSE streams and sockets would hold a plain shutdown until SIGKILL
-                    "--timeout-graceful-shutdown",
-                    str(STOP_TIMEOUT_S // 2),
-                    *settings.UVICORN_WS_ARGS,
-                ],
-            )
-        ]
+        children = [Child("uvicorn", uvicorn_argv(host, port, workers))]
         schedule_dir = None
         if settings.REDIS_URL:
             schedule_dir = tempfile.TemporaryDirectory(prefix="notify-beat-")
-            celery = [python, "-m", "celery", "-A", "notify_project"]
             children += [
-                Child("celery worker", [*celery, "worker", "--loglevel", "INFO"]),
+                Child("celery worker", celery_worker_argv()),
                 Child(
                     "celery beat",
                     [
-                        *celery,
+                        *CELERY_COMMAND,
                         "beat",
                         "--loglevel",
                         "INFO",
