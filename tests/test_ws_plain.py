@@ -26,8 +26,9 @@ from channels_app import socket_auth, tokens
 from channels_app.hub import hub
 from channels_app.routing import websocket_application
 from channels_app.ws_plain import plain_socket_app
-from routing_app.ingest import NotificationIn, ingest, trim_retention
+from routing_app.ingest import NotificationIn, ingest
 from routing_app.models import Notification, Topic
+from routing_app.stream_writes import trim_retention
 
 WAIT_S = 10  # upper bound for one awaited frame; passing runs take milliseconds
 
