@@ -1,4 +1,4 @@
-"""The JavaScript client (static/notify/) in headless Chromium against a live server (issue 3 #5).
+"""The JavaScript client (static/notify/) in headless Chromium against a live server.
 
 A real uvicorn process serves notify (Redis mode when REDIS_URL is set), a second one on the same
 database stands in for "another server" that keeps accepting posts while the first is down. A tiny

@@ -1,4 +1,4 @@
-"""The plain JSON WebSocket at /ws/<topic>/ (issue 3 #2), at the ASGI level.
+"""The plain JSON WebSocket at /ws/<topic>/, at the ASGI level.
 
 ``channels.testing.WebsocketCommunicator`` drives the real websocket application
 (notify_project.asgi's routing) for protocol details; where a test needs a peer that stops
