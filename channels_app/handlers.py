@@ -7,7 +7,8 @@ when the handler was registered with a ``broadcast`` event name, sends the same 
 event to every client joined on the topic, on every process (``hub.broadcast_event``).
 
 The built-in handler for ``reverse_flow:*`` re-reads the topic's current state from the durable
-stream (last seq and latest notifications) and broadcasts it as ``reverse_flow_update``.
+stream (``stream_reads.current_state``: last seq and latest notifications) and broadcasts it as
+``reverse_flow_update``.
 
 Register your own at import time of an app's ``ready()``::
 
@@ -21,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from routing_app import stream_reads
 from routing_app.topics import topic_matches, validate_topic_pattern
 
 from .authz import Principal
-
-LATEST_COUNT = 20  # notifications included in a topic's current state
 
 
 @dataclass(frozen=True)
@@ -77,20 +77,7 @@ def registration_for(topic: str) -> Registration:
     raise NoHandler(f"topic {topic!r} has no request_update handler")
 
 
-async def current_state(topic: str) -> dict:
-    """The topic's latest state from the durable stream: ``{"topic", "last_seq", "oldest_seq",
-    "notifications": [envelope, ...]}`` with at most LATEST_COUNT newest notifications, oldest
-    first. A topic nothing was published on yet has last_seq 0 and no notifications."""
-    from routing_app import stream_reads
-
-    last_seq, oldest_seq = await stream_reads.topic_state(topic)
-    latest = []
-    if last_seq:
-        latest = await stream_reads.read_after(topic, max(last_seq - LATEST_COUNT, 0), LATEST_COUNT)
-    return {"topic": topic, "last_seq": last_seq, "oldest_seq": oldest_seq, "notifications": latest}
-
-
 @register("reverse_flow:*", broadcast="reverse_flow_update")
 async def reverse_flow_state(request: UpdateRequest) -> dict:
     """Built-in: a ``reverse_flow:<name>`` joiner asks for the current state again."""
-    return await current_state(request.topic)
+    return await stream_reads.current_state(request.topic)

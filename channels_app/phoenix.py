@@ -8,8 +8,8 @@ Every frame is ``[join_ref, ref, topic, event, payload]``. Client -> server:
 
 - ``phx_join`` on a topic (payload may carry ``{"since": N}``), authorized with ``authz`` READ; the
   reply is ``phx_reply`` ``{"status": "ok", "response": {}}`` or ``{"status": "error",
-  "response": {"reason": ...}}``. After an ok the channel gets ``current_state`` (handlers.py), the
-  notifications after ``since`` (or after the state's last seq: no gap between the two), then
+  "response": {"reason": ...}}``. After an ok the channel gets ``current_state`` (stream_reads),
+  the notifications after ``since`` (or after the state's last seq: no gap between the two), then
   ``presence_state``; live notifications follow as ``notification`` with the envelope as payload,
   and ``presence_diff`` when someone joins or leaves. A second join of a topic already joined on
   this socket replaces the first (``phx_close`` for the old join_ref), as phoenix does.
@@ -43,6 +43,7 @@ import time
 from django.conf import settings
 from django.db import DatabaseError
 
+from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
 from . import handlers
@@ -338,7 +339,7 @@ class PhoenixConnection:
         elif len(self.channels) >= MAX_TOPICS_PER_SOCKET:
             return refuse(f"one socket may join at most {MAX_TOPICS_PER_SOCKET} topics")
 
-        state = await handlers.current_state(topic)
+        state = await stream_reads.current_state(topic)
         joined = ChannelJoin(self, topic, join_ref)
         self.channels[topic] = joined
         self.reply(join_ref, ref, topic, "ok", {})

@@ -507,6 +507,4 @@ class NotificationStorage(StorageBase):
         return [Event(channel, row["event"], _json(row), id=row["seq"]) for row in rows]
 
     def get_current_id(self, channel: str) -> int:
-        from routing_app.models import Topic
-
-        return Topic.objects.filter(name=channel).values_list("last_seq", flat=True).first() or 0
+        return stream_reads.topic_last_seq(channel)

@@ -19,7 +19,6 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
 
-from .ingest import trim_retention
 from .models import (
     SOURCES,
     ApiKey,
@@ -32,6 +31,7 @@ from .models import (
     Source,
     Topic,
 )
+from .stream_writes import trim_retention
 
 # --- topics and their streams ---------------------------------------------------------------
 

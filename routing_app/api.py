@@ -33,7 +33,7 @@ from ninja.errors import AuthorizationError
 from ninja.renderers import JSONRenderer
 from pydantic import BaseModel, ConfigDict
 
-from . import apikeys, db_threads, group_commit, sources
+from . import apikeys, db_threads, group_commit, sources, stream_reads
 from .apikeys import ApiKeyAuth, KeyInfo
 from .ingest import (
     BATCH_MAX_ITEMS,
@@ -45,7 +45,7 @@ from .ingest import (
     check,
     persist,
 )
-from .models import SEVERITIES, SOURCES, Notification, Topic
+from .models import SEVERITIES, SOURCES
 from .topics import is_valid_topic
 
 # One notification's body: its data may be up to MAX_MESSAGE_BYTES, the envelope is small.
@@ -328,18 +328,10 @@ async def post_workflow(request: HttpRequest, payload: sources.WorkflowStep):
     return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
 
 
-def _history(key: KeyInfo, topic: str, after: int, limit: int) -> dict:
+def _history(key: KeyInfo, topic: str, after: int, limit: int) -> stream_reads.HistoryPage:
     apikeys.check_rate(key)
     apikeys.touch(key)
-    last_seq = Topic.objects.filter(name=topic).values_list("last_seq", flat=True).first() or 0
-    rows = Notification.objects.filter(topic__name=topic, seq__gt=after).order_by("seq")[:limit]
-    envelopes = [row.envelope(topic) for row in rows]
-    return {
-        "topic": topic,
-        "last_seq": last_seq,
-        "notifications": envelopes,
-        "next_after": envelopes[-1]["seq"] if envelopes else after,
-    }
+    return stream_reads.history_page(topic, after, limit)
 
 
 @router.get(
@@ -361,5 +353,11 @@ async def topic_history(
     key: KeyInfo = request.auth
     if not key.allows_topic(topic):
         raise AuthorizationError(403, f"this API key may not read topic '{topic}'")
-    history = await db_threads.run(_history, key, topic, after, limit)
+    page = await db_threads.run(_history, key, topic, after, limit)
+    history = {
+        "topic": topic,
+        "last_seq": page.last_seq,
+        "notifications": page.notifications,
+        "next_after": page.next_after,
+    }
     return json_response(request, history, 200)

@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from . import db_threads, router
-from .models import SEVERITIES, SOURCES, Notification, Topic
+from .models import SEVERITIES, SOURCES, Notification
 from .stream_writes import insert_notifications
 from .topics import is_valid_topic
 
@@ -278,16 +278,3 @@ def _insert(fresh: list[tuple[int, NotificationIn]]) -> list[IngestResult]:
         IngestResult(str(row.id), item.topic, row.seq, created=True)
         for row, item in zip(rows, items, strict=True)
     ]
-
-
-def trim_retention(topic: Topic) -> int:
-    """Delete what the topic's retention no longer keeps; return how many rows went."""
-    deleted = 0
-    if topic.retention_count:
-        cutoff = topic.last_seq - topic.retention_count
-        if cutoff > 0:
-            deleted += Notification.objects.filter(topic=topic, seq__lte=cutoff).delete()[0]
-    if topic.retention_days:
-        oldest = timezone.now() - timezone.timedelta(days=topic.retention_days)
-        deleted += Notification.objects.filter(topic=topic, created_at__lt=oldest).delete()[0]
-    return deleted

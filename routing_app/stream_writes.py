@@ -1,4 +1,5 @@
-"""Writing notification rows with their topic seqs: the SQL under ingest's guarantee.
+"""Writing a topic's durable stream: notification rows with their topic seqs (the SQL under
+ingest's guarantee), and trimming what retention no longer keeps (``trim_retention``).
 
 Every way below advances ``Topic.last_seq`` with an ``UPDATE`` on the topic's row, in the caller's
 transaction: the row lock it takes is held until that transaction ends, so the next writer of the
@@ -27,6 +28,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.db import connection, models, transaction
+from django.utils import timezone
 
 from .models import Notification, Topic
 
@@ -211,3 +213,16 @@ def _copy(rows: list[Notification]) -> None:
         with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row([_db_value(row, f) for f in fields])
+
+
+def trim_retention(topic: Topic) -> int:
+    """Delete what the topic's retention no longer keeps; return how many rows went."""
+    deleted = 0
+    if topic.retention_count:
+        cutoff = topic.last_seq - topic.retention_count
+        if cutoff > 0:
+            deleted += Notification.objects.filter(topic=topic, seq__lte=cutoff).delete()[0]
+    if topic.retention_days:
+        oldest = timezone.now() - timezone.timedelta(days=topic.retention_days)
+        deleted += Notification.objects.filter(topic=topic, created_at__lt=oldest).delete()[0]
+    return deleted

@@ -6,8 +6,8 @@ import logging
 
 from celery import shared_task
 
-from .ingest import trim_retention
 from .models import Topic
+from .stream_writes import trim_retention
 
 log = logging.getLogger(__name__)
 

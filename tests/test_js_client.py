@@ -1,4 +1,4 @@
-"""The JavaScript client (static/notify/) in headless Chromium against a live server (issue 3 #5).
+"""The JavaScript client (static/notify/) in headless Chromium against a live server.
 
 A real uvicorn process serves notify (Redis mode when REDIS_URL is set), a second one on the same
 database stands in for "another server" that keeps accepting posts while the first is down. A tiny
@@ -457,7 +457,7 @@ import os, sys
 import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
 django.setup()
-from routing_app.ingest import trim_retention
+from routing_app.stream_writes import trim_retention
 from routing_app.models import Topic
 Topic.objects.filter(name=sys.argv[1]).update(retention_count=int(sys.argv[2]))
 trim_retention(Topic.objects.get(name=sys.argv[1]))

@@ -72,7 +72,7 @@ import os, sys
 import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
 django.setup()
-from routing_app.ingest import trim_retention
+from routing_app.stream_writes import trim_retention
 from routing_app.models import Topic
 topic = Topic.objects.get(name=sys.argv[1])
 topic.retention_count = int(sys.argv[2])

@@ -1,4 +1,4 @@
-"""The plain JSON WebSocket at /ws/<topic>/ (issue 3 #2), at the ASGI level.
+"""The plain JSON WebSocket at /ws/<topic>/, at the ASGI level.
 
 ``channels.testing.WebsocketCommunicator`` drives the real websocket application
 (notify_project.asgi's routing) for protocol details; where a test needs a peer that stops
@@ -26,8 +26,9 @@ from channels_app import socket_auth, tokens
 from channels_app.hub import hub
 from channels_app.routing import websocket_application
 from channels_app.ws_plain import plain_socket_app
-from routing_app.ingest import NotificationIn, ingest, trim_retention
+from routing_app.ingest import NotificationIn, ingest
 from routing_app.models import Notification, Topic
+from routing_app.stream_writes import trim_retention
 
 WAIT_S = 10  # upper bound for one awaited frame; passing runs take milliseconds
 

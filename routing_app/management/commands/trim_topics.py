@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from routing_app.ingest import trim_retention
 from routing_app.models import Topic
+from routing_app.stream_writes import trim_retention
 
 
 class Command(BaseCommand):
