@@ -14,7 +14,8 @@ Every frame is ``[join_ref, ref, topic, event, payload]``. Client -> server:
   and ``presence_diff`` when someone joins or leaves. A second join of a topic already joined on
   this socket replaces the first (``phx_close`` for the old join_ref), as phoenix does.
 - ``phx_leave``: reply ok, then ``phx_close``.
-- ``heartbeat`` on topic ``phoenix``: reply ok. The socket is closed (4408) after
+- ``heartbeat`` on topic ``phoenix``: reply ok. The socket is closed (4408,
+  ``CloseCode.HEARTBEAT_TIMEOUT``) after
   ``HEARTBEAT_TIMEOUT_S`` without any frame; the client heartbeats every 30 s.
 - ``request_update``: runs the handler registered for the topic's family (handlers.py), replies ok
   with its response and broadcasts its event (``reverse_flow_update``) to every joined client on
@@ -22,6 +23,9 @@ Every frame is ``[join_ref, ref, topic, event, payload]``. Client -> server:
 - Anything else: an error reply, never a silent drop. A frame that is not a V2 frame at all gets
   ``phx_error`` on topic ``phoenix`` (no channel has that topic, so clients only log it). A handler
   that fails sends ``phx_error`` for its channel, which makes the client rejoin.
+
+Payload shapes are in ``frames.py``; notification, reset and topic-event payloads are the plain
+protocol's. Close codes are ``close_codes.CloseCode``.
 
 Server-initiated frames that every socket shares (notifications, broadcasts, diffs) carry a null
 join_ref: the client's ``Channel.isMember`` accepts them on any join of the topic, so one frame,
@@ -46,8 +50,9 @@ from django.db import DatabaseError
 from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
-from . import handlers
+from . import frames, handlers
 from .authz import READ, Principal, adecide
+from .close_codes import CloseCode
 from .hub import HubUnavailable, Message, Unsubscribed, hub
 from .presence import PresenceUnavailable, Tracked, get_presence, presence_key
 from .sender import ConnectionSender
@@ -59,13 +64,6 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL = "phoenix"
 SOCKET_TOPIC = "phoenix"  # the socket's own topic: heartbeats
 MAX_TOPICS_PER_SOCKET = 100  # joins beyond this are refused: one socket is one client
-
-CLOSE_TOO_BIG = 1009
-CLOSE_BAD_REQUEST = 4400  # unsupported protocol version
-CLOSE_UNAUTHORIZED = 4401  # forged or expired token
-CLOSE_HEARTBEAT_TIMEOUT = 4408
-CLOSE_TOO_SLOW = 4429
-CLOSE_TRY_LATER = 1013
 
 
 def encode(join_ref: str | None, ref: str | None, topic: str, event: str, payload) -> str:
@@ -189,18 +187,18 @@ class PhoenixConnection:
         vsn = query_params(self.scope).get("vsn", "")
         if not vsn.startswith("2."):
             # 1.x is the older map-based serializer, which we do not speak
-            await self.send({"type": "websocket.close", "code": CLOSE_BAD_REQUEST})
+            await self.send({"type": "websocket.close", "code": CloseCode.BAD_REQUEST})
             return False
         offered = self.scope.get("subprotocols") or []
         try:
             self.principal = await self.authenticate()
         except PermissionError as exc:
             log.info("phoenix socket refused: %s", exc)
-            await self.send({"type": "websocket.close", "code": CLOSE_UNAUTHORIZED})
+            await self.send({"type": "websocket.close", "code": CloseCode.UNAUTHENTICATED})
             return False
         except DatabaseError as exc:  # cannot load the user: the client reconnects later
             log.warning("phoenix socket refused, database unavailable: %s", exc)
-            await self.send({"type": "websocket.close", "code": CLOSE_TRY_LATER})
+            await self.send({"type": "websocket.close", "code": CloseCode.TRY_LATER})
             return False
         accept = {"type": "websocket.accept"}
         if SUBPROTOCOL in offered:
@@ -222,7 +220,7 @@ class PhoenixConnection:
     def _check_heartbeat(self) -> None:
         silent_s = time.monotonic() - self.last_seen
         if silent_s >= settings.HEARTBEAT_TIMEOUT_S:
-            self.sender.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            self.sender.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
         else:
             self._arm_heartbeat_timer(settings.HEARTBEAT_TIMEOUT_S - silent_s)
 
@@ -233,11 +231,11 @@ class PhoenixConnection:
 
     def too_slow(self) -> None:
         """The send queue is full: close (the client reconnects, rejoins with since, catches up)."""
-        self.sender.close(CLOSE_TOO_SLOW, "too slow: send buffer full")
+        self.sender.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
 
     def reply(self, join_ref, ref, topic: str, status: str, response: dict) -> None:
         self.write(
-            encode(join_ref, ref, topic, "phx_reply", {"status": status, "response": response})
+            encode(join_ref, ref, topic, "phx_reply", frames.phoenix_reply(status, response))
         )
 
     def push(self, join_ref, topic: str, event: str, payload: dict) -> None:
@@ -251,7 +249,7 @@ class PhoenixConnection:
         else:
             too_big = len(data or b"") > limit
         if too_big:
-            self.sender.close(CLOSE_TOO_BIG, f"frame over {settings.MAX_MESSAGE_BYTES} bytes")
+            self.sender.close(CloseCode.TOO_BIG, f"frame over {settings.MAX_MESSAGE_BYTES} bytes")
             return
         try:
             join_ref, ref, topic, event, payload = parse_frame(text)
@@ -263,7 +261,7 @@ class PhoenixConnection:
         except DatabaseError as exc:  # an outage, not a bug: the channel stays, the client retries
             log.warning("phoenix: %s on %s: database unavailable: %s", event, topic, exc)
             reason = "temporarily unavailable: try again"
-            self.reply(join_ref, ref, topic, "error", {"reason": reason})
+            self.reply(join_ref, ref, topic, "error", frames.reason(reason))
         except Exception:  # a channel crash: tell the client (it rejoins), keep the socket
             log.exception("phoenix: %s on %s failed", event, topic)
             joined = self.channels.get(topic)
@@ -271,7 +269,7 @@ class PhoenixConnection:
                 await self.drop_channel(topic)
                 self.write(encode(joined.join_ref, joined.join_ref, topic, "phx_error", {}))
             else:
-                self.reply(join_ref, ref, topic, "error", {"reason": "internal error"})
+                self.reply(join_ref, ref, topic, "error", frames.reason("internal error"))
 
     def on_malformed(self, text: str | None, reason: str) -> None:
         """Answer what can be answered: a reply when the frame has a ref and topic, else a
@@ -289,16 +287,16 @@ class PhoenixConnection:
             and isinstance(frame[2], str)
         ):
             join_ref = frame[0] if isinstance(frame[0], str) else None
-            self.reply(join_ref, frame[1], frame[2], "error", {"reason": f"malformed: {reason}"})
+            self.reply(join_ref, frame[1], frame[2], "error", frames.reason(f"malformed: {reason}"))
         else:
-            self.push(None, SOCKET_TOPIC, "phx_error", {"reason": f"malformed frame: {reason}"})
+            self.push(None, SOCKET_TOPIC, "phx_error", frames.reason(f"malformed frame: {reason}"))
 
     async def dispatch(self, join_ref, ref, topic: str, event: str, payload) -> None:
         if topic == SOCKET_TOPIC:
             if event == "heartbeat":
                 self.reply(None, ref, topic, "ok", {})
             else:
-                self.reply(join_ref, ref, topic, "error", {"reason": f"unknown event {event!r}"})
+                self.reply(join_ref, ref, topic, "error", frames.reason(f"unknown event {event!r}"))
             return
         if event == "phx_join":
             await self.join(join_ref, ref, topic, payload)
@@ -307,17 +305,17 @@ class PhoenixConnection:
         if event == "phx_leave":
             await self.leave(join_ref, ref, topic)
         elif joined is None:
-            self.reply(join_ref, ref, topic, "error", {"reason": "unmatched topic"})
+            self.reply(join_ref, ref, topic, "error", frames.reason("unmatched topic"))
         elif event == "request_update":
             await self.request_update(joined, ref, payload)
         else:
-            self.reply(join_ref, ref, topic, "error", {"reason": f"unknown event {event!r}"})
+            self.reply(join_ref, ref, topic, "error", frames.reason(f"unknown event {event!r}"))
 
     # -- channel events -------------------------------------------------------------------
 
     async def join(self, join_ref, ref, topic: str, payload) -> None:
         def refuse(reason: str) -> None:
-            self.reply(join_ref, ref, topic, "error", {"reason": reason})
+            self.reply(join_ref, ref, topic, "error", frames.reason(reason))
 
         if not is_valid_topic(topic):
             return refuse(
@@ -357,12 +355,7 @@ class PhoenixConnection:
             return
         joined.subscribed = True
         if result.reset:
-            reset = {
-                "topic": topic,
-                "since": since,
-                "oldest_seq": result.oldest_seq,
-                "last_seq": result.last_seq,
-            }
+            reset = frames.reset_payload(topic, since, result.oldest_seq, result.last_seq)
             self.push(join_ref, topic, "reset", reset)
         await self.track_presence(joined)
 
@@ -414,7 +407,7 @@ class PhoenixConnection:
         try:
             registration = handlers.registration_for(joined.topic)
         except handlers.NoHandler as exc:
-            self.reply(joined.join_ref, ref, joined.topic, "error", {"reason": str(exc)})
+            self.reply(joined.join_ref, ref, joined.topic, "error", frames.reason(str(exc)))
             return
         response = await registration.handler(request)
         self.reply(joined.join_ref, ref, joined.topic, "ok", response)

@@ -9,6 +9,7 @@ from channels.routing import URLRouter
 from django.urls import path
 
 from . import log_redaction
+from .close_codes import CloseCode
 from .phoenix import phoenix_app
 from .socket_auth import origin_allowed
 from .ws_plain import plain_socket_app
@@ -29,7 +30,7 @@ class OriginCheck:
         if scope["type"] == "websocket" and not origin_allowed(scope):
             event = await receive()
             if event["type"] == "websocket.connect":
-                await send({"type": "websocket.close", "code": 4403})
+                await send({"type": "websocket.close", "code": CloseCode.FORBIDDEN})
             return
         return await self.app(scope, receive, send)
 

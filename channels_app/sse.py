@@ -2,7 +2,8 @@
 
 Protocol: https://html.spec.whatwg.org/multipage/server-sent-events.html (``EventSource``).
 
-What a client receives (``data`` is always one line of compact JSON)::
+What a client receives (``data`` is always one line of compact JSON, built by ``frames.py``,
+whose docstrings give each shape in full)::
 
     : open                                   first bytes: the stream is accepted (a comment)
     event: reset                             only when the resume point is older than retention
@@ -39,46 +40,9 @@ responses too; pages of other origins are refused outright (``socket_auth.origin
 A logged-in reader is present on the topic while its stream is open (``presence.py``: same key
 and meta as a Phoenix join, ``via: "sse"``), tracked once live and untracked when it ends.
 
-Why a raw ASGI app rather than django-eventstream's view, and which parts of it are used
-(each pitfall checked in django_eventstream 5.3.4's installed source):
-
-(a) One OS thread per open stream. Its ``views.events`` is a sync view returning a
-    ``StreamingHttpResponse`` over an async generator. Under ASGI, Django's ``ASGIHandler`` wraps
-    every request in ``asgiref.sync.ThreadSensitiveContext``, and the first thread-sensitive call
-    in it (the sync view itself, but equally the ``request_started`` signal's sync receivers and
-    every ``MiddlewareMixin`` middleware) creates a one-thread executor owned by that request
-    until the response ends. Measured here (uvicorn, 30 open streams): +30 OS threads with its
-    view, and also +30 with an *async* Django view, even with no middleware but CORS. So no view
-    inside Django's handler avoids it; this app is routed before Django (``with_sse`` in
-    ``notify_project/asgi.py``), never enters that context, and only touches the database through
-    ``stream``/``socket_auth``/``authz`` at connect time (worker pools or asgiref's one shared
-    sync thread). tests/test_sse.py holds 50 streams open and checks the thread count stays flat.
-(b) Its Redis listener never restarts. ``ListenerManager.add_listener`` starts
-    ``RedisListener.listen()`` once per process (``redis_listener_started = True``) as a bare
-    task: ``async for message in self.pubsub.listen()`` has no error handling, so once redis-py
-    gives up reconnecting the task dies with its exception and nothing starts it again; that
-    process silently stops delivering. We never set ``EVENTSTREAM_REDIS``: the hub
-    (``hub.py``) is the only Redis listener bridge, and it reconnects, resubscribes and back-fills
-    from the database by itself.
-(c) Its storage deletes on every append. ``DjangoModelStorage.append_event`` calls
-    ``trim_event_log()`` after each insert (a query, and deletes in batches of 50, on the
-    publishing path; plus a locked counter row per channel). We do not use its storage: the
-    durable stream is our ``Notification`` table, its seq taken once at ingest, and retention is
-    trimmed by the periodic ``trim_retention_all`` task. ``NotificationStorage`` below only
-    implements its storage *interface* over that table.
-Also in its view: a hard-coded 20 s keep-alive sent as an event, a 2 KB padding prefix, and a
-per-listener queue of 10 that silently flags overflow; ours are a setting, a comment, none, and a
-bounded send queue that closes the stream (the client resumes by Last-Event-ID).
-
-Used from django-eventstream, where it fits:
-- ``utils.sse_encode_event``: the SSE framing (strips CR/LF/NUL from event names and ids, splits
-  data lines); the hub runs it once per message per process for all SSE streams (encoding "sse").
-- ``utils.parse_last_event_id``: accepts its ``<channel>:<id>`` Last-Event-ID form.
-- ``send_event(topic, event, data)`` keeps working for code written against it, through
-  ``EVENTSTREAM_STORAGE_CLASS = NotificationStorage`` (ingest: persisted, seq, routed, published
-  to every process by the hub) and ``EVENTSTREAM_CHANNELMANAGER_CLASS = TopicChannelManager``
-  (our topic rules answer its ``can_read_channel``). ``data`` must be a JSON object.
-Not used: its views, URLs, Listener/ListenerManager, RedisListener and storages.
+Why notify keeps its own endpoint beside django-eventstream: its view holds one OS thread per
+open stream (Django's ASGI handler), its Redis listener never restarts after an outage, and its
+storage deletes on every append. Only its SSE framing and ``send_event()`` are used: docs/sse.md.
 """
 
 from __future__ import annotations
@@ -101,7 +65,9 @@ from django_eventstream.utils import parse_last_event_id, sse_encode_event
 from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
+from . import frames
 from .authz import READ, Principal, adecide, decide
+from .frames import ErrorCode
 from .hub import HubUnavailable, Message, Unsubscribed, hub
 from .presence import ConnectionPresence
 from .sender import ConnectionSender, limit_kernel_buffer
@@ -236,8 +202,7 @@ class EventStream:
         self.sender.push(_body(frame))
 
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
-        data = {"type": "event", "topic": topic, "event": event, "payload": payload}
-        self.sender.push(_body(_event(event, data)))
+        self.sender.push(_body(_event(event, frames.event(topic, event, payload))))
 
     def push(self, chunk: bytes) -> None:
         self.sender.push(_body(chunk))
@@ -251,15 +216,15 @@ class EventStream:
         reconnects with Last-Event-ID and reads the rest from the durable stream."""
         hub.detach(self.topic, self)
         self.end(
-            "too_slow",
+            ErrorCode.TOO_SLOW,
             "the stream fell too far behind and was closed; reconnect with Last-Event-ID",
         )
 
-    def end(self, code: str, message: str, retry_ms: int | None = None) -> None:
+    def end(self, code: ErrorCode, message: str, retry_ms: int | None = None) -> None:
         """Send a last ``stream-error`` and end the response (also past a full backlog)."""
         if self.finished.done():
             return
-        data = {"type": "error", "code": code, "message": message}
+        data = frames.error(code, message)
         self.sender.push_final(_body(_event("stream-error", data, retry_ms=retry_ms)))
         self.sender.push_final({"type": "http.response.body", "body": b"", "more_body": False})
         self.finished.set_result(code)
@@ -330,7 +295,7 @@ async def sse_app(scope: dict, receive, send) -> None:
 async def _unavailable(scope: dict, send, message: str) -> None:
     """A stream that only says ``stream-error`` "unavailable" with ``retry``: a 200, so that
     EventSource tries again by itself (it gives up for good on any other status)."""
-    data = {"type": "error", "code": "unavailable", "message": message}
+    data = frames.error(ErrorCode.UNAVAILABLE, message)
     headers = STREAM_HEADERS + cors_headers(scope, HttpResponse())
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     body = OPEN_CHUNK + _event("stream-error", data, retry_ms=UNAVAILABLE_RETRY_MS)
@@ -391,28 +356,14 @@ async def _subscribe(events: EventStream, topic: str, since: int | None) -> None
     if since is not None:
         last_seq, oldest_seq = await stream_reads.topic_state(topic)
         if needs_reset(since, last_seq, oldest_seq):
-            data = {
-                "type": "reset",
-                "topic": topic,
-                "since": since,
-                "oldest_seq": oldest_seq,
-                "last_seq": last_seq,
-            }
+            data = frames.reset(topic, since, oldest_seq, last_seq)
             events.push(_event("reset", data, event_id=last_seq))
             since = last_seq
     result = await hub.subscribe(topic, events, since)
     if result.reset:  # retention ran between our check and the hub's: say so, late
-        data = {
-            "type": "reset",
-            "topic": topic,
-            "since": since,
-            "oldest_seq": result.oldest_seq,
-            "last_seq": result.last_seq,
-        }
+        data = frames.reset(topic, since, result.oldest_seq, result.last_seq)
         events.push(_event("reset", data, event_id=result.last_seq))
-    events.push(
-        _event("subscribed", {"type": "subscribed", "topic": topic, "last_seq": result.last_seq})
-    )
+    events.push(_event("subscribed", frames.subscribed(topic, result.last_seq)))
     # Present once live (a logged-in reader only). After `subscribed`: nothing may come between
     # the replay and it. A client leaving meanwhile cancels this task; _stream's finally still
     # undoes the track (ConnectionPresence).
@@ -427,7 +378,7 @@ def _report_unavailable(events: EventStream, topic: str, exc: BaseException) -> 
     else:
         log.warning("SSE on topic %s: cannot subscribe (%s: %s)", topic, type(exc).__name__, exc)
         message = "the notification store is unreachable"
-    events.end("unavailable", f"{message}; retrying", retry_ms=UNAVAILABLE_RETRY_MS)
+    events.end(ErrorCode.UNAVAILABLE, f"{message}; retrying", retry_ms=UNAVAILABLE_RETRY_MS)
 
 
 # --- routing ----------------------------------------------------------------------------------
@@ -437,7 +388,8 @@ SSE_PATH = "events/<str:topic>/"  # channels_app/urls.py names the same path "ev
 
 def with_sse(http_app):
     """ASGI ``http`` app: ``/events/<topic>/`` to ``sse_app``, everything else to ``http_app``
-    (Django). Routed here, before Django's handler, for pitfall (a) in the module docstring."""
+    (Django). Routed here, before Django's handler: inside it every open stream would hold an OS
+    thread (docs/sse.md, pitfall (a))."""
     pattern = RoutePattern(SSE_PATH, is_endpoint=True)
 
     async def app(scope: dict, receive, send) -> None:

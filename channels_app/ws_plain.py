@@ -1,17 +1,19 @@
 """The plain JSON WebSocket at ``/ws/<topic>/``: a raw ASGI app on the per-process hub.
 
-Protocol (notes/REALTIME-CONTRACT.md; RFC 6455 for close codes):
+Protocol (docs/realtime-contract.md; RFC 6455 for close codes):
 - connect ``/ws/<topic>/?token=<token>&since=<seq>`` (token optional with a session cookie);
-- server -> client: ``subscribed`` (once live and replayed), ``notification``, ``reset``,
-  ``ping``/``pong``, ``ack``, ``presence``, ``event``, ``error`` (the socket stays open);
+- server -> client (shapes in ``frames.py``): ``subscribed`` (once live and replayed),
+  ``notification``, ``reset``, ``ping``/``pong``, ``ack``, ``presence``, ``event``, ``error``
+  (the socket stays open);
 - client -> server: ``ping``, ``pong``, ``publish``, ``resume``, ``presence``;
-- close codes: 1009 frame over 64 KB, 4400 bad topic or since, 4401 missing/forged/expired token,
-  4403 topic not allowed, 4408 silent for two heartbeat intervals, 4429 too slow to read,
-  1013 realtime bus unavailable (retry later).
+- close codes (``close_codes.CloseCode``): 1009 frame over 64 KB, 4400 bad topic or since, 4401
+  missing/forged/expired token, 4403 topic not allowed, 4408 silent for two heartbeat intervals,
+  4429 too slow to read, 1013 realtime bus or database unavailable (retry later).
 
 A raw ASGI app, not a Channels consumer: Channels' ``dispatch`` awaits a trip to the shared sync
 thread before every handler (``aclose_old_connections``), per message per socket, and the
-consumer class costs more per connection (LIBRARY-NOTES.md: raw ASGI measured fastest). No ORM
+consumer class costs more per connection (measured here: a raw ASGI app delivered the most
+messages per second of the shapes tried, a consumer the fewest). No ORM
 on the per-message path: authentication, authorization and replay happen at connect/resume only,
 presence (a logged-in user, meta ``via: "websocket"``) at connect and disconnect only.
 """
@@ -28,8 +30,10 @@ from django.db import DatabaseError
 
 from routing_app.topics import is_valid_topic
 
-from . import socket_auth
+from . import frames, socket_auth
 from .authz import PUBLISH, READ, adecide
+from .close_codes import CloseCode
+from .frames import ErrorCode
 from .hub import JSON_SEPARATORS, Batch, HubUnavailable, Message, SubscribeResult, Unsubscribed, hub
 from .presence import ConnectionPresence
 from .sender import ConnectionSender, limit_kernel_buffer
@@ -37,13 +41,6 @@ from .tokens import TokenError
 
 log = logging.getLogger(__name__)
 
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_LATER = 1013
-CLOSE_BAD_REQUEST = 4400
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_HEARTBEAT = 4408
-CLOSE_TOO_SLOW = 4429
 # Client frames per second a socket may send (bucket refills at this rate, holds twice as much):
 # a flood gets error frames, not a stalled server.
 CLIENT_FRAMES_PER_S = 50
@@ -88,11 +85,11 @@ class PlainSocket:
         self.sender.push_texts(batch.frames("plain"), batch.ws_bytes("plain"))
 
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
-        self.send_json({"type": "event", "topic": topic, "event": event, "payload": payload})
+        self.send_json(frames.event(topic, event, payload))
 
     def overflow(self) -> None:
         hub.detach(self.topic, self)
-        self.sender.close(CLOSE_TOO_SLOW, "too slow: send buffer full")
+        self.sender.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
 
     async def drained(self) -> None:
         await self.sender.drained()
@@ -102,13 +99,10 @@ class PlainSocket:
     def send_json(self, obj: dict) -> None:
         self.sender.push({"type": "websocket.send", "text": _dumps(obj)})
 
-    def error(self, code: str, message: str, ref=None) -> None:
-        frame = {"type": "error", "code": code, "message": message}
-        if ref is not None:
-            frame["ref"] = ref
-        self.send_json(frame)
+    def error(self, code: ErrorCode, message: str, ref=None) -> None:
+        self.send_json(frames.error(code, message, ref))
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: CloseCode, reason: str = "") -> None:
         hub.detach(self.topic, self)
         self.sender.close(code, reason)
 
@@ -123,9 +117,11 @@ class PlainSocket:
             return
         idle = time.monotonic() - self.last_seen
         if idle >= settings.HEARTBEAT_TIMEOUT_S:
-            self.close(CLOSE_HEARTBEAT, "heartbeat timeout: nothing received from the client")
+            self.close(
+                CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout: nothing received from the client"
+            )
             return
-        self.send_json({"type": "ping"})
+        self.send_json(frames.ping())
         delay = min(settings.HEARTBEAT_INTERVAL_S, settings.HEARTBEAT_TIMEOUT_S - idle)
         self.heartbeat = loop.call_later(delay, self._beat, loop)
 
@@ -167,25 +163,17 @@ async def _subscribe(sock: PlainSocket, since: int | None) -> bool:
     try:
         result: SubscribeResult = await hub.subscribe(sock.topic, sock, since)
     except HubUnavailable as exc:
-        sock.close(CLOSE_TRY_LATER, str(exc))
+        sock.close(CloseCode.TRY_LATER, str(exc))
         return False
     except DatabaseError:
         log.warning("socket replay failed: database unavailable", exc_info=True)
-        sock.close(CLOSE_TRY_LATER, "history is unavailable; reconnect later")
+        sock.close(CloseCode.TRY_LATER, "history is unavailable; reconnect later")
         return False
     except Unsubscribed:
         return False
     if result.reset:
-        sock.send_json(
-            {
-                "type": "reset",
-                "topic": sock.topic,
-                "since": since,
-                "oldest_seq": result.oldest_seq,
-                "last_seq": result.last_seq,
-            }
-        )
-    sock.send_json({"type": "subscribed", "topic": sock.topic, "last_seq": result.last_seq})
+        sock.send_json(frames.reset(sock.topic, since, result.oldest_seq, result.last_seq))
+    sock.send_json(frames.subscribed(sock.topic, result.last_seq))
     return True
 
 
@@ -235,26 +223,26 @@ async def _wait_disconnect(receive) -> None:
 async def _admit(scope, topic: str):
     """Check the connection: (close code or 0, reason, principal, since)."""
     if not is_valid_topic(topic):
-        return CLOSE_BAD_REQUEST, "bad topic name", None, None
+        return CloseCode.BAD_REQUEST, "bad topic name", None, None
     params = socket_auth.query_params(scope)
     since = None
     if params.get("since", "") != "":
         try:
             since = _parse_since(params["since"])
         except ValueError:
-            return CLOSE_BAD_REQUEST, "since must be a non-negative integer", None, None
+            return CloseCode.BAD_REQUEST, "since must be a non-negative integer", None, None
     try:
         principal = await socket_auth.principal_for_scope(scope)
     except TokenError as exc:
-        return CLOSE_UNAUTHENTICATED, str(exc)[:120], None, None
+        return CloseCode.UNAUTHENTICATED, str(exc)[:120], None, None
     except DatabaseError:
         log.warning("socket authentication failed: database unavailable", exc_info=True)
-        return CLOSE_TRY_LATER, "cannot check credentials now; reconnect later", None, None
+        return CloseCode.TRY_LATER, "cannot check credentials now; reconnect later", None, None
     decision = await adecide(principal, topic, READ)
     if not decision.allowed:
         if not principal.is_authenticated:
-            return CLOSE_UNAUTHENTICATED, "log in or pass ?token=", None, None
-        return CLOSE_FORBIDDEN, decision.reason[:120], None, None
+            return CloseCode.UNAUTHENTICATED, "log in or pass ?token=", None, None
+        return CloseCode.FORBIDDEN, decision.reason[:120], None, None
     return 0, "", principal, since
 
 
@@ -263,31 +251,31 @@ async def _on_frame(sock: PlainSocket, event: dict) -> None:
     if text is None:
         data = event.get("bytes") or b""
         if len(data) > settings.MAX_MESSAGE_BYTES:
-            sock.close(CLOSE_TOO_BIG, "frame over 64 KB")
+            sock.close(CloseCode.TOO_BIG, "frame over 64 KB")
             return
-        sock.error("binary_unsupported", "send JSON as text frames")
+        sock.error(ErrorCode.BINARY_UNSUPPORTED, "send JSON as text frames")
         return
     # The server's own limit (uvicorn --ws-max-size) is a little higher; this is the exact one.
     if len(text) > settings.MAX_MESSAGE_BYTES // 4 and len(text.encode()) > (
         settings.MAX_MESSAGE_BYTES
     ):
-        sock.close(CLOSE_TOO_BIG, "frame over 64 KB")
+        sock.close(CloseCode.TOO_BIG, "frame over 64 KB")
         return
     if not sock.take_budget():
-        sock.error("rate_limited", f"at most {CLIENT_FRAMES_PER_S} frames per second")
+        sock.error(ErrorCode.RATE_LIMITED, f"at most {CLIENT_FRAMES_PER_S} frames per second")
         return
     try:
         frame = json.loads(text)
     except ValueError:
-        sock.error("bad_json", "frame is not valid JSON")
+        sock.error(ErrorCode.BAD_JSON, "frame is not valid JSON")
         return
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-        sock.error("bad_frame", 'a frame is a JSON object with a string "type"')
+        sock.error(ErrorCode.BAD_FRAME, 'a frame is a JSON object with a string "type"')
         return
     kind = frame["type"]
     ref = frame.get("ref")
     if kind == "ping":
-        sock.send_json({"type": "pong"})
+        sock.send_json(frames.pong())
     elif kind == "pong":
         pass
     elif kind == "publish":
@@ -296,14 +284,14 @@ async def _on_frame(sock: PlainSocket, event: dict) -> None:
         try:
             since = _parse_since(frame.get("since"))
         except ValueError:
-            sock.error("bad_frame", "resume needs since: a non-negative integer", ref)
+            sock.error(ErrorCode.BAD_FRAME, "resume needs since: a non-negative integer", ref)
             return
         await _subscribe(sock, since)
     elif kind == "presence":
         await _presence(sock, ref)
     else:
         sock.error(
-            "unknown_type",
+            ErrorCode.UNKNOWN_TYPE,
             f"unknown frame type {kind[:40]!r}: use ping, pong, publish, resume or presence",
             ref,
         )
@@ -314,11 +302,11 @@ async def _publish(sock: PlainSocket, frame: dict, ref) -> None:
 
     decision = await adecide(sock.principal, sock.topic, PUBLISH)
     if not decision.allowed:
-        sock.error("forbidden", decision.reason, ref)
+        sock.error(ErrorCode.FORBIDDEN, decision.reason, ref)
         return
     event, data, severity = frame.get("event"), frame.get("data", {}), frame.get("severity", "info")
     if not isinstance(event, str) or not isinstance(severity, str):
-        sock.error("invalid", "publish needs event (a string) and data (an object)", ref)
+        sock.error(ErrorCode.INVALID, "publish needs event (a string) and data (an object)", ref)
         return
     item = NotificationIn(
         topic=sock.topic, event=event, data=data, severity=severity, source="user"
@@ -326,30 +314,24 @@ async def _publish(sock: PlainSocket, frame: dict, ref) -> None:
     try:
         [result] = await aingest([item])
     except IngestError as exc:
-        sock.error("invalid", str(exc), ref)
+        sock.error(ErrorCode.INVALID, str(exc), ref)
         return
     except DatabaseError:
         log.warning("publish from a socket failed: database unavailable", exc_info=True)
-        sock.error("unavailable", "could not store the notification; try again", ref)
+        sock.error(ErrorCode.UNAVAILABLE, "could not store the notification; try again", ref)
         return
-    answer = {"type": "ack", "seq": result.seq, "id": result.id}
-    if ref is not None:
-        answer["ref"] = ref
-    sock.send_json(answer)
+    sock.send_json(frames.ack(result.seq, result.id, ref))
 
 
 async def _presence(sock: PlainSocket, ref) -> None:
     try:
         from . import presence
     except ImportError:
-        sock.error("unavailable", "presence is not available on this server", ref)
+        sock.error(ErrorCode.UNAVAILABLE, "presence is not available on this server", ref)
         return
     try:
         users = presence.users(await presence.get_presence().list(sock.topic))
     except presence.PresenceUnavailable as exc:
-        sock.error("unavailable", str(exc), ref)
+        sock.error(ErrorCode.UNAVAILABLE, str(exc), ref)
         return
-    answer = {"type": "presence", "topic": sock.topic, "users": users}
-    if ref is not None:
-        answer["ref"] = ref
-    sock.send_json(answer)
+    sock.send_json(frames.presence(sock.topic, users, ref))
