@@ -1,9 +1,9 @@
-"""The plain JSON WebSocket at /ws/<topic>/ (issue 3 #2), at the ASGI level.
+"""The plain JSON WebSocket at /ws/<topic>/, at the ASGI level.
 
 ``channels.testing.WebsocketCommunicator`` drives the real websocket application
 (notify_project.asgi's routing) for protocol details; where a test needs a peer that stops
 reading, a small ASGI harness stands in for the server side of the connection. The end-to-end
-behaviour over a real uvicorn process is in test_ws_server.py.
+behaviour over a real uvicorn process is in test_ws_plain_uvicorn.py.
 
 Every test runs in both modes: embedded (in-process hub) and, with REDIS_URL, through Redis.
 """
