@@ -82,7 +82,7 @@ print("SEED " + json.dumps({
 
 TRIM_SCRIPT = """
 import sys
-from routing_app.ingest import trim_retention
+from routing_app.stream_writes import trim_retention
 from routing_app.models import Topic
 topic = Topic.objects.get(name=sys.argv[1])
 topic.retention_count = int(sys.argv[2])

@@ -1,5 +1,5 @@
-"""Cross-process fanout (issue 3, point 3): two uvicorn server processes sharing Redis and the
-database behave as one edge.
+"""Cross-process fanout: two uvicorn server processes sharing Redis and the database behave as
+one edge.
 
 - a notification posted to one server reaches plain WebSocket and SSE clients on both;
 - presence is the union of both servers (Phoenix joins tracked on each, read back through
@@ -8,10 +8,11 @@ database behave as one edge.
   both servers) ends with every seq exactly once, in order. Clients that get disconnected
   reconnect with ``since`` / ``Last-Event-ID`` = the last seq they saw, as the JS client does.
 
-The servers get a database of their own (a fresh Postgres database next to DATABASE_URL's, else a
-SQLite file) and a redis-server this module starts on a free port, never the shared one, so
-restarting it disturbs nobody else. In the embedded mode (no REDIS_URL) the test is skipped:
-there, each process has its own in-memory hub and presence, so two processes share nothing.
+The servers (tests/servers.py) get a database of their own (a fresh Postgres database next to
+DATABASE_URL's, else a SQLite file) and a redis-server this module starts on a free port, never
+the shared one, so restarting it disturbs nobody else. In the embedded mode (no REDIS_URL) the
+test is skipped: there, each process has its own in-memory hub and presence, so two processes
+share nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 import httpx
 import pytest
@@ -34,8 +29,8 @@ from django.conf import settings
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
+from tests.servers import NotifyServer, RedisServer, seed, server_environment
+
 EVENT_TIMEOUT_S = 20  # upper bound for one awaited event; passing runs take far less
 ORIGIN = "http://xproc.test"
 RECONNECT_DELAY_S = 0.1  # a client's pause before reconnecting (as a real client backs off)
@@ -46,162 +41,40 @@ pytestmark = pytest.mark.skipif(
     "in-memory hub and presence, so two server processes share no state to test",
 )
 
-SETUP_SCRIPT = """
-import json, os
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
-from django.core.management import call_command
-call_command("migrate", verbosity=0, interactive=False)
-from django.contrib.auth import get_user_model
-from channels_app.tokens import mint
-from routing_app.models import ApiKey
-User = get_user_model()
-sam = User.objects.create_user("sam", "sam@example.com", "pw-sam")
-olga = User.objects.create_user("olga", "olga@example.com", "pw-olga")
-key = ApiKey(name="cross-process-test", scopes=["ingest", "tokens"])
-raw = key.set_new_key()
-key.save()
-print("SETUP " + json.dumps({
-    "api_key": raw,
-    "tokens": {"sam": mint(sam.pk, 3600).token, "olga": mint(olga.pk, 3600).token},
-}))
-"""
-
 
 # --- processes: our own redis-server, two uvicorn servers -----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"process exited:\n{log.read_text()[-3000:]}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)  # polling a port: there is no event to wait on for "listening"
-    raise AssertionError(f"nothing listened on {port} within {STARTUP_TIMEOUT_S} s")
-
-
-class OwnRedis:
-    """A redis-server of this test module (no persistence: a restart loses everything, as a
-    crashed cache would), restartable on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.log = workdir / "redis.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        _wait_listening(self.port, self.proc, self.log)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def own_redis(tmp_path_factory) -> Iterator[OwnRedis]:
-    redis = OwnRedis(tmp_path_factory.mktemp("xproc-redis"))
-    redis.start()
-    yield redis
-    redis.kill()
-
-
-def _fresh_postgres_database(url: str, suffix: str):
-    """Create an empty database next to the one in ``url``; return its URL and a drop function."""
-    import psycopg
-
-    parsed = urlparse(url)
-    name = (parsed.path.lstrip("/") or "notify") + suffix
-    admin = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return urlunparse(parsed._replace(path="/" + name)), drop
+def own_redis(tmp_path_factory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("xproc-redis")) as redis:
+        yield redis
 
 
 @pytest.fixture(scope="module")
 def deployment(own_redis, tmp_path_factory) -> Iterator[dict]:
     """Two uvicorn processes on one database and our Redis. Yields {"urls": [a, b], "api_key",
-    "tokens": {"sam", "olga"}}."""
+    "tokens": {"sam", "olga", ...}, "logs"}."""
     workdir = tmp_path_factory.mktemp("xproc")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(
-        REDIS_URL=own_redis.url,
-        REDIS_PREFIX=os.environ.get("REDIS_PREFIX", "notify") + "-xproc",
-        NOTIFY_ALLOWED_ORIGINS=ORIGIN,
-        LOG_LEVEL="WARNING",
-    )
-    drop = None
-    if settings.USING_POSTGRES:
-        env["DATABASE_URL"], drop = _fresh_postgres_database(os.environ["DATABASE_URL"], "_xproc")
-    else:
-        env.pop("DATABASE_URL", None)
-        env["SQLITE_PATH"] = str(workdir / "db.sqlite3")
-    done = subprocess.run(
-        [sys.executable, "-c", SETUP_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    setup = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))[6:])
-    procs: list[tuple[subprocess.Popen, int, Path]] = []
-    try:
-        for name in ("a", "b"):
-            port = _free_port()
-            log = workdir / f"server-{name}.log"
-            argv = [sys.executable, "-m", "uvicorn", "notify_project.asgi:application"]
-            argv += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
-            argv += ["--no-access-log", "--log-level", "warning"]
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            procs.append((proc, port, log))
-        for proc, port, log in procs:  # both start at once: a cold start takes seconds
-            _wait_listening(port, proc, log)
-        yield {
-            "urls": [f"http://127.0.0.1:{port}" for _, port, _ in procs],
-            "api_key": setup["api_key"],
-            "tokens": setup["tokens"],
-            "logs": [log for _, _, log in procs],
-        }
-    finally:
-        for proc, _, _ in procs:
-            proc.terminate()
-        for proc, _, _ in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if drop:
-            drop()
+    with server_environment(
+        workdir, "xproc", REDIS_URL=own_redis.url, NOTIFY_ALLOWED_ORIGINS=ORIGIN
+    ) as env:
+        setup = seed(env)
+        servers = [NotifyServer(env, workdir / f"server-{name}.log") for name in ("a", "b")]
+        try:
+            for server in servers:  # both start at once: a cold start takes seconds
+                server.spawn()
+            for server in servers:
+                server.wait_ready()
+            yield {
+                "urls": [server.base for server in servers],
+                "api_key": setup["api_key"],
+                "tokens": setup["tokens"],
+                "logs": [server.log for server in servers],
+            }
+        finally:
+            for server in servers:
+                server.stop()
 
 
 # --- clients ------------------------------------------------------------------------------------

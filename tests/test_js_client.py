@@ -1,10 +1,11 @@
 """The JavaScript client (static/notify/) in headless Chromium against a live server.
 
-A real uvicorn process serves notify (Redis mode when REDIS_URL is set), a second one on the same
-database stands in for "another server" that keeps accepting posts while the first is down. A tiny
-static server in this process serves the test page (tests/js/page/), static/notify/ and vue's
-browser build, from another origin than the API, as a Nuxt app would be. tests/js/browser_driver.js
-drives Chromium with playwright-core; what we assert is what the page renders.
+A real uvicorn process (tests/servers.py) serves notify (Redis mode when REDIS_URL is set), a
+second one on the same database stands in for "another server" that keeps accepting posts while
+the first is down. A tiny static server in this process serves the test page (tests/js/page/),
+static/notify/ and vue's browser build, from another origin than the API, as a Nuxt app would be.
+tests/js/browser_driver.js drives Chromium with playwright-core; what we assert is what the page
+renders.
 """
 
 from __future__ import annotations
@@ -14,41 +15,28 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
 import pytest
-from django.conf import settings
 
-from tests.ws_server import free_port, run_setup_script, server_processes_env
+from tests.servers import (
+    STARTUP_TIMEOUT_S,
+    NotifyServer,
+    free_port,
+    seed,
+    server_environment,
+    trim_retention,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
 CHROMIUM = Path("/usr/bin/chromium")
-STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
 WAIT_TIMEOUT_MS = 20_000  # upper bound for one awaited page condition; passing runs take far less
 RECONNECT_TIMEOUT_MS = 30_000  # includes the client's backoff (capped at 1 s in the page)
-
-SETUP_SCRIPT = """
-import json, os
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
-from django.core.management import call_command
-call_command("migrate", verbosity=0, interactive=False)
-from django.contrib.auth import get_user_model
-from routing_app.models import ApiKey
-get_user_model().objects.create_user("sam", "sam@example.com", "pw-sam")
-key = ApiKey(name="js-client-test", scopes=["ingest", "tokens"])
-raw = key.set_new_key()
-key.save()
-print("SETUP " + json.dumps({"api_key": raw}))
-"""
 
 
 def _missing_tools() -> list[str]:
@@ -79,91 +67,17 @@ def tools() -> None:
 def server_env(tools, tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment of the server processes: a database of their own, migrated, with user "sam"
     and an API key (scopes ingest, tokens) in env["TEST_API_KEY"]."""
-    env, drop = server_processes_env(tmp_path_factory.mktemp("jsclient"), "jsclient")
-    env["TEST_API_KEY"] = run_setup_script(SETUP_SCRIPT, env)["api_key"]
-    yield env
-    if drop:
-        drop()
-
-
-class ServerProcess:
-    """One uvicorn process serving notify on a fixed port, which can be killed and restarted.
-
-    (tests/ws_server.py has a similar helper for the protocol tests; this one adds what the browser
-    tests need: a second server on the same database and a restart with another environment.)"""
-
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
-        self.env = env
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.spawn()
-        self.wait_ready()
-
-    def spawn(self) -> None:
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "notify_project.asgi:application",
-                    "--host=127.0.0.1",
-                    f"--port={self.port}",
-                    "--log-level=warning",
-                    "--no-access-log",
-                    *settings.UVICORN_WS_ARGS,  # as production runs it
-                ],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self) -> None:
-        """Wait until the server answers HTTP (or fail with its log if it died)."""
-        deadline = STARTUP_TIMEOUT_S
-        waited = 0.0
-        while waited < deadline:
-            try:
-                httpx.get(f"{self.base}/api/v1/openapi.json", timeout=2)
-                return
-            except httpx.TransportError:
-                pass
-            try:
-                self.proc.wait(timeout=0.1)  # doubles as the pause between probes
-                raise AssertionError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            except subprocess.TimeoutExpired:
-                waited += 0.1
-        raise AssertionError(f"server not ready in {deadline} s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no graceful close frames, like a crashed process or a lost machine."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def post(self, api_key: str, topic: str, event: str, data: dict) -> int:
-        """POST through the ingest API; returns the seq it was given."""
-        response = httpx.post(
-            f"{self.base}/api/v1/notifications",
-            json={"topic": topic, "event": event, "data": data},
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=10,
-        )
-        assert response.status_code == 202, response.text
-        return response.json()["seq"]
+    with server_environment(tmp_path_factory.mktemp("jsclient"), "jsclient") as env:
+        env["TEST_API_KEY"] = seed(env)["api_key"]
+        yield env
 
 
 @pytest.fixture(scope="module")
-def servers(server_env, tmp_path_factory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+def servers(server_env, tmp_path_factory) -> Iterator[tuple[NotifyServer, NotifyServer]]:
     """(main, other): the page talks to `main`; `other` shares its database (and Redis)."""
     log_dir = tmp_path_factory.mktemp("jsclient-logs")
-    main = ServerProcess(server_env, log_dir, "main")
-    other = ServerProcess(server_env, log_dir, "other")
+    main = NotifyServer(server_env, log_dir / "main.log")
+    other = NotifyServer(server_env, log_dir / "other.log")
     try:
         # The page's origin must be allowed (CORS for SSE and tokens, Origin check for sockets).
         page_port = free_port()
@@ -452,18 +366,6 @@ def test_sse_composable_resumes_from_a_given_last_event_id(browser, servers, ser
     browser.eval("harness.unmount('s-from-1')")
 
 
-TRIM_SCRIPT = """
-import os, sys
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
-from routing_app.stream_writes import trim_retention
-from routing_app.models import Topic
-Topic.objects.filter(name=sys.argv[1]).update(retention_count=int(sys.argv[2]))
-trim_retention(Topic.objects.get(name=sys.argv[1]))
-"""
-
-
 def test_resume_beyond_retention_is_surfaced_as_reset(browser, servers, server_env):
     """Asked to resume after seq 1 when the server only keeps seq 3: both clients say so."""
     main, _ = servers
@@ -471,16 +373,7 @@ def test_resume_beyond_retention_is_surfaced_as_reset(browser, servers, server_e
     topic = "jsclient.trimmed"
     for n in (1, 2, 3):
         main.post(key, topic, "js.tick", {"n": n})
-    done = subprocess.run(
-        [sys.executable, "-c", TRIM_SCRIPT, topic, "1"],
-        cwd=ROOT,
-        env=server_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    trim_retention(server_env, topic, 1)
     notice = {"type": "reset", "topic": topic, "since": 1, "oldest_seq": 3, "last_seq": 3}
 
     browser.eval(f"harness.startManager('m-trimmed', '{topic}', 1)")

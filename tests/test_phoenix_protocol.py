@@ -2,8 +2,8 @@
 
 ``WebsocketCommunicator`` against the real ASGI application; frames are asserted as a client sees
 them (``[join_ref, ref, topic, event, payload]``). The official ``phoenix`` client end to end is in
-test_phoenix.py. Redis mode when REDIS_URL is set (hub and presence through Redis), embedded
-otherwise.
+test_phoenix_official_client.py. Redis mode when REDIS_URL is set (hub and presence through
+Redis), embedded otherwise.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Presence: the backends' shapes and lifecycle, dead-process expiry through Redis, and
 GET /api/v1/topics/{topic}/presence. Clients' view of presence (presence_state / presence_diff) is
-in test_phoenix_protocol.py and, with the official phoenix client, test_phoenix.py."""
+in test_phoenix_protocol.py and, with the official phoenix client, in
+test_phoenix_official_client.py."""
 
 from __future__ import annotations
 

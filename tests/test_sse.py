@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -29,102 +26,35 @@ from django.conf import settings
 from django.core import signing
 
 from channels_app import sse, tokens
+from tests.servers import NotifyServer, RedisServer, seed, server_environment, trim_retention
 
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
 EVENT_TIMEOUT_S = 20  # upper bound for one awaited event; passing runs take far less
 APP_ORIGIN = "http://app.test"  # the server's NOTIFY_ALLOWED_ORIGINS
 EVIL_ORIGIN = "http://evil.test"
 SEND_QUEUE = 32  # the server's SOCKET_SEND_QUEUE
 
-SETUP_SCRIPT = """
-import json, os
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
-from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
-from django.contrib.sessions.backends.db import SessionStore
-from django.core.management import call_command
-from channels_app.tokens import mint
-from routing_app.models import ApiKey
-call_command("migrate", verbosity=0, interactive=False)
-User = get_user_model()
-sam = User.objects.create_user("sam", "sam@example.com", "pw-sam")
-olga = User.objects.create_user("olga", "olga@example.com", "pw-olga")
-session = SessionStore()
-session[SESSION_KEY] = str(sam.pk)
-session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-session[HASH_SESSION_KEY] = sam.get_session_auth_hash()
-session.create()
-key = ApiKey(name="sse-test", scopes=["ingest", "tokens"])
-raw = key.set_new_key()
-key.save()
-print("SETUP " + json.dumps({
-    "api_key": raw,
-    "ids": {"sam": sam.pk, "olga": olga.pk},
-    "tokens": {"sam": mint(sam.pk, 3600).token, "olga": mint(olga.pk, 3600).token},
-    "sam_session": session.session_key,
-}))
-"""
-
-TRIM_SCRIPT = """
-import os, sys
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
-from routing_app.stream_writes import trim_retention
-from routing_app.models import Topic
-topic = Topic.objects.get(name=sys.argv[1])
-topic.retention_count = int(sys.argv[2])
-topic.save(update_fields=["retention_count"])
-print(trim_retention(topic))
-"""
-
 
 # --- the server ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)  # polling a port: there is no event to wait on for "listening"
-    raise AssertionError(f"nothing listened on {port} within {STARTUP_TIMEOUT_S} s")
-
-
-def _fresh_postgres_database(url: str, suffix: str):
-    """Create an empty database next to the one in ``url``; return its URL and a drop function."""
-    import psycopg
-
-    parsed = urlparse(url)
-    name = (parsed.path.lstrip("/") or "notify") + suffix
-    admin = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return urlunparse(parsed._replace(path="/" + name)), drop
-
-
 @dataclass
 class Server:
-    url: str
-    pid: int
-    env: dict
+    """notify under test and what ``seed`` made for it (api_key, ids, tokens, sam_session)."""
+
+    process: NotifyServer
     setup: dict
-    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.process.base
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.process.env
+
+    @property
+    def log(self) -> Path:
+        return self.process.log
 
     def token(self, who: str) -> str:
         return self.setup["tokens"][who]
@@ -132,82 +62,29 @@ class Server:
     def events_url(self, topic: str, **query) -> str:
         return str(httpx.URL(f"{self.url}/events/{topic}/", params=query))
 
-    def run(self, script: str, *args: str) -> str:
-        """Run a Python script against the server's database (same environment)."""
-        done = subprocess.run(
-            [sys.executable, "-c", script, *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
     def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/task"))
+        return self.process.threads()
 
 
 @contextlib.contextmanager
-def running_server(workdir: Path, db_suffix: str, **overrides: str) -> Iterator[Server]:
-    """A set-up database and a uvicorn process serving notify on it (``overrides``: more env)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    env.update(
-        NOTIFY_ALLOWED_ORIGINS=APP_ORIGIN,
-        SSE_KEEPALIVE_S="1",
-        SOCKET_SEND_QUEUE=str(SEND_QUEUE),
-        LOG_LEVEL="WARNING",
-    )
-    if settings.REDIS_URL:
-        env["REDIS_PREFIX"] = f"{settings.REDIS_PREFIX}-sse-{uuid.uuid4().hex[:6]}"
-    env.update(overrides)
-    drop = None
-    if settings.USING_POSTGRES:
-        env["DATABASE_URL"], drop = _fresh_postgres_database(os.environ["DATABASE_URL"], db_suffix)
-    else:
-        env.pop("DATABASE_URL", None)
-        env["SQLITE_PATH"] = str(workdir / "db.sqlite3")
-    log = workdir / "server.log"
-    proc = None
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", SETUP_SCRIPT],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        setup = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("SETUP "))[6:])
-        port = _free_port()
-        argv = [sys.executable, "-m", "uvicorn", "notify_project.asgi:application"]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
-        argv += ["--no-access-log", "--log-level", "warning"]
-        # Open streams never end by themselves: without this, uvicorn waits for them on SIGTERM.
-        argv += ["--timeout-graceful-shutdown", "2"]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _wait_listening(port, proc, log)
-        yield Server(f"http://127.0.0.1:{port}", proc.pid, env, setup, log)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if drop:
-            drop()
+def running_server(workdir: Path, name: str, **overrides: str) -> Iterator[Server]:
+    """A seeded database and a uvicorn process serving notify on it (``overrides``: more env)."""
+    sse_env = {"SSE_KEEPALIVE_S": "1", "SOCKET_SEND_QUEUE": str(SEND_QUEUE)}
+    with server_environment(
+        workdir, name, NOTIFY_ALLOWED_ORIGINS=APP_ORIGIN, **sse_env, **overrides
+    ) as env:
+        setup = seed(env)
+        process = NotifyServer(env, workdir / "server.log")
+        try:
+            process.start()
+            yield Server(process, setup)
+        finally:
+            process.stop()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("sse"), "_sse") as running:
+    with running_server(tmp_path_factory.mktemp("sse"), "sse") as running:
         yield running
     # Whatever the clients did (left mid-replay, stalled, were refused), the server never failed.
     assert "Traceback" not in running.log.read_text(), running.log.read_text()[-3000:]
@@ -421,7 +298,7 @@ async def test_django_eventstream_style_last_event_id_is_accepted(server):
 async def test_resume_beyond_retention_sends_reset_first_then_goes_on(server):
     topic = unique_topic("sse.reset")
     await post_batch(server, topic, [{"n": n} for n in range(1, 7)])
-    server.run(TRIM_SCRIPT, topic, "2")  # keeps seqs 5 and 6
+    trim_retention(server.env, topic, 2)  # keeps seqs 5 and 6
     url = server.events_url(topic, token=server.token("sam"), lastEventId=2)
     async with open_stream(url) as stream:
         before, subscribed = await stream.until_subscribed()
@@ -711,33 +588,6 @@ async def test_closed_streams_leave_nothing_subscribed_even_mid_replay(server):
         await asyncio.sleep(0.05)
 
 
-class OwnRedis:
-    """A redis-server of this test (no persistence), restartable on the same port; never the
-    shared one, so stopping it disturbs nobody else."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        log = self.workdir / "redis.log"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        _wait_listening(self.port, self.proc, log)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 async def _stream_until_subscribed_or_error(url: str) -> Item:
     """Open a stream; return its ``subscribed`` or ``stream-error`` event (then close)."""
     async with open_stream(url) as stream:
@@ -753,14 +603,14 @@ async def test_redis_outage_gives_a_retry_hint_then_new_streams_work_again(tmp_p
     stream, new ones included (pitfall (b)). Ours: a stream opened while Redis is down ends with
     ``stream-error`` "unavailable" and a retry hint, and once Redis is back new streams are live
     again, through the hub's own reconnect."""
-    redis = OwnRedis(tmp_path)
+    redis = RedisServer(tmp_path)
     redis.start()
     try:
-        with running_server(tmp_path, "_sse_outage", REDIS_URL=redis.url) as srv:
+        with running_server(tmp_path, "sse_outage", REDIS_URL=redis.url) as srv:
             topic = unique_topic("sse.outage")
             url = srv.events_url(topic, token=srv.token("sam"))
             assert (await _stream_until_subscribed_or_error(url)).name == "subscribed"
-            redis.stop()
+            redis.kill()
             item = await _stream_until_subscribed_or_error(url)
             assert item.name == "stream-error"
             assert item.json["code"] == "unavailable"
@@ -775,7 +625,7 @@ async def test_redis_outage_gives_a_retry_hint_then_new_streams_work_again(tmp_p
                 await post(srv, topic, "tick")
                 assert await stream.seqs_until(1) == [1]
     finally:
-        redis.stop()
+        redis.kill()
 
 
 # --- pieces of channels_app.sse, in-process ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""Overload (issue 3 #4): publishing open-loop faster than 1,000 clients read, for 10 s.
+"""Overload: publishing open-loop faster than 1,000 clients read, for 10 s.
 
 A real uvicorn process in Redis mode (its own redis-server, with a small pub/sub output buffer
 limit so that falling behind also costs the hub its Redis connection mid-stream); a separate
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.ws_server import ROOT, RedisServer, ServerDatabase, ServerProcess, seed, server_env
+from tests.servers import ROOT, NotifyServer, RedisServer, python_argv, seed, server_environment
 
 CLIENTS = 1000
 SLOW_CLIENTS = 100
@@ -34,10 +34,7 @@ PER_SOCKET_BOUND = SEND_QUEUE * 400 + 64 * 1024 + 2 * 1024
 BASE_SLACK = 96 * 1024 * 1024  # interpreter growth under load (allocator, DB rows, Redis buffers)
 
 PUBLISHER = """
-import json, os, sys, time
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
+import sys, time
 from routing_app.ingest import NotificationIn, ingest
 rate, duration, pad, topic = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 start = time.monotonic()
@@ -63,17 +60,25 @@ def overload_server(tmp_path_factory):
         pytest.skip("redis-server is not installed")
     tmp = tmp_path_factory.mktemp("overload")
     # Pub/sub clients over 1 MB behind are cut by Redis: the hub must reconnect and back-fill.
-    redis_server = RedisServer(tmp, "--client-output-buffer-limit", "pubsub", "1mb", "512kb", "1")
-    redis_server.start()
-    db = ServerDatabase(tmp, "_overload")
-    env = server_env(db, redis_server.url, "overload", SOCKET_SEND_QUEUE=str(SEND_QUEUE))
-    users = seed(env)
-    server = ServerProcess(env, tmp / "uvicorn.log")
-    server.start()
-    yield server, redis_server, env, users
-    server.stop()
-    redis_server.stop()
-    db.drop()
+    pubsub_limit = ("--client-output-buffer-limit", "pubsub", "1mb", "512kb", "1")
+    with (
+        RedisServer(tmp, *pubsub_limit) as redis_server,
+        server_environment(
+            tmp,
+            "overload",
+            REDIS_URL=redis_server.url,
+            REDIS_PREFIX="overload",
+            SOCKET_SEND_QUEUE=str(SEND_QUEUE),
+        ) as env,
+    ):
+        seeded = seed(env)
+        users = {**seeded["ids"], "api_key": seeded["api_key"]}
+        server = NotifyServer(env, tmp / "uvicorn.log")
+        try:
+            server.start()
+            yield server, redis_server, env, users
+        finally:
+            server.stop()
 
 
 def test_overload_drops_slow_readers_and_keeps_everyone_else_whole(overload_server):
@@ -102,15 +107,7 @@ def test_overload_drops_slow_readers_and_keeps_everyone_else_whole(overload_serv
         rss_before = server.rss_bytes()
 
         publisher = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                PUBLISHER,
-                str(PUBLISH_RATE),
-                str(PUBLISH_S),
-                str(PAD_BYTES),
-                TOPIC,
-            ],
+            python_argv(PUBLISHER, str(PUBLISH_RATE), str(PUBLISH_S), str(PAD_BYTES), TOPIC),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

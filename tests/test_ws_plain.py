@@ -3,7 +3,7 @@
 ``channels.testing.WebsocketCommunicator`` drives the real websocket application
 (notify_project.asgi's routing) for protocol details; where a test needs a peer that stops
 reading, a small ASGI harness stands in for the server side of the connection. The end-to-end
-behaviour over a real uvicorn process is in test_ws_server.py.
+behaviour over a real uvicorn process is in test_ws_plain_uvicorn.py.
 
 Every test runs in both modes: embedded (in-process hub) and, with REDIS_URL, through Redis.
 """

@@ -1,4 +1,4 @@
-// Drives the OFFICIAL phoenix npm client (Socket, Channel, Presence) for tests/test_phoenix.py.
+// Drives the OFFICIAL phoenix npm client (Socket, Channel, Presence) for tests/test_phoenix_official_client.py.
 //
 // Line protocol: one JSON command per stdin line, one JSON event per stdout line. Commands:
 //   {"cmd": "connect", "client", "url", "params"?, "authToken"?}

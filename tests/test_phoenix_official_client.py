@@ -1,10 +1,10 @@
-"""The OFFICIAL ``phoenix`` npm client (Socket, Channel, Presence) against live servers (issue 3).
+"""The OFFICIAL ``phoenix`` npm client (Socket, Channel, Presence) against live servers.
 
-Real uvicorn processes serve notify on a database of their own (Redis mode when REDIS_URL is set,
-embedded otherwise); a second process on the same database stands in for "another server" that
-takes posts while the first is down. tests/js/phoenix_client.mjs runs the client in Node and
-reports what it sees, one JSON line per event; notifications are posted through the ingest API.
-Protocol edge cases are in test_phoenix_protocol.py.
+Real uvicorn processes (tests/servers.py) serve notify on a database of their own (Redis mode when
+REDIS_URL is set, embedded otherwise); a second process on the same database stands in for
+"another server" that takes posts while the first is down. tests/js/phoenix_client.mjs runs the
+client in Node and reports what it sees, one JSON line per event; notifications are posted
+through the ingest API. Protocol edge cases, in-process: test_phoenix_protocol.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,34 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ws_server import free_port, run_setup_script, server_processes_env
+from tests.servers import NotifyServer, seed, server_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 JS_DIR = ROOT / "tests" / "js"
-STARTUP_TIMEOUT_S = 60  # a cold Django + uvicorn start on a busy 2-core machine
 WAIT_S = 20  # upper bound for one awaited client event; passing runs take far less
 # Presence entries of a killed process stop being listed after this (the default is 30 s).
 PRESENCE_TTL_S = 4
-
-SETUP_SCRIPT = """
-import json, os
-import django
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
-django.setup()
-from django.core.management import call_command
-call_command("migrate", verbosity=0, interactive=False)
-from django.contrib.auth import get_user_model
-from routing_app.models import ApiKey
-users = get_user_model().objects
-ids = {
-    "sam": users.create_user("sam", "sam@example.com", "pw-sam").pk,
-    "oscar": users.create_user("oscar", "oscar@example.com", "pw-oscar", is_staff=True).pk,
-}
-key = ApiKey(name="phoenix-test", scopes=["ingest", "tokens"])
-raw = key.set_new_key()
-key.save()
-print("SETUP " + json.dumps({"api_key": raw, "ids": ids}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -67,72 +45,17 @@ def tools() -> None:
         pytest.skip("run `make test` once to install: " + ", ".join(missing))
 
 
-class Server:
-    """One uvicorn process serving notify on a fixed port; can be killed and started again."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.socket_url = f"ws://127.0.0.1:{self.port}/socket"
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("a") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "notify_project.asgi:application",
-                    "--host=127.0.0.1",
-                    f"--port={self.port}",
-                    "--log-level=warning",
-                    "--no-access-log",
-                ],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.base}/api/v1/openapi.json", timeout=2)
-                return
-            except httpx.TransportError:
-                pass
-            try:
-                self.proc.wait(timeout=0.1)  # doubles as the pause between probes
-                raise AssertionError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            except subprocess.TimeoutExpired:
-                pass
-        raise AssertionError(f"server not ready:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no close frames, no presence cleanup, like a crashed process."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 class Live:
     """The servers and what the setup made: an API key (ingest, tokens) and user ids."""
 
-    def __init__(self, main: Server, other: Server, api_key: str, ids: dict[str, int]):
+    def __init__(self, main: NotifyServer, other: NotifyServer, api_key: str, ids: dict[str, int]):
         self.main, self.other, self.api_key, self.ids = main, other, api_key, ids
 
-    def post(self, topic: str, event: str = "step.done", server: Server | None = None, **data):
+    def post(
+        self, topic: str, event: str = "step.done", server: NotifyServer | None = None, **data
+    ):
         """POST through the ingest API; returns the seq the notification got."""
-        response = httpx.post(
-            f"{(server or self.main).base}/api/v1/notifications",
-            json={"topic": topic, "event": event, "data": data},
-            headers={"Authorization": f"Bearer {self.api_key}"},
-            timeout=10,
-        )
-        assert response.status_code == 202, response.text
-        return response.json()["seq"]
+        return (server or self.main).post(self.api_key, topic, event, data)
 
     def token(self, username: str) -> str:
         response = httpx.post(
@@ -147,21 +70,20 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tools, tmp_path_factory) -> Iterator[Live]:
-    env, drop = server_processes_env(
-        tmp_path_factory.mktemp("phoenix"), "phoenix", PRESENCE_TTL_S=str(PRESENCE_TTL_S)
-    )
-    setup = run_setup_script(SETUP_SCRIPT, env)
-    logs = tmp_path_factory.mktemp("phoenix-logs")
-    main, other = Server(env, logs / "main.log"), Server(env, logs / "other.log")
-    try:
-        main.start()
-        other.start()
-        yield Live(main, other, setup["api_key"], setup["ids"])
-    finally:
-        main.kill()
-        other.kill()
-        if drop:
-            drop()
+    directory = tmp_path_factory.mktemp("phoenix")
+    with server_environment(directory, "phoenix", PRESENCE_TTL_S=str(PRESENCE_TTL_S)) as env:
+        setup = seed(env)
+        main = NotifyServer(env, directory / "main.log")
+        other = NotifyServer(env, directory / "other.log")
+        try:
+            main.spawn()  # both start at once: a cold start takes seconds
+            other.spawn()
+            main.wait_ready()
+            other.wait_ready()
+            yield Live(main, other, setup["api_key"], setup["ids"])
+        finally:
+            main.stop()
+            other.stop()
 
 
 class Driver:
@@ -245,7 +167,7 @@ def connect(
     name: str,
     user: str,
     auth_token: bool = False,
-    server: Server | None = None,
+    server: NotifyServer | None = None,
 ) -> None:
     """Connect client ``name`` as ``user``: token as a socket param (sent in the query string) or
     as the authToken option (sent as the Sec-WebSocket-Protocol bearer)."""

@@ -1,19 +1,18 @@
-"""The plain WebSocket end to end: a real uvicorn process run with the production options
-(settings.UVICORN_WS_ARGS), real `websockets` clients. Redis mode when REDIS_URL is set (with a
-prefix of its own), the embedded mode otherwise.
+"""The plain WebSocket end to end: a real uvicorn process run as ``manage.py serve`` runs it
+(tests/servers.py), real `websockets` clients. Redis mode when REDIS_URL is set (with a prefix of
+its own), the embedded mode otherwise. The protocol's details, in-process: test_ws_plain.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.ws_server import ServerDatabase, ServerProcess, seed, server_env
+from tests.servers import NotifyServer, seed, server_environment
 
 WAIT_S = 10
 
@@ -21,18 +20,17 @@ WAIT_S = 10
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ws-server")
-    db = ServerDatabase(tmp, "_wsserver")
-    prefix = os.environ.get("REDIS_PREFIX", "notify") + "-wsserver"
-    env = server_env(db, os.environ.get("REDIS_URL", ""), prefix)
-    users = seed(env)
-    server = ServerProcess(env, tmp / "uvicorn.log", log_level="info")
-    server.start()
-    yield server, users
-    server.stop()
-    db.drop()
+    with server_environment(tmp, "wsserver") as env:
+        seeded = seed(env)
+        server = NotifyServer(env, tmp / "uvicorn.log", log_level="info")
+        try:
+            server.start()
+            yield server, {**seeded["ids"], "api_key": seeded["api_key"]}
+        finally:
+            server.stop()
 
 
-def url(server: ServerProcess, topic: str, token: str, since: int | None = None) -> str:
+def url(server: NotifyServer, topic: str, token: str, since: int | None = None) -> str:
     query = f"token={token}" + (f"&since={since}" if since is not None else "")
     return f"ws://127.0.0.1:{server.port}/ws/{topic}/?{query}"
 
