@@ -17,51 +17,12 @@
  * @module notify/socket
  */
 
-/** Close codes the server uses (see the realtime contract). */
-export const CloseCode = Object.freeze({
-  NORMAL: 1000,
-  GOING_AWAY: 1001,
-  ABNORMAL: 1006, // never sent on the wire: the browser reports it when the connection just dropped
-  TOO_BIG: 1009,
-  TRY_LATER: 1013, // the server cannot subscribe right now (e.g. Redis down): back off and retry
-  BAD_TOPIC: 4400,
-  UNAUTHORIZED: 4401,
-  FORBIDDEN: 4403,
-  HEARTBEAT_TIMEOUT: 4408,
-  TOO_SLOW: 4429,
-  // Ours, client side only: we gave up on a silent socket.
-  CLIENT_HEARTBEAT_TIMEOUT: 4000,
-})
+import { CloseCode, closeDecision, closeMeaning } from './codes.js'
+import { admitSeq, backoffDelay } from './reconnect.js'
 
-/**
- * Close codes after which reconnecting cannot help until someone acts (bad topic name, topic not
- * allowed for this user). The manager stops that topic and reports it.
- */
-export const FATAL_CLOSE_CODES = Object.freeze(new Set([CloseCode.BAD_TOPIC, CloseCode.FORBIDDEN]))
-
-/**
- * @typedef {object} BackoffOptions
- * @property {number} [baseMs=500]  ceiling of the first retry's delay
- * @property {number} [maxMs=30000] ceiling of every delay (the issue asks for 30 s)
- */
-
-/**
- * Delay before reconnect attempt number `attempt` (0 for the first retry), with "full jitter":
- * uniformly random in [0, min(maxMs, baseMs * 2^attempt)). Full jitter spreads the reconnects of
- * many clients after a server restart instead of synchronising them in waves.
- *
- * @param {number} attempt  0-based count of failed attempts since the last successful connection
- * @param {BackoffOptions} [options]
- * @param {() => number} [random=Math.random]  source of [0, 1) numbers (injectable for tests)
- * @returns {number} delay in milliseconds, 0 <= delay < min(maxMs, baseMs * 2^attempt)
- */
-export function backoffDelay(attempt, options = {}, random = Math.random) {
-  const baseMs = options.baseMs ?? 500
-  const maxMs = options.maxMs ?? 30_000
-  // 2 ** 1100 is Infinity, and min() then picks maxMs: no overflow for any attempt count.
-  const ceiling = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempt))
-  return Math.floor(random() * ceiling)
-}
+// Re-exported: applications written against this module import them from here.
+export { CloseCode, closeMeaning, FATAL_CLOSE_CODES } from './codes.js'
+export { backoffDelay } from './reconnect.js'
 
 /**
  * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'stopped'|'closed'} TopicState
@@ -77,7 +38,7 @@ export function backoffDelay(attempt, options = {}, random = Math.random) {
  * @property {string|null|(() => (string|null|Promise<string|null>))} [token]  client token, or a
  *   function returning one (called before every connection attempt, so an expired token is replaced
  *   on reconnect). Null/absent: rely on the session cookie.
- * @property {BackoffOptions} [backoff]
+ * @property {import('./reconnect.js').BackoffOptions} [backoff]
  * @property {number} [maxAttempts=Infinity]  consecutive failed attempts after which a topic stops
  * @property {number} [heartbeatIntervalMs=25000]  how often we send {"type":"ping"}; below the
  *   server's 30 s so idle proxies that cut at ~60 s never see a quiet connection
@@ -526,14 +487,10 @@ export class NotifySocketManager {
 
   /** @param {TopicConnection} conn @param {any} frame */
   _notification(conn, frame) {
-    const seq = frame.seq
-    if (typeof seq === 'number') {
-      if (conn.lastSeq != null && seq <= conn.lastSeq) return // already delivered: replay overlap
-      if (conn.lastSeq != null && seq > conn.lastSeq + 1) {
-        this._emit('gap', { from: conn.lastSeq + 1, to: seq - 1 }, conn.topic)
-      }
-      conn.lastSeq = seq
-    }
+    const verdict = admitSeq(conn.lastSeq, frame.seq)
+    if (!verdict.deliver) return // already delivered: replay overlap
+    if (verdict.gap) this._emit('gap', verdict.gap, conn.topic)
+    conn.lastSeq = verdict.lastSeq
     conn.attempt = 0
     this._emit('notification', frame, conn.topic)
   }
@@ -542,15 +499,8 @@ export class NotifySocketManager {
   _closed(conn, code, reason) {
     this._stopTimers(conn)
     conn.ws = null
-    if (FATAL_CLOSE_CODES.has(code)) {
-      this._emit('close', { code, reason, willReconnect: false }, conn.topic)
-      this._emit('error', { code, message: reason || closeMeaning(code), fatal: true }, conn.topic)
-      this._failPending(conn.topic, new Error(reason || closeMeaning(code)))
-      this._setState(conn, 'stopped')
-      return
-    }
-    if (code === CloseCode.UNAUTHORIZED && typeof this.options.token !== 'function') {
-      // The same token would be refused again: only a token provider can get a fresh one.
+    // 'renew-token' needs nothing more: every dial asks the token provider again.
+    if (closeDecision(code, { canRenewToken: typeof this.options.token === 'function' }) === 'stop') {
       this._emit('close', { code, reason, willReconnect: false }, conn.topic)
       this._emit('error', { code, message: reason || closeMeaning(code), fatal: true }, conn.topic)
       this._failPending(conn.topic, new Error(reason || closeMeaning(code)))
@@ -670,26 +620,4 @@ function wsBase(url) {
     base = location.origin
   }
   return base.replace(/^http(s?):\/\//i, 'ws$1://').replace(/\/+$/, '')
-}
-
-/** @param {number} code @returns {string} */
-export function closeMeaning(code) {
-  switch (code) {
-    case CloseCode.TOO_BIG:
-      return 'a frame was over 64 KB'
-    case CloseCode.BAD_TOPIC:
-      return 'invalid topic name'
-    case CloseCode.UNAUTHORIZED:
-      return 'missing, forged or expired token'
-    case CloseCode.FORBIDDEN:
-      return 'topic not allowed for this user'
-    case CloseCode.HEARTBEAT_TIMEOUT:
-      return 'server heard nothing for two heartbeat intervals'
-    case CloseCode.TOO_SLOW:
-      return 'client read too slowly'
-    case CloseCode.TRY_LATER:
-      return 'server temporarily unable to subscribe'
-    default:
-      return `closed with code ${code}`
-  }
 }
