@@ -14,9 +14,8 @@ Every frame is ``[join_ref, ref, topic, event, payload]``. Client -> server:
   and ``presence_diff`` when someone joins or leaves. A second join of a topic already joined on
   this socket replaces the first (``phx_close`` for the old join_ref), as phoenix does.
 - ``phx_leave``: reply ok, then ``phx_close``.
-- ``heartbeat`` on topic ``phoenix``: reply ok. The socket is closed (4408,
-  ``CloseCode.HEARTBEAT_TIMEOUT``) after
-  ``HEARTBEAT_TIMEOUT_S`` without any frame; the client heartbeats every 30 s.
+- ``heartbeat`` on topic ``phoenix``: reply ok. The socket is closed (4408, HEARTBEAT_TIMEOUT)
+  after ``HEARTBEAT_TIMEOUT_S`` without any frame; the client heartbeats every 30 s.
 - ``request_update``: runs the handler registered for the topic's family (handlers.py), replies ok
   with its response and broadcasts its event (``reverse_flow_update``) to every joined client on
   every process.

@@ -20,7 +20,7 @@ from routing_app.asgi_api import with_ingest_api  # noqa: E402
 # admin has its CSS; in production a proxy serves STATIC_ROOT (README).
 http_application = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
 # SSE streams (/events/<topic>/) are served before Django's handler, which would hold an OS thread
-# per open stream (channels_app/sse.py, pitfall (a)).
+# per open stream (docs/sse.md, pitfall (a)).
 # The ingest endpoints skip Django's sync middleware (routing_app/asgi_api.py: thread hops).
 application = ProtocolTypeRouter(
     {"http": with_sse(with_ingest_api(http_application)), "websocket": websocket_application}

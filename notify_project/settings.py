@@ -231,7 +231,7 @@ SSE_KEEPALIVE_S = env_int("SSE_KEEPALIVE_S", 15)
 if SSE_KEEPALIVE_S < 1:
     raise ImproperlyConfigured("SSE_KEEPALIVE_S must be at least 1 second")
 # django-eventstream: send_event() stores through ingest into our durable stream, and our topic
-# rules answer its permission checks (channels_app/sse.py says why its own storage is not used).
+# rules answer its permission checks (docs/sse.md says why its own storage is not used).
 # EVENTSTREAM_REDIS stays unset on purpose: its Redis listener never restarts after an outage;
 # the hub (channels_app/hub.py) is the one bridge from Redis to streams.
 EVENTSTREAM_STORAGE_CLASS = "channels_app.sse.NotificationStorage"

@@ -535,7 +535,7 @@ async def test_slow_reader_is_closed_and_resumes_without_loss(server):
 
 async def test_open_streams_do_not_hold_an_os_thread_each(server):
     """django-eventstream's view (and any view inside Django's ASGI handler) holds one OS thread
-    per open stream; ours must not (channels_app/sse.py, pitfall (a))."""
+    per open stream; ours must not (docs/sse.md, pitfall (a))."""
     streams = 50
     topic = unique_topic("sse.threads")
     url = server.events_url(topic, token=server.token("sam"))
