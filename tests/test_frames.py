@@ -27,8 +27,8 @@ from channels_app.hub import hub
 from channels_app.presence import get_presence
 from channels_app.sse import with_sse
 from routing_app import stream_reads
-from routing_app.ingest import trim_retention
 from routing_app.models import Notification, Topic
+from routing_app.stream_writes import trim_retention
 from tests.test_phoenix_protocol import connect as phoenix_connect
 from tests.test_phoenix_protocol import post
 from tests.test_ws_plain import WAIT_S, close_code, connect, publish, rules, token_for, wait_until
@@ -353,7 +353,7 @@ async def test_a_stored_notification_and_its_replayed_copy_have_the_notification
     [replayed] = await stream_reads.read_after("alerts.shape", 0)
     check(NOTIFICATION, replayed)
     assert replayed == stored.envelope()
-    state = await handlers.current_state("alerts.shape")
+    state = await stream_reads.current_state("alerts.shape")
     check(CURRENT_STATE, state)
     assert state["notifications"] == [replayed]
 
