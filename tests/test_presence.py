@@ -6,7 +6,6 @@ test_phoenix_official_client.py."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 
@@ -24,6 +23,7 @@ from channels_app.presence import (
     users,
 )
 from tests.apiclient import bearer, create_key
+from tests.servers import free_port
 
 WAIT_S = 10  # upper bound for an awaited diff; passing runs take milliseconds
 
@@ -185,9 +185,7 @@ async def test_process_puts_its_entries_back_when_its_heartbeat_vanished(redis_p
 
 
 async def test_unreachable_redis_raises_presence_unavailable():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    port = free_port()  # nothing listens there
     presence = RedisPresence(f"redis://127.0.0.1:{port}/0", "x", 30, "p", beat=False)
     with pytest.raises(PresenceUnavailable):
         await presence.track("room.a", "7", {})
