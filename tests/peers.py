@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.servers import WAIT_S, Inbox, free_port
+from tests.servers import WAIT_S, Inbox, Started, free_port
 
 
-class SMTPServer:
+class SMTPServer(Started):
     """An SMTP server (aiosmtpd) on 127.0.0.1 and a free port that keeps every message it
     receives; ``wait_for(n)`` waits until it holds ``n``."""
 
@@ -45,13 +45,6 @@ class SMTPServer:
     def stop(self) -> None:
         self._controller.stop()
 
-    def __enter__(self) -> SMTPServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
 
 @dataclass
 class Reply:
@@ -74,7 +67,7 @@ class ReceivedRequest:
         return json.loads(self.body)
 
 
-class HTTPReceiver:
+class HTTPReceiver(Started):
     """A threaded HTTP server on 127.0.0.1 and a free port that records every request and answers
     each with the next programmed ``Reply`` (``program``), then with ``default``. It stands in
     for an SMS gateway or a webhook endpoint: failing, slow or fine, as a test programs it."""
@@ -138,10 +131,3 @@ class HTTPReceiver:
         self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
-
-    def __enter__(self) -> HTTPReceiver:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()

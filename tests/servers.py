@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -131,6 +132,25 @@ def end_process(proc: subprocess.Popen | None, first: signal.Signals) -> None:
         proc.wait(STOP_TIMEOUT_S)
 
 
+class Started(ABC):
+    """``with thing:`` starts it and stops it at the end."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start, and return once ready to serve."""
+
+    @abstractmethod
+    def stop(self) -> object:
+        """Stop cleanly (a no-op once stopped)."""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
 T = TypeVar("T")
 
 
@@ -179,7 +199,7 @@ class Inbox(Generic[T]):
 # --- Redis ------------------------------------------------------------------------------------
 
 
-class RedisServer:
+class RedisServer(Started):
     """A redis-server of the test's own on a free port, without persistence: killed and started
     again it comes back empty on the same port, as a crashed cache would. Extra ``config`` goes on
     its command line (e.g. ``"--client-output-buffer-limit", "pubsub", "1mb", "512kb", "1"``)."""
@@ -206,18 +226,15 @@ class RedisServer:
         """SIGKILL (an outage: clients see their connections drop); a no-op once stopped."""
         end_process(self.proc, signal.SIGKILL)
 
+    def stop(self) -> None:
+        """SIGTERM: a clean stop (a no-op once stopped)."""
+        end_process(self.proc, signal.SIGTERM)
+
     def client(self):
         """A synchronous redis-py client of this server."""
         import redis
 
         return redis.Redis.from_url(self.url)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.kill()
 
 
 # --- a database and the environment of server processes ---------------------------------------
@@ -309,7 +326,7 @@ def trim_retention(env: dict[str, str], topic: str, keep: int) -> int:
 # --- notify itself ----------------------------------------------------------------------------
 
 
-class NotifyServer:
+class NotifyServer(Started):
     """One uvicorn process serving notify, started with exactly ``manage.py serve``'s command line
     (``uvicorn_argv``) at ``log_level``. Its port stays the same across restarts, and ``env`` is
     read at each start, so a test may restart it with another environment."""
@@ -395,7 +412,7 @@ class NotifyServer:
 # --- Celery -----------------------------------------------------------------------------------
 
 
-class CeleryWorker:
+class CeleryWorker(Started):
     """``celery -A notify_project worker`` with ``manage.py serve``'s command line, in ``env``
     (whose REDIS_URL is its broker), named ``<name>@%h`` and with ``concurrency`` processes (one
     by default: two cores are shared). Its output goes to ``log``; ``wait_for_line`` waits on it."""
@@ -454,10 +471,3 @@ class CeleryWorker:
         """SIGTERM (a warm shutdown: the task in hand finishes); returns the exit code."""
         end_process(self.proc, signal.SIGTERM)
         return self.proc.returncode
-
-    def __enter__(self) -> CeleryWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
