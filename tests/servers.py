@@ -6,16 +6,15 @@
   processes of one test module; ``seed``, ``run_script``, ``trim_retention`` work on it;
 - ``NotifyServer``: uvicorn serving notify with exactly the command line of ``manage.py serve``;
 - ``CeleryWorker``: ``celery -A notify_project worker`` as ``manage.py serve`` runs it;
-- ``SMTPServer`` (aiosmtpd) and ``HTTPReceiver``: the peers of the email, SMS and webhook channels.
+- ``Inbox``: what arrives on other threads, waited for without sleeps.
 
-Not a test module (tests/test_servers.py shows each piece working).
+The peers of the email, SMS and webhook channels (an SMTP server, an HTTP receiver) are in
+tests/peers.py. Not a test module (tests/test_servers.py shows each piece working).
 """
 
 from __future__ import annotations
 
 import contextlib
-import email
-import email.policy
 import json
 import os
 import signal
@@ -24,11 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Generic, TypeVar
 from urllib.parse import urlparse, urlunparse
 
 import httpx
@@ -134,10 +132,74 @@ def end_process(proc: subprocess.Popen | None, first: signal.Signals) -> None:
         proc.wait(STOP_TIMEOUT_S)
 
 
+class Started(ABC):
+    """``with thing:`` starts it and stops it at the end."""
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start, and return once ready to serve."""
+
+    @abstractmethod
+    def stop(self) -> object:
+        """Stop cleanly (a no-op once stopped)."""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+T = TypeVar("T")
+
+
+class Inbox(Generic[T]):
+    """What arrives on other threads (a process's output lines, received messages), in order;
+    readers wait for what they need. ``close()`` says nothing more will come."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # named in failures
+        self.items: list[T] = []
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def put(self, item: T) -> None:
+        with self._changed:
+            self.items.append(item)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout_s: float = WAIT_S) -> list[T]:
+        """The first ``count`` items, once they are in; AssertionError after ``timeout_s``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.items) >= count, timeout_s):
+                raise AssertionError(f"{len(self.items)} of {count} {self.what} arrived")
+            return self.items[:count]
+
+    def first(self, wanted: Callable[[T], bool], timeout_s: float = WAIT_S) -> T:
+        """The first item (since the start) for which ``wanted`` is true; AssertionError with
+        the last items if it is closed first or ``timeout_s`` pass."""
+
+        def found() -> T | None:
+            return next((item for item in self.items if wanted(item)), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None or self._closed, timeout_s)
+            if (item := found()) is None:
+                tail = "\n".join(map(str, self.items[-40:]))
+                raise AssertionError(f"not among the {self.what}:\n{tail}")
+            return item
+
+
 # --- Redis ------------------------------------------------------------------------------------
 
 
-class RedisServer:
+class RedisServer(Started):
     """A redis-server of the test's own on a free port, without persistence: killed and started
     again it comes back empty on the same port, as a crashed cache would. Extra ``config`` goes on
     its command line (e.g. ``"--client-output-buffer-limit", "pubsub", "1mb", "512kb", "1"``)."""
@@ -164,18 +226,15 @@ class RedisServer:
         """SIGKILL (an outage: clients see their connections drop); a no-op once stopped."""
         end_process(self.proc, signal.SIGKILL)
 
+    def stop(self) -> None:
+        """SIGTERM: a clean stop (a no-op once stopped)."""
+        end_process(self.proc, signal.SIGTERM)
+
     def client(self):
         """A synchronous redis-py client of this server."""
         import redis
 
         return redis.Redis.from_url(self.url)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.kill()
 
 
 # --- a database and the environment of server processes ---------------------------------------
@@ -267,7 +326,7 @@ def trim_retention(env: dict[str, str], topic: str, keep: int) -> int:
 # --- notify itself ----------------------------------------------------------------------------
 
 
-class NotifyServer:
+class NotifyServer(Started):
     """One uvicorn process serving notify, started with exactly ``manage.py serve``'s command line
     (``uvicorn_argv``) at ``log_level``. Its port stays the same across restarts, and ``env`` is
     read at each start, so a test may restart it with another environment."""
@@ -353,7 +412,7 @@ class NotifyServer:
 # --- Celery -----------------------------------------------------------------------------------
 
 
-class CeleryWorker:
+class CeleryWorker(Started):
     """``celery -A notify_project worker`` with ``manage.py serve``'s command line, in ``env``
     (whose REDIS_URL is its broker), named ``<name>@%h`` and with ``concurrency`` processes (one
     by default: two cores are shared). Its output goes to ``log``; ``wait_for_line`` waits on it."""
@@ -366,8 +425,7 @@ class CeleryWorker:
         self.log = log
         self.argv = [*celery_worker_argv(), f"--hostname={name}@%h", f"--concurrency={concurrency}"]
         self.proc: subprocess.Popen | None = None
-        self._lines: list[str] = []
-        self._changed = threading.Condition()
+        self.output: Inbox[str] = Inbox("Celery worker's output lines")
 
     def start(self) -> None:
         """Start the worker and return once it says it is ready to consume."""
@@ -387,28 +445,13 @@ class CeleryWorker:
             for line in self.proc.stdout:
                 log.write(line)
                 log.flush()
-                with self._changed:
-                    self._lines.append(line.rstrip("\n"))
-                    self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()  # the process ended: waiters stop waiting
+                self.output.put(line.rstrip("\n"))
+        self.output.close()  # the process ended: waiters stop waiting
 
     def wait_for_line(self, wanted: Callable[[str], bool], timeout_s: float = WAIT_S) -> str:
         """The first output line (since the start) for which ``wanted`` is true; AssertionError
         with the output so far if the worker exits or ``timeout_s`` pass first."""
-        deadline = time.monotonic() + timeout_s
-        seen = 0
-        with self._changed:
-            while True:
-                for line in self._lines[seen:]:
-                    if wanted(line):
-                        return line
-                seen = len(self._lines)
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    output = "\n".join(self._lines)[-LOG_TAIL_CHARS:]
-                    raise AssertionError(f"not in the Celery worker's output:\n{output}")
-                self._changed.wait(left)
+        return self.output.first(wanted, timeout_s)
 
     def send_task(self, name: str, *args) -> None:
         """Enqueue task ``name`` on this worker's broker, as the project's producers do (same
@@ -428,152 +471,3 @@ class CeleryWorker:
         """SIGTERM (a warm shutdown: the task in hand finishes); returns the exit code."""
         end_process(self.proc, signal.SIGTERM)
         return self.proc.returncode
-
-    def __enter__(self) -> CeleryWorker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-# --- peers of the delivery channels ------------------------------------------------------------
-
-
-class SMTPServer:
-    """An SMTP server (aiosmtpd) on 127.0.0.1 and a free port that keeps every message it
-    receives; ``wait_for(n)`` waits until it holds ``n``."""
-
-    def __init__(self) -> None:
-        from aiosmtpd.controller import Controller
-
-        self.port = free_port()
-        self.messages: list[EmailMessage] = []
-        self.envelopes: list[tuple[str, list[str]]] = []  # (MAIL FROM, RCPT TOs) per message
-        self._changed = threading.Condition()
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
-
-    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's name)
-        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        with self._changed:
-            self.messages.append(message)
-            self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-            self._changed.notify_all()
-        return "250 Message accepted for delivery"
-
-    def wait_for(self, count: int, timeout_s: float = WAIT_S) -> list[EmailMessage]:
-        """The first ``count`` messages, once received; AssertionError after ``timeout_s``."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: len(self.messages) >= count, timeout_s):
-                raise AssertionError(f"{len(self.messages)} of {count} messages received")
-            return self.messages[:count]
-
-    def start(self) -> None:
-        self._controller.start()
-
-    def stop(self) -> None:
-        self._controller.stop()
-
-    def __enter__(self) -> SMTPServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-@dataclass
-class Reply:
-    """One programmed answer of an HTTPReceiver: after ``delay_s``, ``status`` with ``body``."""
-
-    status: int = 200
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-
-
-@dataclass
-class ReceivedRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self):
-        return json.loads(self.body)
-
-
-class HTTPReceiver:
-    """A threaded HTTP server on 127.0.0.1 and a free port that records every request and answers
-    each with the next programmed ``Reply`` (``program``), then with ``default``. It stands in
-    for an SMS gateway or a webhook endpoint: failing, slow or fine, as a test programs it."""
-
-    def __init__(self, default: Reply | None = None) -> None:
-        self.default = default or Reply()
-        self.requests: list[ReceivedRequest] = []
-        self._programmed: list[Reply] = []
-        self._changed = threading.Condition()
-        self._stopping = threading.Event()  # ends the delays of answers still held at stop
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), self._handler_class())
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def program(self, *replies: Reply) -> None:
-        """Answer the next requests with ``replies``, in order."""
-        with self._changed:
-            self._programmed.extend(replies)
-
-    def _answer_for(self, request: ReceivedRequest) -> Reply:
-        with self._changed:
-            self.requests.append(request)
-            self._changed.notify_all()
-            return self._programmed.pop(0) if self._programmed else self.default
-
-    def wait_for(self, count: int, timeout_s: float = WAIT_S) -> list[ReceivedRequest]:
-        """The first ``count`` requests, once received; AssertionError after ``timeout_s``."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: len(self.requests) >= count, timeout_s):
-                raise AssertionError(f"{len(self.requests)} of {count} requests received")
-            return self.requests[:count]
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                request = ReceivedRequest(
-                    self.command, self.path, dict(self.headers.items()), self.rfile.read(length)
-                )
-                reply = receiver._answer_for(request)
-                if reply.delay_s and receiver._stopping.wait(reply.delay_s):
-                    return  # stopping: drop the held answer
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.end_headers()
-                self.wfile.write(reply.body)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815
-
-            def log_message(self, *args) -> None:  # keep pytest output clean
-                pass
-
-        return Handler
-
-    def start(self) -> None:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> HTTPReceiver:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -14,6 +13,7 @@ from django.db import connection
 from routing_app import db_threads
 from routing_app.models import ApiKey, Notification
 from tests.apiclient import bearer, create_key
+from tests.servers import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -382,18 +382,12 @@ async def test_history_with_bad_query_or_topic_gets_400(api, ingest_key):
         assert answer.json()["errors"][0]["loc"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_unreachable_database_gets_503_with_retry_after_and_stores_nothing(api, ingest_key):
     assert (await api.post(URL, json=body(), headers=bearer(ingest_key))).status_code == 202
     settings_dict = connection.settings_dict
     saved = dict(settings_dict)
     if connection.vendor == "postgresql":
-        settings_dict.update(HOST="127.0.0.1", PORT=str(_closed_port()))
+        settings_dict.update(HOST="127.0.0.1", PORT=str(free_port()))
     else:  # SQLite: a database file that cannot be opened
         settings_dict["NAME"] = "/nonexistent-dir/notify.sqlite3"
     await sync_to_async(db_threads.close_all)()  # pool threads reconnect with the broken settings

@@ -6,7 +6,6 @@ test_phoenix_official_client.py."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 
@@ -19,6 +18,7 @@ from channels_app.hub import hub
 from channels_app.presence import MemoryPresence, PresenceUnavailable, get_presence, users
 from channels_app.presence_redis import RedisPresence
 from tests.apiclient import bearer, create_key
+from tests.servers import free_port
 
 WAIT_S = 10  # upper bound for an awaited diff; passing runs take milliseconds
 
@@ -180,9 +180,7 @@ async def test_process_puts_its_entries_back_when_its_heartbeat_vanished(redis_p
 
 
 async def test_unreachable_redis_raises_presence_unavailable():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    port = free_port()  # nothing listens there
     presence = RedisPresence(f"redis://127.0.0.1:{port}/0", "x", 30, "p", beat=False)
     with pytest.raises(PresenceUnavailable):
         await presence.track("room.a", "7", {})

@@ -9,7 +9,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 
 from routing_app.models import ApiKey, Channel, Delivery, Notification, Route, Topic
+from tests.servers import RedisServer, free_port, run_script
 
 READY_TIMEOUT_S = 60  # generous: two cores shared with other test processes
 MANAGE = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py")]
@@ -104,12 +104,6 @@ def test_demo_refuses_the_default_admin_password_when_debug_is_off(tmp_path, set
 # --- serve ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Output:
     """Lines of a child's merged stdout/stderr, read on a thread, awaited with a timeout."""
 
@@ -179,22 +173,14 @@ def test_serve_embedded_prints_login_and_key_serves_admin_with_css_and_stops_on_
 ):
     env = embedded_env(tmp_path)
     # What `make run` does before `serve`, in one process (each Django start-up costs seconds).
-    demo = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import django; django.setup(); from django.core.management import call_command; "
-            "call_command('migrate', verbosity=0); "
-            f"call_command('demo', '--key-file', {str(tmp_path / 'key')!r})",
-        ],
-        env={**env, "DJANGO_SETTINGS_MODULE": "notify_project.settings"},
-        cwd=settings.BASE_DIR,
-        check=True,
-        capture_output=True,
-        text=True,
+    demo_output = run_script(
+        env,
+        "from django.core.management import call_command\n"
+        "call_command('migrate', verbosity=0)\n"
+        f"call_command('demo', '--key-file', {str(tmp_path / 'key')!r})\n",
     )
     raw = (tmp_path / "key").read_text().strip()
-    assert raw in demo.stdout
+    assert raw in demo_output
     port = free_port()
     serve, output = start_serve(env, port)
 
@@ -220,18 +206,8 @@ def own_redis(tmp_path) -> Iterator[str]:
     """A private redis-server, so this test's Celery worker takes no one else's tasks."""
     if not shutil.which("redis-server"):
         pytest.skip("redis-server is not installed")
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir"]
-        + [str(tmp_path)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    output = Output(server)
-    output.wait_for(lambda line: "Ready to accept connections" in line)
-    yield f"redis://127.0.0.1:{port}/0"
-    server.terminate()
-    server.wait()
+    with RedisServer(tmp_path) as server:
+        yield server.url
 
 
 def test_serve_with_redis_runs_worker_and_beat_and_stops_all_when_one_dies(

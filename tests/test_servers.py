@@ -1,5 +1,5 @@
-"""The end-to-end harness (tests/servers.py) works: each piece started for real and used the way the
-end-to-end tests use it."""
+"""The end-to-end harness (tests/servers.py, tests/peers.py) works: each piece started for real
+and used the way the end-to-end tests use it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import pytest
 from django.core import mail
 
 from routing_app.management.commands.serve import uvicorn_argv
+from tests.peers import HTTPReceiver, Reply, SMTPServer
 from tests.servers import (
     CeleryWorker,
-    HTTPReceiver,
     NotifyServer,
     RedisServer,
-    Reply,
-    SMTPServer,
     run_script,
     seed,
     server_environment,

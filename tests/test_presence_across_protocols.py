@@ -11,7 +11,6 @@ presence through Redis), embedded otherwise.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -23,6 +22,7 @@ from channels_app.authz import Principal
 from channels_app.models import TopicRule
 from channels_app.presence import ConnectionPresence, get_presence
 from channels_app.sse import with_sse
+from tests.servers import free_port
 from tests.test_phoenix_protocol import connect as phoenix_connect
 from tests.test_phoenix_protocol import join as phoenix_join
 from tests.test_presence import Diffs, backend, needs_redis, redis_prefix
@@ -227,9 +227,7 @@ async def test_entry_whose_untrack_could_not_reach_redis_is_removed_on_the_next_
 
     presence = backend(redis_prefix, "alive")
     tracked = await presence.track("room.a", "7", {"username": "sam"})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    port = free_port()  # nothing listens there
     reachable, presence.redis = presence.redis, aioredis.Redis.from_url(f"redis://127.0.0.1:{port}")
     await presence.untrack(tracked)  # Redis unreachable: logged, no error
     await presence.redis.aclose()
