@@ -37,6 +37,7 @@ JS_DIR = ROOT / "tests" / "js"
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_TIMEOUT_MS = 20_000  # upper bound for one awaited page condition; passing runs take far less
 RECONNECT_TIMEOUT_MS = 30_000  # includes the client's backoff (capped at 1 s in the page)
+NODE_TEST_FILES = ("socket.test.js", "composables.test.js", "sse.test.js", "reconnect.test.js")
 
 
 def _missing_tools() -> list[str]:
@@ -225,7 +226,7 @@ def test_client_unit_tests_pass_in_node(tools):
     """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats;
     the composables open nothing during server-side rendering and close with their scope."""
     done = subprocess.run(
-        ["node", "--test", str(JS_DIR / "socket.test.js"), str(JS_DIR / "composables.test.js")],
+        ["node", "--test", *(str(JS_DIR / name) for name in NODE_TEST_FILES)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -354,6 +355,19 @@ def test_sse_composable_reconnects_with_a_fresh_token_when_the_browser_gives_up(
     # The first EventSource gave up (CLOSED == 2); the second is the composable's own.
     assert browser.eval("harness.readyStates('s-token')") == [2, 1]
     browser.eval("harness.unmount('s-token')")
+
+
+def test_sse_composable_is_connected_once_the_stream_is_live(browser, servers, server_env):
+    """`connected` waits for the server's `subscribed` (replay over, live): a notification posted
+    as soon as it is true arrives, on a live-only stream."""
+    main, _ = servers
+    topic = "jsclient.sse-live"
+    browser.eval(f"harness.mountSse('s-live', '{topic}', ['js.tick'])")
+    browser.wait_equal("harness.connectedText('s-live')", "true")
+    assert browser.eval("harness.stateText('s-live')") == "open"
+    seq = main.post(server_env["TEST_API_KEY"], topic, "js.tick", {"n": 1})
+    browser.wait_equal("harness.seqs('s-live')", [seq])
+    browser.eval("harness.unmount('s-live')")
 
 
 def test_sse_composable_resumes_from_a_given_last_event_id(browser, servers, server_env):

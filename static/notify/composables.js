@@ -1,9 +1,13 @@
 /**
  * Vue / Nuxt composables over notify's realtime edge: `useNotifyTopic` (plain WebSocket, through
- * NotifySocketManager) and `useServerSentEvents` (SSE at /events/<topic>/, EventSource).
+ * NotifySocketManager) and `useServerSentEvents` (SSE at /events/<topic>/, through
+ * NotifyEventStream).
  *
- * Works in Nuxt 3 and Nuxt 4 (copy this folder into `app/composables/` or import it from a
- * plugin) and in a plain page with an import map for "vue". See docs/js-client.md.
+ * Works in Nuxt 4 and Nuxt 3 and in a plain page with an import map for "vue". In Nuxt, copy this
+ * folder's .js files into `app/lib/notify/` (Nuxt 3: `lib/notify/`) and re-export the composables
+ * from `app/composables/notify.js`: Nuxt auto-imports only the top level of `composables/`, so a
+ * folder copied there builds and then fails with "useNotifyTopic is not defined". See
+ * docs/js-client.md.
  *
  * Lifecycle: inside a component's setup() the connection opens on mount and closes on unmount (so
  * nothing connects during server-side rendering); inside another effect scope (a Pinia store,
@@ -26,7 +30,8 @@ import {
   watch,
 } from 'vue'
 
-import { backoffDelay, NotifySocketManager } from './socket.js'
+import { NotifySocketManager } from './socket.js'
+import { NotifyEventStream } from './sse.js'
 
 /**
  * Run `start` now or on mount, and `stop` on unmount / scope disposal, per the rules above.
@@ -227,19 +232,19 @@ export function useNotifyTopic(topic, options = {}) {
  * @property {string|(() => (string|Promise<string>))} [token]  token or provider, sent as
  *   `?token=` (EventSource cannot send headers); fetched again for every manual reconnect
  * @property {string|null} [lastEventId]  resume after this id on the first connection
- * @property {import('./socket.js').BackoffOptions} [backoff]  delays of manual reconnects
+ * @property {import('./reconnect.js').BackoffOptions} [backoff]  delays of manual reconnects
  * @property {(e: {type: string, id: string, data: any}) => void} [onEvent]
  * @property {typeof EventSource} [EventSource]  implementation (default: the global one)
  */
 
 /**
- * Follow a Server-Sent Events stream with resume.
+ * Follow a Server-Sent Events stream with resume: a Vue wrapper over NotifyEventStream (sse.js),
+ * which holds the rules (browser reconnects with `Last-Event-ID`; after the browser gives up, our
+ * own reconnect with a fresh token and `lastEventId`; seqs already seen skipped).
  *
- * Resume: while the browser reconnects by itself (network drop, server restart) it sends the
- * `Last-Event-ID` header on its own. When the browser gives up (HTTP error, refused token: the
- * EventSource goes to CLOSED), we reconnect ourselves after a backoff, with a fresh token and the
- * last id as the `lastEventId` query parameter, which the server accepts in place of the header.
- * Numeric ids (our topic seq) already seen are skipped, so a replay overlap never repeats an event.
+ * `connected` is true once the server said `subscribed` (the replay is over, the stream is live),
+ * as `useNotifyTopic`'s is. `url` may be a string, a ref or a getter: when it changes, the list
+ * starts again for the new stream.
  *
  * @param {string|import('vue').Ref<string>|(() => string)} url  absolute or page-relative URL
  * @param {SseOptions} [options]
@@ -263,123 +268,57 @@ export function useServerSentEvents(url, options = {}) {
   const state = ref('idle')
   const error = shallowRef(null)
   const reset = shallowRef(null)
-  const types = [...new Set(['message', ...(options.events ?? [])])]
 
-  /** @type {EventSource|null} */
-  let source = null
-  /** @type {[string, EventListener][]} */
-  let attached = []
-  let retryTimer = null
-  let attempt = 0
+  /** @type {NotifyEventStream|null} */
+  let stream = null
+  /** @type {(() => void)[]} */
+  let unlisten = []
   let stopped = false
-  let generation = 0
 
-  /** Highest numeric id seen, for dedupe; ids look like "42" (or "<topic>:42"). */
-  let lastNumericId = numericId(lastEventId.value)
-
-  function handle(ev) {
-    const n = numericId(ev.lastEventId)
-    if (n != null && lastNumericId != null && n <= lastNumericId) return
-    if (n != null) lastNumericId = n
-    if (ev.lastEventId) lastEventId.value = ev.lastEventId
-    let data = ev.data
-    try {
-      data = JSON.parse(ev.data)
-    } catch {
-      // Not JSON (a plain text event): keep the string.
-    }
-    const item = { type: ev.type, id: ev.lastEventId || null, data }
-    events.value = appendBounded(events.value, item, limit)
-    attempt = 0
-    options.onEvent?.(item)
-  }
-
-  function detach() {
-    if (!source) return
-    for (const [type, fn] of attached) source.removeEventListener(type, fn)
-    attached = []
-    source.onopen = source.onerror = null
-    source.close()
-    source = null
-  }
-
-  async function connect() {
-    clearTimeout(retryTimer)
-    retryTimer = null
-    detach()
-    if (stopped) return
-    const mine = ++generation
-    state.value = 'connecting'
-    let token = null
-    try {
-      token = typeof options.token === 'function' ? await options.token() : (options.token ?? null)
-    } catch (err) {
-      if (mine !== generation || stopped) return
-      error.value = err
-      return scheduleRetry()
-    }
-    if (mine !== generation || stopped) return // stop() or another connect() meanwhile
-    const Impl = options.EventSource ?? globalThis.EventSource
-    const target = new URL(valueOf(url), globalThis.location?.href)
-    if (token) target.searchParams.set('token', token)
-    // The header only goes out on the browser's own reconnects; a new EventSource needs the query.
-    if (lastEventId.value) target.searchParams.set('lastEventId', lastEventId.value)
-    const es = new Impl(target.toString(), { withCredentials: !!options.withCredentials })
-    source = es
-    for (const type of types) attachListener(es, type, handle)
-    // "What you missed is gone" (ours: `reset`, django-eventstream's: `stream-reset`). Its id is
-    // where the stream goes on from; the browser adopts it as Last-Event-ID, and so do we, so a
-    // manual reconnect does not ask for the lost range again.
-    for (const type of ['reset', 'stream-reset']) {
-      attachListener(es, type, (ev) => {
-        let data = ev.data
-        try {
-          data = JSON.parse(ev.data)
-        } catch {
-          // keep the text
-        }
-        const n = numericId(ev.lastEventId)
-        if (n != null && (lastNumericId == null || n > lastNumericId)) {
-          lastNumericId = n
-          lastEventId.value = ev.lastEventId
-        }
-        reset.value = { type: ev.type, id: ev.lastEventId || null, data }
-      })
-    }
-    attachListener(es, 'stream-error', (ev) => {
-      error.value = { type: ev.type, data: ev.data }
+  /** Follow `target`, resuming after `resumeAfter`; the previous stream (if any) is dropped. */
+  function follow(target, resumeAfter) {
+    leave()
+    const s = new NotifyEventStream(target, {
+      events: options.events,
+      withCredentials: options.withCredentials,
+      token: options.token,
+      lastEventId: resumeAfter,
+      backoff: options.backoff,
+      EventSource: options.EventSource,
     })
-    es.onopen = () => {
-      if (source !== es) return
-      attempt = 0
+    const listen = (event, handler) => unlisten.push(s.on(event, handler))
+    listen('event', (item) => {
+      events.value = appendBounded(events.value, item, limit)
+      lastEventId.value = s.lastEventId
+      options.onEvent?.(item)
+    })
+    listen('subscribed', () => {
       connected.value = true
-      state.value = 'open'
+    })
+    listen('reset', (item) => {
+      lastEventId.value = s.lastEventId
+      reset.value = item
+    })
+    listen('open', () => {
       error.value = null
-    }
-    es.onerror = (ev) => {
-      if (source !== es) return
-      connected.value = false
-      if (es.readyState === 2 /* CLOSED: the browser gave up */) {
-        error.value = ev
-        scheduleRetry()
-      } else {
-        state.value = 'reconnecting' // the browser retries itself, with Last-Event-ID
-      }
-    }
+    })
+    listen('state', ({ state: next }) => {
+      state.value = next
+      connected.value = s.connected
+    })
+    listen('error', (e) => {
+      connected.value = s.connected
+      error.value = e
+    })
+    stream = s
+    s.open()
   }
 
-  function attachListener(es, type, fn) {
-    es.addEventListener(type, fn)
-    attached.push([type, fn])
-  }
-
-  function scheduleRetry() {
-    detach()
-    if (stopped) return
-    state.value = 'reconnecting'
-    const delay = backoffDelay(attempt, options.backoff)
-    attempt += 1
-    retryTimer = setTimeout(connect, delay)
+  function leave() {
+    for (const off of unlisten) off()
+    unlisten = []
+    stream?.close()
+    stream = null
   }
 
   let stopWatch = null
@@ -388,31 +327,27 @@ export function useServerSentEvents(url, options = {}) {
     if (isRef(url) || typeof url === 'function') {
       stopWatch = watch(
         () => valueOf(url),
-        (_next, previous) => {
+        (next, previous) => {
           if (previous !== undefined) {
             // Another stream: its ids mean nothing for the old one.
             events.value = []
             lastEventId.value = null
-            lastNumericId = null
             reset.value = null
           }
-          attempt = 0
-          connect()
+          follow(next, lastEventId.value)
         },
         { immediate: true },
       )
     } else {
-      connect()
+      follow(url, lastEventId.value)
     }
   }
 
   function stop() {
     if (stopped) return
     stopped = true
-    generation += 1
     stopWatch?.()
-    clearTimeout(retryTimer)
-    detach()
+    leave()
     connected.value = false
     state.value = 'closed'
   }
@@ -426,19 +361,10 @@ export function useServerSentEvents(url, options = {}) {
     state: readonly(state),
     error,
     reset,
-    reconnect: () => {
-      attempt = 0
-      return connect()
-    },
+    reconnect: () => (stream ? stream.reconnect() : Promise.resolve()),
     clear: () => {
       events.value = []
     },
     stop,
   }
-}
-
-/** @param {string|null|undefined} id @returns {number|null} */
-function numericId(id) {
-  const match = /(?:^|:)(\d+)$/.exec(id ?? '')
-  return match ? Number(match[1]) : null
 }

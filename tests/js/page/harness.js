@@ -98,6 +98,7 @@ const SseList = (id, url, events, lastEventId) =>
       return () =>
         h('div', [
           h('p', { class: 'state' }, s.state.value),
+          h('p', { class: 'connected' }, String(s.connected.value)),
           h('p', { class: 'last-id' }, String(s.lastEventId.value)),
           h('p', { class: 'reset' }, JSON.stringify(s.reset.value?.data ?? null)),
           h(
