@@ -1,43 +1,25 @@
-"""Publishing to the realtime edge. The router calls these after commit; nothing else does.
+"""Publishing to the realtime edge. The router calls ``publish`` after commit (registered as its
+after-commit publisher in ``ChannelsAppConfig.ready``); nothing else does.
 
 ``publish`` feeds the per-process hub (``hub.py``): in Redis mode one PUBLISH per topic per call
 on ``<REDIS_PREFIX>:hub:<topic>`` (one envelope as a JSON object, several consecutive ones as a JSON
 array of them), which every server process with local subscribers of the topic receives once and
 fans out locally; in the embedded mode (no Redis) the messages are handed to this process's hub
-thread-safely, in one hop. ``publish_pubsub`` is the ``pubsub`` channel kind for other services.
+thread-safely, in one hop.
 
-Both may be called from any thread (the router runs in ingest's worker threads) and never from the
+It may be called from any thread (the router runs in ingest's worker threads) and never from the
 event loop's own thread with a blocking Redis call in mind: the Redis calls here are synchronous.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 
 from django.conf import settings
 
+from routing_app.pubsub import sync_redis
+
 from .hub import JSON_SEPARATORS, hub
-
-_client = None
-_client_lock = threading.Lock()
-
-
-def sync_redis():
-    """The process's synchronous Redis client for publishing (thread-safe connection pool)."""
-    global _client
-    if _client is None:
-        import redis
-
-        with _client_lock:
-            if _client is None:
-                # Short timeouts: a publish happens after commit, and a client recovers a lost
-                # one from the stream; an ingest request must not hang on a dead Redis.
-                _client = redis.Redis.from_url(
-                    settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2
-                )
-    return _client
-
 
 # One PUBLISH carries at most about this much: a subscriber connection whose Redis output buffer
 # passes client-output-buffer-limit (pubsub: 8 MB for 60 s, 32 MB at once) is dropped by Redis,
@@ -47,10 +29,6 @@ PUBLISH_MAX_BYTES = 256 * 1024
 
 # One instance (stateless, thread-safe): json.dumps with options builds an encoder per call.
 _dumps = json.JSONEncoder(separators=JSON_SEPARATORS, ensure_ascii=False).encode
-
-
-def _encode(envelope: dict) -> bytes:
-    return _dumps(envelope).encode()
 
 
 def topic_payloads(messages: list[tuple[str, dict]]) -> list[tuple[str, bytes]]:
@@ -100,15 +78,4 @@ def publish(messages: list[tuple[str, dict]]) -> None:
     with sync_redis().pipeline(transaction=False) as pipe:
         for topic, data in payloads:
             pipe.publish(hub.topic_channel(topic), data)
-        pipe.execute()
-
-
-def publish_pubsub(messages: list[tuple[str, dict]]) -> None:
-    """The ``pubsub`` channel kind: PUBLISH the envelope on Redis channel ``notify:<topic>``
-    (the fixed, documented name other services SUBSCRIBE to; not under ``REDIS_PREFIX``)."""
-    if not settings.REDIS_URL or not messages:
-        return
-    with sync_redis().pipeline(transaction=False) as pipe:
-        for topic, envelope in messages:
-            pipe.publish(f"notify:{topic}", _encode(envelope))
         pipe.execute()

@@ -875,7 +875,7 @@ class Hub:
             running = None
         if running is None or running is not loop:
             # Another thread (or no loop bound yet): a plain synchronous PUBLISH.
-            from .fanout import sync_redis
+            from routing_app.pubsub import sync_redis
 
             sync_redis().publish(channel, data)
             return

@@ -7,6 +7,10 @@ Called by ingest inside the transaction that stored the notifications:
 - realtime publishes (the topic stream to sockets and SSE, and the ``pubsub`` channel kind) happen
   in ``transaction.on_commit``: a client never sees a notification that was rolled back.
 
+The topic stream is published through the after-commit publisher the realtime edge registers at
+start-up (``register_after_commit_publisher``, from its ``AppConfig.ready``): dependencies run one
+way, and routing_app alone (no realtime edge installed) stores and routes without publishing it.
+
 Realtime fanout is per topic, not per route: every notification is published once on its topic's
 stream, because a client's resume reads the same stream from the database (a live path filtered by
 routes would disagree with the replayed one). Routes choose the outbound channels: ``pubsub``,
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
@@ -24,6 +29,7 @@ from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
 from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
+from .pubsub import publish_pubsub
 from .topics import topic_matches
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,19 @@ class CompiledRoute:
 
 
 _cache: tuple[float, list[CompiledRoute]] | None = None
+
+# Publishes ``[(topic, envelope), ...]`` of committed notifications to realtime subscribers.
+CommittedPublisher = Callable[[list[tuple[str, dict]]], None]
+_after_commit_publisher: CommittedPublisher | None = None
+
+
+def register_after_commit_publisher(publish: CommittedPublisher) -> None:
+    """Make ``publish`` the realtime publish of every batch of routed notifications, called from
+    ``transaction.on_commit`` (so only with committed rows), in any thread, in commit order per
+    topic. It may raise: the router logs one warning per batch. One per process; registering
+    again replaces it."""
+    global _after_commit_publisher
+    _after_commit_publisher = publish
 
 
 def invalidate_routes(**_kwargs) -> None:
@@ -180,14 +199,16 @@ def _deliveries_for(n, channel_id, kind, r: CompiledRoute, extra: list[str]) -> 
 def _publish(messages: list[tuple[str, dict]], pubsub: list[tuple[str, Notification]]) -> None:
     """After commit: the realtime stream, then the pubsub channel kind. Never raises: the
     notification is stored, and clients recover a missed live message from the stream."""
-    from channels_app import fanout  # the realtime edge; imported late to keep apps decoupled
-
-    try:
-        fanout.publish(messages)
-    except Exception:  # noqa: BLE001  (degrade: resume recovers it; log once per batch)
-        log.warning("realtime publish failed for %d notification(s)", len(messages), exc_info=True)
+    publish = _after_commit_publisher
+    if publish is not None:
+        try:
+            publish(messages)
+        except Exception:  # noqa: BLE001  (degrade: resume recovers it; log once per batch)
+            log.warning(
+                "realtime publish failed for %d notification(s)", len(messages), exc_info=True
+            )
     if pubsub:
         try:
-            fanout.publish_pubsub([(topic, n.envelope(topic)) for topic, n in pubsub])
+            publish_pubsub([(topic, n.envelope(topic)) for topic, n in pubsub])
         except Exception:  # noqa: BLE001
             log.warning("pubsub publish failed for %d notification(s)", len(pubsub), exc_info=True)

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from channels_app import fanout
 from channels_app.hub import Message, hub
-from routing_app import stream_reads
+from routing_app import pubsub, router, stream_reads
 from routing_app.ingest import NotificationIn, ingest
 
 WAIT_S = 10
@@ -69,7 +69,7 @@ async def clean_hub(_db_pool_closed_at_end):
 def held_publishes(monkeypatch) -> list[tuple[str, dict]]:
     """Stop the router's publishes from reaching the hub; the test hands them over itself."""
     held: list[tuple[str, dict]] = []
-    monkeypatch.setattr(fanout, "publish", lambda messages: held.extend(messages))
+    monkeypatch.setattr(router, "_after_commit_publisher", lambda messages: held.extend(messages))
     return held
 
 
@@ -300,9 +300,9 @@ def own_redis(tmp_path, settings, monkeypatch):
     server = RedisServer(tmp_path)
     server.start()
     settings.REDIS_URL = server.url
-    monkeypatch.setattr(fanout, "_client", None)  # publish to this Redis
+    monkeypatch.setattr(pubsub, "_client", None)  # publish to this Redis
     yield server
-    fanout._client = None
+    pubsub._client = None
     if server.proc.poll() is None:
         server.kill()
 
