@@ -9,8 +9,8 @@ class ChannelsAppConfig(AppConfig):
         from routing_app.router import register_after_commit_publisher
 
         from . import authz  # noqa: F401  (connects the rule-cache invalidation signals)
-        from .fanout import publish
+        from .hub import hub
 
-        # The router publishes committed notifications through the realtime edge: routing_app
-        # never imports it.
-        register_after_commit_publisher(publish)
+        # The router publishes committed notifications through the hub: routing_app never
+        # imports the realtime edge.
+        register_after_commit_publisher(hub.publish_committed)
