@@ -6,11 +6,11 @@ class ChannelsAppConfig(AppConfig):
     verbose_name = "Realtime edge"
 
     def ready(self) -> None:
-        from routing_app import router
+        from routing_app.router import register_after_commit_publisher
 
-        from . import (
-            authz,  # noqa: F401  (connects the rule-cache invalidation signals)
-            fanout,
-        )
+        from . import authz  # noqa: F401  (connects the rule-cache invalidation signals)
+        from .hub import hub
 
-        router.register_after_commit_publisher(fanout.publish_committed)
+        # The router publishes committed notifications through the hub: routing_app never
+        # imports the realtime edge.
+        register_after_commit_publisher(hub.publish_committed)

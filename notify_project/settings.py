@@ -233,7 +233,7 @@ if SSE_KEEPALIVE_S < 1:
 # django-eventstream: send_event() stores through ingest into our durable stream, and our topic
 # rules answer its permission checks (docs/sse.md says why its own storage is not used).
 # EVENTSTREAM_REDIS stays unset on purpose: its Redis listener never restarts after an outage;
-# the hub (channels_app/hub.py) is the one bridge from Redis to streams.
+# the hub (channels_app/hub/) is the one bridge from Redis to streams.
 EVENTSTREAM_STORAGE_CLASS = "channels_app.sse.NotificationStorage"
 EVENTSTREAM_CHANNELMANAGER_CLASS = "channels_app.sse.TopicChannelManager"
 # A server process that has not renewed its presence heartbeat for this long is dead: its

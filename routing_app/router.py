@@ -7,6 +7,10 @@ Called by ingest inside the transaction that stored the notifications:
 - realtime publishes (the topic stream to sockets and SSE, and the ``pubsub`` channel kind) happen
   in ``transaction.on_commit``: a client never sees a notification that was rolled back.
 
+The topic stream is published through the after-commit publisher the realtime edge registers at
+start-up (``register_after_commit_publisher``, from its ``AppConfig.ready``): dependencies run one
+way, and routing_app alone (no realtime edge installed) stores and routes without publishing it.
+
 Realtime fanout is per topic, not per route: every notification is published once on its topic's
 stream, because a client's resume reads the same stream from the database (a live path filtered by
 routes would disagree with the replayed one). Routes choose the outbound channels: ``pubsub``,
@@ -54,6 +58,19 @@ class CompiledRoute:
 
 
 _cache: tuple[float, list[CompiledRoute]] | None = None
+
+# Publishes ``[(topic, envelope), ...]`` of committed notifications to realtime subscribers.
+CommittedPublisher = Callable[[list[tuple[str, dict]]], None]
+_after_commit_publisher: CommittedPublisher | None = None
+
+
+def register_after_commit_publisher(publish: CommittedPublisher) -> None:
+    """Make ``publish`` the realtime publish of every batch of routed notifications, called from
+    ``transaction.on_commit`` (so only with committed rows), in any thread, in commit order per
+    topic. It may raise: the router logs one warning per batch. One per process; registering
+    again replaces it."""
+    global _after_commit_publisher
+    _after_commit_publisher = publish
 
 
 def invalidate_routes(**_kwargs) -> None:
@@ -169,25 +186,11 @@ def _deliveries_for(n, channel_id, kind, r: CompiledRoute, extra: list[str]) -> 
     return out
 
 
-# Realtime publishers, registered by the realtime edge at start-up (its AppConfig.ready()): the
-# router knows no edge, it calls whatever registered, after commit only.
-RealtimePublisher = Callable[[list[tuple[str, dict]]], None]
-_after_commit_publishers: list[RealtimePublisher] = []
-
-
-def register_after_commit_publisher(publish: RealtimePublisher) -> None:
-    """Have ``publish(messages)`` called after every commit that stored notifications, with their
-    ``(topic, envelope)`` pairs in seq order per topic. It runs in the committing thread and may
-    raise (logged, never re-raised: clients recover a missed message from the stream by seq).
-    Registering the same function twice registers it once."""
-    if publish not in _after_commit_publishers:
-        _after_commit_publishers.append(publish)
-
-
 def _publish(messages: list[tuple[str, dict]], pubsub: list[tuple[str, Notification]]) -> None:
     """After commit: the realtime stream, then the pubsub channel kind. Never raises: the
     notification is stored, and clients recover a missed live message from the stream."""
-    for publish in _after_commit_publishers:
+    publish = _after_commit_publisher
+    if publish is not None:
         try:
             publish(messages)
         except Exception:  # noqa: BLE001  (degrade: resume recovers it; log once per batch)

@@ -1,4 +1,4 @@
-"""The per-process fanout hub (channels_app/hub.py): order, gap filling, one encode per encoding,
+"""The per-process fanout hub (channels_app/hub/): order, gap filling, one encode per encoding,
 thread-safe publishing, and recovery after a Redis outage.
 
 Subscribers here are small recorders implementing the hub's Subscriber protocol; the sockets
@@ -17,9 +17,8 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from channels_app import fanout
-from channels_app.hub import Message, hub
-from routing_app import redis_publisher, stream_reads
+from channels_app.hub import Message, hub, wire
+from routing_app import pubsub, router, stream_reads
 from routing_app.ingest import NotificationIn, ingest
 from tests.servers import RedisServer
 
@@ -68,7 +67,7 @@ async def clean_hub(_db_pool_closed_at_end):
 def held_publishes(monkeypatch) -> list[tuple[str, dict]]:
     """Stop the router's publishes from reaching the hub; the test hands them over itself."""
     held: list[tuple[str, dict]] = []
-    monkeypatch.setattr(fanout, "publish", lambda messages: held.extend(messages))
+    monkeypatch.setattr(router, "_after_commit_publisher", lambda messages: held.extend(messages))
     return held
 
 
@@ -175,7 +174,7 @@ async def test_a_bus_array_in_any_json_layout_is_accepted_in_order(clean_hub, he
     await store("hub.layout", 3)
     await hub.subscribe("hub.layout", recorder, since=0)
     await store("hub.layout", 2)  # held: the test publishes them itself, spaced out
-    body = " [ " + " , ".join(fanout._dumps(envelope) for _, envelope in held_publishes) + " ] "
+    body = " [ " + " , ".join(wire.compact_json(envelope) for _, envelope in held_publishes) + " ] "
     client = aioredis.Redis.from_url(settings.REDIS_URL)
     try:
         await client.publish(hub.topic_channel("hub.layout"), body.encode())
@@ -252,9 +251,9 @@ def own_redis(tmp_path, settings, monkeypatch):
     server = RedisServer(tmp_path)
     server.start()
     settings.REDIS_URL = server.url
-    monkeypatch.setattr(redis_publisher, "_client", None)  # publish to this Redis
+    monkeypatch.setattr(pubsub, "_client", None)  # publish to this Redis
     yield server
-    redis_publisher._client = None
+    pubsub._client = None
     if server.proc.poll() is None:
         server.kill()
 
@@ -282,7 +281,7 @@ async def test_after_a_redis_outage_the_hub_resubscribes_and_back_fills(clean_hu
 async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_redis, monkeypatch):
     import signal
 
-    from channels_app import hub as hub_module
+    from channels_app.hub import bus_redis as hub_module
 
     monkeypatch.setattr(hub_module, "REDIS_PING_AFTER_S", 0.2)
     monkeypatch.setattr(hub_module, "REDIS_SILENT_MAX_S", 0.5)

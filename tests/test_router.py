@@ -110,10 +110,8 @@ def test_retried_ingest_does_not_duplicate_deliveries(email):
 def test_realtime_publish_waits_for_commit_and_skips_rollback(monkeypatch):
     from django.db import transaction
 
-    from channels_app import fanout
-
     published = []
-    monkeypatch.setattr(fanout, "publish", lambda messages: published.extend(messages))
+    monkeypatch.setattr(router, "_after_commit_publisher", lambda m: published.extend(m))
     with transaction.atomic():
         post(topic="a.b")
         assert published == []  # not before commit
