@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from .loop_tasks import call_in_loop
+
 
 class MemoryBus:
     """Delivers in the hub's loop: at once when published from it, else handed over
@@ -27,20 +29,7 @@ class MemoryBus:
 
     def publish(self, payloads: list[tuple[bytes, bytes]]) -> None:
         """Thread-safe; in order per publishing thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._deliver(payloads)
-            return
-        try:
-            loop.call_soon_threadsafe(self._deliver, payloads)
-        except RuntimeError:  # the loop closed meanwhile: nobody to deliver to
-            return
+        call_in_loop(self._loop, self._deliver, payloads)
 
     def _deliver(self, payloads: list[tuple[bytes, bytes]]) -> None:
         handlers = self._handlers

@@ -22,6 +22,8 @@ from redis.exceptions import RedisError
 
 from routing_app.pubsub import sync_redis
 
+from .loop_tasks import cancel_all
+
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY_S = (0.1, 5.0)  # first and longest wait between Redis reconnect attempts
@@ -114,13 +116,7 @@ class RedisBus:
         }
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110
-                pass  # shutting down: a task's last error no longer matters
+        await cancel_all(self._tasks)
         if self._publisher is not None:
             await self._publisher.aclose()
         self._handlers.clear()

@@ -18,6 +18,7 @@ from django.conf import settings
 from . import messages, replay, wire
 from .broadcasts import Broadcasts
 from .bus import bus_from_settings
+from .loop_tasks import call_in_loop, cancel_all
 from .messages import Message
 from .sequencer import Topic
 from .subscribers import Subscriber, SubscribeResult
@@ -161,20 +162,7 @@ class Hub(Broadcasts):
     def publish_local(self, messages: list[tuple[str, dict]]) -> None:
         """Deliver ``(topic, envelope)`` pairs to this process's subscribers only, bypassing
         the bus. Thread-safe; a no-op when no loop runs the hub (nobody here is listening)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._accept_local(messages)
-            return
-        try:
-            loop.call_soon_threadsafe(self._accept_local, messages)
-        except RuntimeError:  # the loop closed meanwhile: nobody to deliver to
-            return
+        call_in_loop(self._loop, self._accept_local, messages)
 
     def _accept_local(self, messages: list[tuple[str, dict]]) -> None:
         for topic, envelope in messages:
@@ -192,13 +180,7 @@ class Hub(Broadcasts):
         """Stop background tasks and drop every subscription (tests, shutdown)."""
         if self._loop is not asyncio.get_running_loop():
             return
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001, S110
-                pass  # shutting down: a task's last error no longer matters
+        await cancel_all(self._tasks)
         await self._bus.aclose()
         self._init_state(None)
 
