@@ -315,6 +315,7 @@ def test_sse_composable_reconnects_after_server_restart_and_resumes_in_order(
     topic = "jsclient.sse-restart"
     browser.eval(f"harness.mountSse('s-resume', '{topic}', ['js.tick'])")
     browser.wait_equal("harness.stateText('s-resume')", "open")
+    browser.wait_equal("harness.connectedText('s-resume')", "true")  # live: posts now reach it
     before = [main.post(key, topic, "js.tick", {"n": n}) for n in (1, 2)]
     browser.wait_equal("harness.seqs('s-resume')", before)
 
@@ -342,6 +343,7 @@ def test_sse_composable_reconnects_with_a_fresh_token_when_the_browser_gives_up(
     topic = "jsclient.sse-token"
     browser.eval(f"harness.mountSse('s-token', '{topic}', ['js.tick'])")
     browser.wait_equal("harness.stateText('s-token')", "open")
+    browser.wait_equal("harness.connectedText('s-token')", "true")  # live: posts now reach it
     before = [main.post(key, topic, "js.tick", {"n": n}) for n in (1, 2)]
     browser.wait_equal("harness.seqs('s-token')", before)
 
@@ -412,6 +414,7 @@ def test_unmount_removes_listeners_and_closes_connections(browser, servers, serv
     browser.wait_equal("harness.connectedText('c-keep')", "true")
     browser.wait_equal("harness.connectedText('c-gone')", "true")
     browser.wait_equal("harness.stateText('s-gone')", "open")
+    browser.wait_equal("harness.connectedText('s-gone')", "true")  # live: posts now reach it
     first = main.post(key, topic, "js.tick", {"n": 1})
     for app in ("c-keep", "c-gone", "s-gone"):
         browser.wait_equal(f"harness.seqs('{app}')", [first])
