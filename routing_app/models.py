@@ -177,9 +177,9 @@ class Channel(models.Model):
         "phoenix": {},
         "sse": {},
         "pubsub": {"channel_prefix": str},
-        "email": {"from_email": str, "subject_template": str},
-        "sms": {"sender_id": str},
-        "webhook": {"headers": dict, "method": str},
+        "email": {"from_email": str, "reply_to": str},
+        "sms": {"from_number": str, "max_segments": int},
+        "webhook": {"headers": dict},
     }
 
     name = models.CharField(max_length=100, unique=True)
@@ -219,6 +219,34 @@ class Channel(models.Model):
         "half-open success % required",
         default=80,
         validators=[MinValueValidator(1), MaxValueValidator(100)],
+    )
+    breaker_slow_call_ms = models.PositiveIntegerField(
+        "slow call (ms)",
+        default=500,
+        validators=[MinValueValidator(1)],
+        help_text="A call that takes longer than this counts as slow.",
+    )
+    breaker_slow_rate = models.PositiveSmallIntegerField(
+        "slow-call rate %", default=50, validators=[MinValueValidator(1), MaxValueValidator(100)]
+    )
+    breaker_open_max_s = models.PositiveIntegerField(
+        "longest open duration (s)",
+        default=0,
+        help_text="Each re-open doubles the open duration up to this; 0 = never grows.",
+    )
+    max_attempts = models.PositiveSmallIntegerField(
+        default=5,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Tries per delivery before it is dead (a try may call several providers).",
+    )
+    retry_backoff_s = models.PositiveIntegerField(
+        "retry backoff (s)",
+        default=2,
+        validators=[MinValueValidator(1)],
+        help_text="Base of the exponential backoff between tries (full jitter).",
+    )
+    retry_backoff_max_s = models.PositiveIntegerField(
+        "longest retry backoff (s)", default=600, validators=[MinValueValidator(1)]
     )
     max_message_bytes = models.PositiveIntegerField(
         default=64 * 1024, validators=[MinValueValidator(1), MaxValueValidator(64 * 1024)]
@@ -276,7 +304,8 @@ class Provider(models.Model):
     name = models.CharField(max_length=100)
     url = models.CharField(
         max_length=500,
-        help_text="smtp://host:port, https://sms-gateway/..., or the webhook URL.",
+        help_text="smtp://user@host:port, smtps://, anymail://postmark, console://, "
+        "https://sms-gateway/2010-04-01/Accounts/<sid>/Messages.json, or the webhook URL.",
     )
     weight = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
     enabled = models.BooleanField(default=True)
@@ -287,6 +316,21 @@ class Provider(models.Model):
         validators=[],
         help_text="Name of the environment variable holding the secret (never the secret itself).",
     )
+    rate_limit = models.CharField(
+        max_length=20,
+        blank=True,
+        validators=[validate_rate],
+        help_text="Calls allowed to this provider, e.g. 50/s; empty = only the channel's limit.",
+    )
+    options = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='e.g. {"health_url": "https://gateway/health"} for an HTTP provider.',
+    )
+    disabled_reason = models.CharField(max_length=300, blank=True)
+    healthy = models.BooleanField(default=True, editable=False)
+    health_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    health_error = models.CharField(max_length=300, blank=True, editable=False)
 
     class Meta:
         ordering = ["channel", "name"]
@@ -302,8 +346,11 @@ class Provider(models.Model):
             raise ValidationError(
                 {"credentials_env": "give the NAME of an environment variable, e.g. SMTP_PASSWORD"}
             )
-        schemes = {"email": ("smtp://", "smtps://"), "sms": ("http://", "https://")}
-        schemes["webhook"] = schemes["sms"]
+        schemes = {
+            "email": ("smtp://", "smtps://", "anymail://", "console://"),
+            "sms": ("http://", "https://", "console://"),
+            "webhook": ("http://", "https://"),
+        }
         try:
             # The channel may be unsaved (added together with this provider in one admin form).
             kind = self.channel.kind
@@ -356,53 +403,6 @@ class Route(models.Model):
 
     def literal_addresses(self) -> list[str]:
         return [line.strip() for line in self.addresses.splitlines() if line.strip()]
-
-
-class Delivery(models.Model):
-    """One notification to one recipient over one channel (email/SMS/webhook)."""
-
-    class Status(models.TextChoices):
-        PENDING = "pending"
-        SENDING = "sending"
-        SENT = "sent"
-        FAILED = "failed"  # a transient failure; will be retried
-        DEAD = "dead"  # permanent failure or retries exhausted, no backup left
-
-    notification = models.ForeignKey(
-        Notification, on_delete=models.CASCADE, related_name="deliveries"
-    )
-    channel = models.ForeignKey(Channel, on_delete=models.CASCADE, related_name="deliveries")
-    recipient = models.CharField(max_length=500)
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
-    )
-    status = models.CharField(
-        max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True
-    )
-    attempts = models.PositiveIntegerField(default=0)
-    provider = models.ForeignKey(Provider, null=True, blank=True, on_delete=models.SET_NULL)
-    failover_from = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="failovers"
-    )
-    last_error = models.TextField(blank=True)
-    latency_ms = models.PositiveIntegerField(null=True, blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-    updated_at = models.DateTimeField(auto_now=True)
-    next_attempt_at = models.DateTimeField(null=True, blank=True)
-    sent_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        ordering = ["-created_at"]
-        verbose_name_plural = "deliveries"
-        constraints = [
-            models.UniqueConstraint(
-                fields=["notification", "channel", "recipient"],
-                name="delivery_notification_channel_recipient",
-            )
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.notification_id} -> {self.channel.name}:{self.recipient} [{self.status}]"
 
 
 class ApiKey(models.Model):
@@ -462,3 +462,20 @@ class ApiKey(models.Model):
         raw = f"nk_{self.prefix}_{secret}"
         self.hashed_key = self.hash(raw)
         return raw
+
+
+# Deliveries, their attempts and the providers' breaker states live in delivery/models.py.
+from .delivery.models import Attempt, BreakerState, Delivery  # noqa: E402
+
+__all__ = [
+    "ApiKey",
+    "Attempt",
+    "BreakerState",
+    "Channel",
+    "Contact",
+    "Delivery",
+    "Notification",
+    "Provider",
+    "Route",
+    "Topic",
+]
