@@ -20,6 +20,7 @@ from channels_app.api import router as realtime_router
 from routing_app import apikeys
 from routing_app.api import RENDERER, error_response
 from routing_app.api import router as ingest_router
+from routing_app.delivery.api import router as delivery_router
 from routing_app.ingest import IngestError
 
 log = logging.getLogger(__name__)
@@ -81,3 +82,4 @@ api.add_exception_handler(InterfaceError, _on_database_unreachable)
 
 api.add_router("", ingest_router)
 api.add_router("", realtime_router)
+api.add_router("", delivery_router)

@@ -22,6 +22,12 @@ http_application = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG els
 # SSE streams (/events/<topic>/) are served before Django's handler, which would hold an OS thread
 # per open stream (docs/sse.md, pitfall (a)).
 # The ingest endpoints skip Django's sync middleware (routing_app/asgi_api.py: thread hops).
+if not settings.REDIS_URL:
+    # No Celery broker: this process sends the outbound deliveries itself (rows left from a
+    # previous run too).
+    from routing_app.delivery import embedded  # noqa: E402
+
+    embedded.start()
 application = ProtocolTypeRouter(
     {"http": with_sse(with_ingest_api(http_application)), "websocket": websocket_application}
 )

@@ -88,6 +88,7 @@ INSTALLED_APPS = [
     "corsheaders",
     "channels",
     "django_eventstream",
+    "anymail",
     "routing_app",
     "channels_app",
 ]
@@ -177,17 +178,46 @@ else:
 RATELIMIT_USE_CACHE = "default"
 RATELIMIT_FAIL_OPEN = env_bool("RATELIMIT_FAIL_OPEN", False)
 
+# --- outbound delivery (routing_app/delivery/) -------------------------------------------------
+
+DELIVERY_BATCH = env_int("DELIVERY_BATCH", 50)  # ids per task; rows of a batch go out in parallel
+DELIVERY_THREADS = env_int("DELIVERY_THREADS", 16)  # concurrent provider calls per worker process
+DELIVERY_MAX_COUNTDOWN_S = 600  # longer waits are left to the sweeper (see visibility_timeout)
+SWEEP_INTERVAL_S = env_int("SWEEP_INTERVAL_S", 5)
+SWEEP_BATCH = 5000  # due rows enqueued per sweep at most
+SWEEP_PENDING_GRACE_S = env_int("SWEEP_PENDING_GRACE_S", 15)  # a pending row's task may be lost
+SWEEP_MARGIN_S = 10  # beyond the call timeouts before a ``sending`` row counts as stuck
+HEALTH_CHECK_INTERVAL_S = env_int("HEALTH_CHECK_INTERVAL_S", 10)
+HEALTH_CHECK_TIMEOUT_S = 2
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "notify@localhost")
+# django-anymail's tracking webhooks answer only with HTTP basic auth "user:password" set here.
+ANYMAIL_WEBHOOK_SECRET = env_str("ANYMAIL_WEBHOOK_SECRET")
+ANYMAIL = {"WEBHOOK_SECRET": ANYMAIL_WEBHOOK_SECRET} if ANYMAIL_WEBHOOK_SECRET else {}
+if SWEEP_PENDING_GRACE_S < 2 * SWEEP_INTERVAL_S:
+    raise ImproperlyConfigured("SWEEP_PENDING_GRACE_S must be at least twice SWEEP_INTERVAL_S")
+
 # Celery: with Redis, a real broker; embedded, tasks run in-process at enqueue time.
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+# CELERY_BROKER_URL may name another Redis than REDIS_URL (the default).
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL or "memory://")
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+# At least once (routing_app/delivery/tasks.py): ack after the task returns, put the message back
+# when a worker process dies mid-task, stop tasks whose ack can no longer reach a lost broker.
 CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = False
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Must exceed the longest retry countdown, else Redis redelivers tasks still waiting.
+# A publish must not hold an ingest answer while the broker is down: fail fast, the sweeper
+# enqueues the rows later.
+CELERY_TASK_PUBLISH_RETRY = False
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # Above the longest countdown we send (DELIVERY_MAX_COUNTDOWN_S), else Redis redelivers
+    # messages still waiting; longer waits are the sweeper's, from next_attempt_at.
     "visibility_timeout": 3600,
     "global_keyprefix": f"{REDIS_PREFIX}:",
+    "socket_connect_timeout": 2,
+    "socket_timeout": 5,
 }
 CELERY_TASK_SERIALIZER = "json"
 # Periodic tasks; run exactly one `celery beat` per deployment. Retention age is in days, so an
@@ -197,6 +227,11 @@ CELERY_BEAT_SCHEDULE = {
     "trim-retention": {
         "task": "routing_app.tasks.trim_retention_all",
         "schedule": crontab(minute=7),  # every hour at :07
+    },
+    "sweep-deliveries": {"task": "routing_app.delivery.sweep", "schedule": SWEEP_INTERVAL_S},
+    "check-provider-health": {
+        "task": "routing_app.delivery.check_health",
+        "schedule": HEALTH_CHECK_INTERVAL_S,
     },
 }
 

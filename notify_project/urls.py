@@ -7,6 +7,8 @@ from .api import api
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),  # notify_project/api.py: the ninja API, its OpenAPI schema and docs
+    # django-anymail's tracking webhooks (receipts of email deliveries): ANYMAIL_WEBHOOK_SECRET
+    path("anymail/", include("anymail.urls")),
     path("", include("channels_app.urls")),
     path("", TemplateView.as_view(template_name="home.html"), name="home"),
 ]

@@ -19,12 +19,12 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from .delivery.admin import DeliveryAdmin, ProviderAdmin  # noqa: F401  (registers them)
 from .models import (
     SOURCES,
     ApiKey,
     Channel,
     Contact,
-    Delivery,
     Notification,
     Provider,
     Route,
@@ -117,7 +117,8 @@ class NotificationAdmin(admin.ModelAdmin):
 class ProviderInline(admin.TabularInline):
     model = Provider
     extra = 0
-    fields = ("name", "url", "weight", "enabled", "credentials_env")
+    fields = ("name", "url", "weight", "enabled", "credentials_env", "rate_limit", "healthy")
+    readonly_fields = ("healthy",)
 
 
 @admin.register(Channel)
@@ -132,14 +133,26 @@ class ChannelAdmin(admin.ModelAdmin):
         (None, {"fields": ("name", "kind", "enabled", "backup", "options")}),
         ("Limits", {"fields": ("rate_limit", "max_message_bytes")}),
         (
+            "Retries",
+            {
+                "description": "A try calls each provider at most once (failover); a failed try "
+                "is retried after an exponential backoff with full jitter; after the last try "
+                "the delivery is dead and goes to the backup channel.",
+                "fields": (("max_attempts", "retry_backoff_s", "retry_backoff_max_s"),),
+            },
+        ),
+        (
             "Circuit breaker (per provider)",
             {
-                "description": "Opens when the failure rate over the window exceeds the limit "
-                "(after the minimum number of calls); stays open for the open duration, then "
-                "lets trial calls through and closes when enough of them succeed.",
+                "description": "Opens when the failure rate or the slow-call rate over the "
+                "window reaches its limit (after the minimum number of calls); stays open for "
+                "the open duration (doubling on each re-open up to the longest, if set), then "
+                "lets the trial calls through and, once all have completed, closes when enough "
+                "of them succeeded, else opens again.",
                 "fields": (
                     ("breaker_failure_rate", "breaker_window_s", "breaker_minimum_calls"),
-                    ("breaker_call_timeout_ms", "breaker_open_s"),
+                    ("breaker_slow_call_ms", "breaker_slow_rate", "breaker_call_timeout_ms"),
+                    ("breaker_open_s", "breaker_open_max_s"),
                     ("breaker_half_open_calls", "breaker_half_open_success"),
                 ),
             },
@@ -152,14 +165,6 @@ class ChannelAdmin(admin.ModelAdmin):
     @admin.display(description="providers", ordering="provider_count")
     def provider_count(self, obj: Channel) -> int:
         return obj.provider_count
-
-
-@admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
-    list_display = ("name", "channel", "url", "weight", "enabled", "credentials_env")
-    list_filter = ("channel__kind", "enabled")
-    search_fields = ("name", "url", "channel__name")
-    list_select_related = ("channel",)
 
 
 class SourcesField(forms.TypedMultipleChoiceField):
@@ -214,32 +219,6 @@ class RouteAdmin(admin.ModelAdmin):
     @admin.display(description="channels")
     def targets(self, obj: Route) -> str:
         return ", ".join(c.name for c in obj.channels.all())
-
-
-@admin.register(Delivery)
-class DeliveryAdmin(admin.ModelAdmin):
-    list_display = (
-        "notification",
-        "channel",
-        "recipient",
-        "status",
-        "attempts",
-        "provider",
-        "updated_at",
-    )
-    list_filter = ("status", "channel__kind", "channel")
-    search_fields = ("recipient", "last_error", "=notification__id")
-    list_select_related = ("notification", "channel", "provider__channel")
-    date_hierarchy = "created_at"
-
-    def get_readonly_fields(self, request: HttpRequest, obj=None):
-        return [field.name for field in self.model._meta.fields]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # the router writes deliveries; the delivery worker updates them
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
 
 
 # --- people and keys ------------------------------------------------------------------------

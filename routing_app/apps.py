@@ -7,3 +7,4 @@ class RoutingAppConfig(AppConfig):
 
     def ready(self) -> None:
         from . import router  # noqa: F401  (connects the route-cache invalidation signals)
+        from .delivery import receipts  # noqa: F401  (connects django-anymail's tracking signal)

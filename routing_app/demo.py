@@ -37,7 +37,8 @@ CHANNELS = [
     ("webhook", Channel.Kind.WEBHOOK),
 ]
 REALTIME = ["websocket", "phoenix", "sse", "pubsub"]
-SMTP_URL = "smtp://127.0.0.1:1025"  # a local debugging relay, e.g. `python -m aiosmtpd -n`
+# The demo prints its emails to the server log; point the provider at an SMTP relay in admin.
+EMAIL_URL = "console://"
 
 TOPICS = [
     ("alerts.k8s", "Kubernetes alerts"),
@@ -146,7 +147,7 @@ def ensure_channels_and_routes() -> None:
     for name, kind in CHANNELS:
         channels[name], _ = Channel.objects.get_or_create(name=name, defaults={"kind": kind})
     Provider.objects.get_or_create(
-        channel=channels["email"], name="local-smtp", defaults={"url": SMTP_URL}
+        channel=channels["email"], name="server-log", defaults={"url": EMAIL_URL}
     )
     realtime, created = Route.objects.get_or_create(
         name="everything to realtime", defaults={"topic_pattern": "#"}

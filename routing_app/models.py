@@ -413,7 +413,7 @@ class ApiKey(models.Model):
     nothing to brute-force, and ingest checks a key on every request.
     """
 
-    SCOPES = ("ingest", "tokens")
+    SCOPES = ("ingest", "tokens", "deliveries")
 
     name = models.CharField(max_length=100, unique=True)
     prefix = models.CharField(max_length=12, unique=True, editable=False)

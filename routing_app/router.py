@@ -29,6 +29,7 @@ from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
 from .addresses import address_kind
+from .delivery import dispatch
 from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
 from .pubsub import publish_pubsub
 from .topics import topic_matches
@@ -87,15 +88,26 @@ for _through in (Route.channels.through, Route.users.through, Route.groups.throu
     m2m_changed.connect(invalidate_routes, sender=_through, dispatch_uid=f"routes-m2m-{_through}")
 
 
+def user_address(user, kind: str) -> str | None:
+    """Where ``user`` is reached over a channel of ``kind`` (email, sms), or None."""
+    try:
+        contact = user.contact
+    except Contact.DoesNotExist:
+        contact = None
+    if kind == Channel.Kind.EMAIL:
+        return (contact.email if contact else "") or user.email or None
+    if kind == Channel.Kind.SMS:
+        return (contact.phone if contact else "") or None
+    return None
+
+
 def _user_addresses(users) -> dict[str, list[tuple[str, int]]]:
     out: dict[str, list[tuple[str, int]]] = {"email": [], "sms": []}
     for user in users:
-        contact = getattr(user, "contact", None)
-        email = (contact.email if contact else "") or user.email
-        if email:
-            out["email"].append((email, user.pk))
-        if contact and contact.phone:
-            out["sms"].append((contact.phone, user.pk))
+        for kind, addresses in out.items():
+            address = user_address(user, kind)
+            if address:
+                addresses.append((address, user.pk))
     return out
 
 
@@ -142,12 +154,13 @@ def route(
 ) -> list[Delivery]:
     """Route freshly inserted notifications; must run inside their transaction.
 
-    Writes Delivery rows now and schedules realtime publishes for after commit. Returns the
-    deliveries created. ``extra_recipients`` maps ``id(row)`` to literal addresses given at ingest.
+    Writes Delivery rows now and schedules realtime publishes and their sending for after
+    commit. Returns the deliveries created. ``extra_recipients`` maps ``id(row)`` to literal
+    addresses given at ingest.
     """
     names = {tid: name for name, tid in topic_ids.items()}
     routes = compiled_routes()
-    deliveries: list[Delivery] = []
+    deliveries: dict[tuple[int, int, str], Delivery] = {}
     pubsub: list[tuple[str, Notification]] = []
     for n in rows:
         topic = names[n.topic_id]
@@ -159,12 +172,17 @@ def route(
                 if kind == Channel.Kind.PUBSUB:
                     pubsub.append((topic, n))
                 elif kind in OUTBOUND_KINDS:
-                    deliveries += _deliveries_for(n, channel_id, kind, r, extra)
+                    for d in _deliveries_for(n, channel_id, kind, r, extra):
+                        # Two routes may name the same recipient: one delivery.
+                        deliveries.setdefault((id(n), channel_id, d.recipient), d)
     if deliveries:
-        Delivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+        # The notifications are new in this transaction, so no row can conflict: bulk_create
+        # returns every id, for the workers.
+        created = Delivery.objects.bulk_create(deliveries.values())
+        dispatch.schedule_on_commit([d.pk for d in created])
     messages = [(names[n.topic_id], n.envelope(names[n.topic_id])) for n in rows]
     transaction.on_commit(lambda: _publish(messages, pubsub))
-    return deliveries
+    return list(deliveries.values())
 
 
 def _deliveries_for(n, channel_id, kind, r: CompiledRoute, extra: list[str]) -> list[Delivery]:

@@ -1,0 +1,91 @@
+"""The sweeper: the database, not the broker, says what is left to send.
+
+Run every few seconds (Celery beat, or the embedded loop), it
+
+- puts back rows stuck in ``sending`` past what a try can take (the worker died mid-try): their
+  open attempt rows are closed as ``timeout``, the row becomes ``failed`` and due at once;
+- enqueues due rows: ``failed`` or ``pending`` whose ``next_attempt_at`` has come, and
+  ``pending`` rows older than a grace period whose task may never have reached the broker (it
+  was down at commit). A row enqueued twice is harmless: the claim takes it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from ..models import Channel, Delivery
+from . import dispatch
+from .models import Attempt
+
+log = logging.getLogger(__name__)
+Status = Delivery.Status
+
+
+@dataclass(frozen=True)
+class Sweep:
+    reset: int  # rows put back from ``sending``
+    enqueued: int  # due rows handed to workers
+
+
+def sending_deadline_s(channel: Channel, providers: int) -> float:
+    """How long a try of ``channel`` can take: a call timeout per provider (failover within the
+    try calls each once), plus the margin for the database writes around the calls."""
+    return channel.breaker_call_timeout_ms / 1000 * max(1, providers) + settings.SWEEP_MARGIN_S
+
+
+def sweep(limit: int | None = None) -> Sweep:
+    """One sweep (see the module docstring); ``limit`` bounds the rows enqueued."""
+    now = timezone.now()
+    reset = 0
+    channels = Channel.objects.filter(kind__in=["email", "sms", "webhook"]).annotate(
+        provider_count=Count("providers")
+    )
+    for channel in channels:
+        cutoff = now - timedelta(seconds=sending_deadline_s(channel, channel.provider_count))
+        reset += _reset_stuck(channel, cutoff, now)
+    grace = now - timedelta(seconds=settings.SWEEP_PENDING_GRACE_S)
+    due = (
+        Delivery.objects.filter(status__in=Delivery.DUE_STATUSES)
+        .filter(
+            Q(next_attempt_at__lte=now)
+            | Q(next_attempt_at__isnull=True, status=Status.PENDING, updated_at__lt=grace)
+            | Q(next_attempt_at__isnull=True, status=Status.FAILED)
+        )
+        .order_by("next_attempt_at", "pk")
+        .values_list("pk", flat=True)
+    )
+    ids = list(due[: limit or settings.SWEEP_BATCH])
+    if ids:
+        dispatch.schedule(ids)
+    if reset or ids:
+        log.info("sweeper: %d row(s) put back from sending, %d enqueued", reset, len(ids))
+    return Sweep(reset=reset, enqueued=len(ids))
+
+
+def _reset_stuck(channel: Channel, cutoff, now) -> int:
+    with transaction.atomic():
+        stuck = list(
+            Delivery.objects.select_for_update(skip_locked=True)
+            .filter(channel=channel, status=Status.SENDING, updated_at__lt=cutoff)
+            .values_list("pk", flat=True)
+        )
+        if not stuck:
+            return 0
+        Attempt.objects.filter(delivery_id__in=stuck, outcome=Attempt.Outcome.STARTED).update(
+            outcome=Attempt.Outcome.TIMEOUT, error="no result: the worker stopped mid-call"
+        )
+        Delivery.objects.filter(pk__in=stuck, status=Status.SENDING).update(
+            status=Status.FAILED,
+            next_attempt_at=now,
+            last_error="the worker stopped mid-try; tried again",
+            updated_at=now,
+        )
+    log.warning("sweeper: %d delivery row(s) of %s were stuck in sending", len(stuck), channel)
+    return len(stuck)
