@@ -117,7 +117,8 @@ class Snapshot:
     slow_rate: float  # percent, 0 when no calls
     opened_at: float | None  # epoch s
     open_until: float | None  # epoch s; None unless OPEN
-    reopen_count: int
+    reopen_count: int  # consecutive re-opens (half-open -> open) since the last close
+    # The current half-open round, or the latest one (what closed or re-opened the breaker).
     trials_issued: int
     trials_done: int
     trial_successes: int
@@ -234,18 +235,11 @@ def _add(c: Circuit, config: BreakerConfig, now: float, failed: bool, slow: bool
 
 
 def _enter(c: Circuit, state: State, **changes) -> Circuit:
-    """A new generation in ``state``: trial bookkeeping starts afresh."""
-    return replace(
-        c,
-        state=state,
-        gen=c.gen + 1,
-        trials=(),
-        trials_issued=0,
-        trials_done=0,
-        trial_successes=0,
-        trials_lost=0,
-        **changes,
-    )
+    """A new generation in ``state``; permits of the old one are void."""
+    return replace(c, state=state, gen=c.gen + 1, trials=(), **changes)
+
+
+NEW_ROUND = dict(trials_issued=0, trials_done=0, trial_successes=0, trials_lost=0)
 
 
 def open_duration(config: BreakerConfig, reopen_count: int) -> float:
@@ -350,7 +344,7 @@ def acquire_step(
             f"open for {_num(now - (c.opened_at or now))} s: "
             f"letting {config.half_open_calls} trial calls through"
         )
-        c = _enter(c, State.HALF_OPEN, open_until=None)
+        c = _enter(c, State.HALF_OPEN, open_until=None, **NEW_ROUND)
         steps = [*steps, Change(State.OPEN, State.HALF_OPEN, now, reason)]
     if c.trials_issued >= config.half_open_calls:
         return c, None, steps
@@ -402,7 +396,9 @@ def admin_step(
         return c, []
     window = _window(c, config, now) if c.state is State.CLOSED else c.left_window
     if target is State.CLOSED:
-        cleared = dict(buckets=(), left_window=(0, 0, 0), opened_at=None, reopen_count=0)
+        cleared = dict(
+            buckets=(), left_window=(0, 0, 0), opened_at=None, reopen_count=0, **NEW_ROUND
+        )
         new, reason = _enter(c, target, open_until=None, **cleared), "reset"
     elif target is State.FORCED_OPEN:
         new = _enter(c, target, buckets=(), left_window=window, opened_at=now, open_until=None)
