@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import re
 
-from django.template import Context
+from django.template import Context, TemplateDoesNotExist, TemplateSyntaxError
 from django.template.loader import select_template
+
+from .transports import DeliveryError
 
 # An event name used as a file name: dots are fine (``alert.firing``), path separators and a
 # leading dot are not. Other events get the default template.
@@ -50,9 +52,22 @@ def template_context(delivery) -> dict:
 
 def render(kind: str, event: str, suffix: str, context: dict, *, autoescape: bool) -> str:
     """Render the first existing template of ``template_names``. ``autoescape=False`` for plain
-    text (an email's text part, an SMS), where HTML escaping would garble ``<`` and ``&``; raises
-    ``TemplateDoesNotExist`` when even the default is missing."""
-    template = select_template(template_names(kind, event, suffix))
+    text (an email's text part, an SMS), where HTML escaping would garble ``<`` and ``&``.
+
+    A missing default or a template that does not compile is a configuration error: raised as
+    a permanent ``DeliveryError`` naming the template (retrying cannot fix it).
+    """
+    names = template_names(kind, event, suffix)
+    try:
+        template = select_template(names)
+    except TemplateDoesNotExist as exc:
+        raise DeliveryError(
+            f"no template for {kind} event {event!r}: add {names[-1]} (templates/)", permanent=True
+        ) from exc
+    except TemplateSyntaxError as exc:
+        raise DeliveryError(
+            f"a template of {kind} event {event!r} does not compile: {exc}", permanent=True
+        ) from exc
     # The Django backend's template renders with the engine's autoescaping (on); its inner
     # template takes a Context that says otherwise.
     inner = getattr(template, "template", None)
