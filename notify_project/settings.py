@@ -276,6 +276,11 @@ EVENTSTREAM_CHANNELMANAGER_CLASS = "channels_app.sse.TopicChannelManager"
 PRESENCE_TTL_S = env_int("PRESENCE_TTL_S", 30)
 DEFAULT_RETENTION_COUNT = env_int("DEFAULT_RETENTION_COUNT", 10_000)
 DEFAULT_RETENTION_DAYS = env_int("DEFAULT_RETENTION_DAYS", 7)
+# An SMS longer than this many segments is cut (each segment is billed as one message); a
+# channel's option max_segments overrides it.
+SMS_MAX_SEGMENTS = env_int("SMS_MAX_SEGMENTS", 3)
+if SMS_MAX_SEGMENTS < 1:
+    raise ImproperlyConfigured("SMS_MAX_SEGMENTS must be at least 1")
 
 DEMO_ADMIN_PASSWORD = env_str("DEMO_ADMIN_PASSWORD", "admin")
 

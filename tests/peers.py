@@ -21,13 +21,44 @@ class SMTPServer(Started):
     """An SMTP server (aiosmtpd) on 127.0.0.1 and a free port that keeps every message it
     receives; ``wait_for(n)`` waits until it holds ``n``."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        credentials: tuple[str, str] | None = None,
+        refuse: dict[str, str] | None = None,
+    ) -> None:
+        """``credentials``: (user, password) the server then requires (SMTP AUTH on the plain
+        connection); ``refuse``: recipient address -> the reply to its RCPT (e.g. ``"550 5.1.1
+        No such user"``)."""
         from aiosmtpd.controller import Controller
 
         self.port = free_port()
         self.messages: Inbox[EmailMessage] = Inbox("messages")
         self.envelopes: list[tuple[str, list[str]]] = []  # (MAIL FROM, RCPT TOs) per message
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.logins: list[tuple[str, str]] = []  # (user, password) of every AUTH attempt
+        self._credentials = credentials
+        self._refuse = refuse or {}
+        auth = {}
+        if credentials is not None:
+            # Tests have no certificates: AUTH without TLS, on loopback only.
+            auth = {
+                "authenticator": self._authenticate,
+                "auth_required": True,
+                "auth_require_tls": False,
+            }
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **auth)
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult
+
+        login = (auth_data.login.decode(), auth_data.password.decode())
+        self.logins.append(login)
+        return AuthResult(success=login == self._credentials)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:  # noqa: N802
+        if address in self._refuse:
+            return self._refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's name)
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
