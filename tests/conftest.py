@@ -117,7 +117,7 @@ def api_key(db):
     """An API key with every scope; returns (row, raw key)."""
     from routing_app.models import ApiKey
 
-    key = ApiKey(name="test-client", scopes=["ingest", "tokens"])
+    key = ApiKey(name="test-client", scopes=list(ApiKey.SCOPES))
     raw = key.set_new_key()
     key.save()
     return key, raw

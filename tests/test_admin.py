@@ -15,6 +15,8 @@ from channels_app.models import TopicRule
 from routing_app.ingest import NotificationIn, ingest
 from routing_app.models import (
     ApiKey,
+    Attempt,
+    BreakerState,
     Channel,
     Contact,
     Delivery,
@@ -24,7 +26,7 @@ from routing_app.models import (
     Topic,
 )
 
-READ_ONLY_MODELS = {Notification, Delivery}
+READ_ONLY_MODELS = {Notification, Delivery, BreakerState}
 RAW_KEY_RE = re.compile(r"nk_[0-9a-f]{8}_[A-Za-z0-9_-]{20,}")
 
 
@@ -32,14 +34,29 @@ RAW_KEY_RE = re.compile(r"nk_[0-9a-f]{8}_[A-Za-z0-9_-]{20,}")
 def every_kind_of_row(admin_user, api_key):
     """One row of each model the admin shows, so every change page has something to render."""
     email = Channel.objects.create(name="mail", kind="email")
-    Provider.objects.create(channel=email, name="relay", url="smtp://127.0.0.1:1025")
+    relay = Provider.objects.create(channel=email, name="relay", url="smtp://127.0.0.1:1025")
+    BreakerState.objects.create(
+        provider=relay,
+        state="open",
+        transitions=[
+            {
+                "at": "2026-01-01T00:00:00+00:00",
+                "from": "closed",
+                "to": "open",
+                "reason": "failure rate 100 % >= 5 % over 20 calls",
+            }
+        ],
+    )
     route = Route.objects.create(name="alerts by mail", topic_pattern="alerts.#")
     route.channels.add(email)
     route.users.add(admin_user)
     Contact.objects.create(user=admin_user, phone="+4915112345678")
     [result] = ingest([NotificationIn(topic="alerts.k8s", event="pod.crash", data={"pod": "a"})])
     notification = Notification.objects.get(pk=result.id)
-    Delivery.objects.create(notification=notification, channel=email, recipient="a@example.com")
+    row = Delivery.objects.create(
+        notification=notification, channel=email, recipient="a@example.com"
+    )
+    Attempt.objects.create(delivery=row, number=1, provider=relay, outcome="transient")
     Group.objects.create(name="ops")
     return notification
 
@@ -155,6 +172,12 @@ def channel_form(**overrides) -> dict:
         "breaker_open_s": 30,
         "breaker_half_open_calls": 10,
         "breaker_half_open_success": 80,
+        "breaker_slow_call_ms": 500,
+        "breaker_slow_rate": 50,
+        "breaker_open_max_s": 0,
+        "max_attempts": 5,
+        "retry_backoff_s": 2,
+        "retry_backoff_max_s": 600,
         "providers-TOTAL_FORMS": 1,
         "providers-INITIAL_FORMS": 0,
         "providers-0-name": "relay",

@@ -83,8 +83,8 @@ def deliver(ids: list[int]) -> list[TryResult]:
     if not rows:
         return []
     plans = _plans({row.channel_id for row in rows})
-    if len(rows) == 1:
-        return [_try_in_thread(rows[0], plans[rows[0].channel_id])]
+    if len(rows) == 1:  # on the calling thread (and in its transaction, if any)
+        return [_guarded_try(rows[0], plans[rows[0].channel_id])]
     return list(_pool().map(lambda row: _try_in_thread(row, plans[row.channel_id]), rows))
 
 
@@ -138,6 +138,10 @@ def _pool() -> ThreadPoolExecutor:
 
 def _try_in_thread(row: Delivery, plan: ChannelPlan) -> TryResult:
     close_old_connections()  # a pool thread may hold a connection a database restart broke
+    return _guarded_try(row, plan)
+
+
+def _guarded_try(row: Delivery, plan: ChannelPlan) -> TryResult:
     try:
         return try_once(row, plan)
     except Exception:
@@ -193,12 +197,13 @@ def try_once(row: Delivery, plan: ChannelPlan) -> TryResult:
         if error.permanent:
             if error.disable_provider:
                 _disable(provider, str(error))
+            row.attempts += 1
             _finish_dead(row, f"{provider.name}: {error}")
             return TryResult(status=Status.DEAD, calls=calls)
         errors.append(f"{provider.name}: {error}")
         retry_after = max(retry_after, error.retry_after_s or 0.0)
     if calls == 0:
-        return _no_provider(row, plan, breakers)
+        return _no_provider(row, plan, breakers, number)
     row.attempts += 1
     text = "; ".join(errors)
     if row.attempts >= plan.channel.max_attempts:
@@ -324,8 +329,15 @@ def _finish_dead(row: Delivery, error: str) -> None:
     fail_over(row)
 
 
-def _no_provider(row: Delivery, plan: ChannelPlan, breakers) -> TryResult:
-    """No provider of the channel may be called (none enabled, all unhealthy or open)."""
+def _no_provider(row: Delivery, plan: ChannelPlan, breakers, number: int) -> TryResult:
+    """No provider of the channel may be called (none enabled, all unhealthy or open): one
+    ``breaker-open`` attempt row per provider whose breaker refused, so the row's history says
+    why nothing was called."""
+    refused = [p for p in plan.providers if p.healthy and not _callable(breakers, p, plan)]
+    Attempt.objects.bulk_create(
+        Attempt(delivery=row, number=number + i, provider=p, outcome=Outcome.BREAKER_OPEN)
+        for i, p in enumerate(refused, start=1)
+    )
     reason = _why_none(plan, breakers)
     if fail_over(row, reason=reason):
         row.status = Status.DEAD
