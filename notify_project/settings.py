@@ -186,7 +186,8 @@ DELIVERY_MAX_COUNTDOWN_S = 600  # longer waits are left to the sweeper (see visi
 SWEEP_INTERVAL_S = env_int("SWEEP_INTERVAL_S", 5)
 SWEEP_BATCH = 5000  # due rows enqueued per sweep at most
 SWEEP_PENDING_GRACE_S = env_int("SWEEP_PENDING_GRACE_S", 15)  # a pending row's task may be lost
-SWEEP_MARGIN_S = 10  # beyond the call timeouts before a ``sending`` row counts as stuck
+# Beyond the call timeouts before a ``sending`` row counts as stuck (its worker died).
+SWEEP_MARGIN_S = env_int("SWEEP_MARGIN_S", 10)
 HEALTH_CHECK_INTERVAL_S = env_int("HEALTH_CHECK_INTERVAL_S", 10)
 HEALTH_CHECK_TIMEOUT_S = 2
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "notify@localhost")

@@ -67,7 +67,7 @@ session[SESSION_KEY] = str(people["sam"].pk)
 session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
 session[HASH_SESSION_KEY] = people["sam"].get_session_auth_hash()
 session.create()
-key = ApiKey(name="server-test", scopes=["ingest", "tokens"])
+key = ApiKey(name="server-test", scopes=list(ApiKey.SCOPES))
 raw = key.set_new_key()
 key.save()
 print("SEED " + json.dumps({
@@ -418,12 +418,20 @@ class CeleryWorker(Started):
     by default: two cores are shared). Its output goes to ``log``; ``wait_for_line`` waits on it."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, *, name: str = "worker", concurrency: int = 1
+        self,
+        env: dict[str, str],
+        log: Path,
+        *,
+        name: str = "worker",
+        concurrency: int = 1,
+        beat: bool = False,
     ) -> None:
         assert env.get("REDIS_URL"), "a Celery worker needs a broker: REDIS_URL"
         self.env = {**env, "PYTHONUNBUFFERED": "1"}  # lines reach the log as they are written
         self.log = log
         self.argv = [*celery_worker_argv(), f"--hostname={name}@%h", f"--concurrency={concurrency}"]
+        if beat:  # the periodic tasks (the sweeper) in this worker, as one `celery beat` would
+            self.argv += ["--beat", f"--schedule={log.with_suffix('.beat-schedule')}"]
         self.proc: subprocess.Popen | None = None
         self.output: Inbox[str] = Inbox("Celery worker's output lines")
 
@@ -471,3 +479,14 @@ class CeleryWorker(Started):
         """SIGTERM (a warm shutdown: the task in hand finishes); returns the exit code."""
         end_process(self.proc, signal.SIGTERM)
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once, as a crashed host would: nothing is
+        acknowledged, nothing finished."""
+        pids = [self.proc.pid]
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+        for pid in reversed(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(STOP_TIMEOUT_S)

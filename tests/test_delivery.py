@@ -11,10 +11,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 from limits.storage import MemoryStorage
-from routing_app.delivery.breaker import Breakers, MemoryBreakerStore, State
 from standardwebhooks import Webhook
 
 from routing_app.delivery import breaker, dispatch, limiter, service, sweeper
+from routing_app.delivery.breaker import Breakers, MemoryBreakerStore, State
 from routing_app.ingest import NotificationIn, ingest
 from routing_app.models import (
     ApiKey,
