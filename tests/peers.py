@@ -52,7 +52,8 @@ class SMTPServer(Started):
 
         login = (auth_data.login.decode(), auth_data.password.decode())
         self.logins.append(login)
-        return AuthResult(success=login == self._credentials)
+        # handled=False: aiosmtpd then answers the refusal (535) itself.
+        return AuthResult(success=login == self._credentials, handled=False)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:  # noqa: N802
         if address in self._refuse:
@@ -156,7 +157,11 @@ class HTTPReceiver(Started):
         return Handler
 
     def start(self) -> None:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        # serve_forever checks for shutdown() every poll_interval (0.5 s by default): a shorter
+        # one keeps each test's teardown short.
+        threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._stopping.set()
