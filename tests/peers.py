@@ -25,13 +25,14 @@ class SMTPServer(Started):
         self,
         credentials: tuple[str, str] | None = None,
         refuse: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
         """``credentials``: (user, password) the server then requires (SMTP AUTH on the plain
         connection); ``refuse``: recipient address -> the reply to its RCPT (e.g. ``"550 5.1.1
-        No such user"``)."""
+        No such user"``); ``port``: the port of a server this one replaces (default: free)."""
         from aiosmtpd.controller import Controller
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.messages: Inbox[EmailMessage] = Inbox("messages")
         self.envelopes: list[tuple[str, list[str]]] = []  # (MAIL FROM, RCPT TOs) per message
         self.logins: list[tuple[str, str]] = []  # (user, password) of every AUTH attempt

@@ -282,6 +282,29 @@ def test_smtp_connection_is_kept_for_the_next_send(smtp_server):
     assert first["Message-ID"] != second["Message-ID"]
 
 
+def test_smtp_kept_connection_closed_by_the_server_is_reopened_once(caplog):
+    with SMTPServer() as first:
+        delivery, provider = make_delivery(
+            "email", "sam@example.com", f"smtp://127.0.0.1:{first.port}"
+        )
+        transport_for("email").send(delivery, provider, timeout_s=5)
+        first.wait_for(1)
+    other = Delivery.objects.create(
+        notification=delivery.notification, channel=delivery.channel, recipient="olga@example.com"
+    )
+
+    # The kept connection went with the first server; the next send notices and reconnects.
+    with (
+        SMTPServer(port=first.port) as second,
+        caplog.at_level(logging.INFO, logger="routing_app.delivery.email"),
+    ):
+        transport_for("email").send(other, provider, timeout_s=5)
+
+        [message] = second.wait_for(1)
+        assert message["To"] == "olga@example.com"
+    assert "reopening" in caplog.text
+
+
 def test_console_email_is_logged(caplog):
     delivery, provider = make_delivery("email", "sam@example.com", "console://")
 
