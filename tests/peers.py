@@ -25,13 +25,14 @@ class SMTPServer(Started):
         self,
         credentials: tuple[str, str] | None = None,
         refuse: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
         """``credentials``: (user, password) the server then requires (SMTP AUTH on the plain
         connection); ``refuse``: recipient address -> the reply to its RCPT (e.g. ``"550 5.1.1
-        No such user"``)."""
+        No such user"``); ``port``: the port of a server this one replaces (default: free)."""
         from aiosmtpd.controller import Controller
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.messages: Inbox[EmailMessage] = Inbox("messages")
         self.envelopes: list[tuple[str, list[str]]] = []  # (MAIL FROM, RCPT TOs) per message
         self.logins: list[tuple[str, str]] = []  # (user, password) of every AUTH attempt
@@ -52,7 +53,8 @@ class SMTPServer(Started):
 
         login = (auth_data.login.decode(), auth_data.password.decode())
         self.logins.append(login)
-        return AuthResult(success=login == self._credentials)
+        # handled=False: aiosmtpd then answers the refusal (535) itself.
+        return AuthResult(success=login == self._credentials, handled=False)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:  # noqa: N802
         if address in self._refuse:
@@ -156,7 +158,11 @@ class HTTPReceiver(Started):
         return Handler
 
     def start(self) -> None:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        # serve_forever checks for shutdown() every poll_interval (0.5 s by default): a shorter
+        # one keeps each test's teardown short.
+        threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._stopping.set()
