@@ -13,6 +13,7 @@ this supervisor dies without cleaning up.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -256,10 +257,16 @@ class Command(BaseCommand):
         ]
         if key:
             lines.append(f"  API key:   {key}")
+            body = {
+                "topic": "alerts.k8s",
+                "event": "pod.crash",
+                "severity": "error",  # the demo routes errors on alerts.# by email too
+                "data": {"pod": "api-1"},
+            }
             lines.append(
                 f"  Try:       curl -H 'Authorization: Bearer {key}' "
                 "-H 'Content-Type: application/json' "
-                """-d '{"topic":"alerts.k8s","event":"pod.crash","data":{"pod":"api-1"}}' """
+                f"-d '{json.dumps(body, separators=(',', ':'))}' "
                 f"{url}/api/v1/notifications"
             )
         else:
