@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Query, Router, Schema
 from ninja.errors import HttpError
 
@@ -231,4 +231,4 @@ async def provider_receipt(request: HttpRequest, provider_id: int):
     )
     if answer.status != 204:
         return error_response(request, answer.status, answer.detail)
-    return 204, None
+    return HttpResponse(status=204)
