@@ -181,7 +181,8 @@ RATELIMIT_FAIL_OPEN = env_bool("RATELIMIT_FAIL_OPEN", False)
 # --- outbound delivery (routing_app/delivery/) -------------------------------------------------
 
 DELIVERY_BATCH = env_int("DELIVERY_BATCH", 50)  # ids per task; rows of a batch go out in parallel
-DELIVERY_THREADS = env_int("DELIVERY_THREADS", 16)  # concurrent provider calls per worker process
+# Concurrent provider calls per worker process (SQLite takes one writer at a time: fewer).
+DELIVERY_THREADS = env_int("DELIVERY_THREADS", 16 if USING_POSTGRES else 4)
 DELIVERY_MAX_COUNTDOWN_S = 600  # longer waits are left to the sweeper (see visibility_timeout)
 SWEEP_INTERVAL_S = env_int("SWEEP_INTERVAL_S", 5)
 SWEEP_BATCH = 5000  # due rows enqueued per sweep at most

@@ -423,17 +423,31 @@ def test_the_sweeper_puts_back_rows_a_dead_worker_left_sending(clock, scheduled)
     row.refresh_from_db()
     assert result.reset == 1 and row.status == Status.FAILED
     assert Attempt.objects.get(delivery=row).outcome == Outcome.TIMEOUT
-    assert [row.pk] in scheduled.ids()  # due at once
+    assert scheduled.ids() == [[row.pk]]  # due at once, enqueued once
 
 
-def test_the_sweeper_enqueues_pending_rows_whose_task_was_lost(clock, scheduled):
+def test_the_sweeper_enqueues_due_rows_whose_task_was_lost_once_per_grace_period(clock, scheduled):
     email = channel("email")
     fresh = delivery(email, "new@example.com")
     lost = delivery(email, "lost@example.com")
-    Delivery.objects.filter(pk=lost.pk).update(updated_at=timezone.now() - timedelta(minutes=1))
+    due = delivery(email, "due@example.com")
+    later = delivery(email, "later@example.com")
+    minute_ago = timezone.now() - timedelta(minutes=1)
+    Delivery.objects.filter(pk=lost.pk).update(updated_at=minute_ago)
+    Delivery.objects.filter(pk=due.pk).update(
+        status=Status.FAILED, next_attempt_at=timezone.now(), updated_at=minute_ago
+    )
+    Delivery.objects.filter(pk=later.pk).update(
+        status=Status.FAILED,
+        next_attempt_at=timezone.now() + timedelta(hours=1),
+        updated_at=minute_ago,
+    )
     sweeper.sweep()
-    assert scheduled.ids() == [[lost.pk]]  # the fresh one's task is still on its way
+    # the fresh one's task is still on its way; the later one is not due
+    assert [sorted(ids) for ids in scheduled.ids()] == [sorted([lost.pk, due.pk])]
     assert fresh.pk not in scheduled.ids()[0]
+    sweeper.sweep()  # within the grace period: not enqueued again
+    assert len(scheduled) == 1
 
 
 # --- the router hands rows over after commit ----------------------------------------------------
@@ -521,3 +535,25 @@ def test_openapi_schema_lists_the_delivery_operations(client):
         "/api/v1/providers/{provider_id}/receipts",
     ):
         assert path in paths
+
+
+def test_a_broker_outage_costs_one_failed_publish_then_the_sweeper_takes_over(
+    monkeypatch, settings
+):
+    from routing_app.delivery import tasks
+
+    attempts = []
+
+    def refuse(args, countdown):
+        attempts.append(args)
+        raise ConnectionRefusedError("broker down")
+
+    monkeypatch.setattr(tasks.deliver, "apply_async", refuse)
+    monkeypatch.setattr(dispatch, "_broker_down_until", 0.0)
+    settings.REDIS_URL = "redis://127.0.0.1:6379/0"  # the Celery path
+    dispatch.schedule([1])
+    dispatch.schedule([2])  # within the pause: not tried, left to the sweeper
+    assert attempts == [([1],)]
+    monkeypatch.setattr(dispatch, "_broker_down_until", 0.0)  # the pause is over
+    dispatch.schedule([3])
+    assert attempts == [([1],), ([3],)]

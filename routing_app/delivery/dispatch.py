@@ -9,6 +9,7 @@ database: the row, not the broker, is the truth.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from django.conf import settings
@@ -16,6 +17,8 @@ from django.db import transaction
 from django.utils import timezone
 
 log = logging.getLogger(__name__)
+BROKER_PAUSE_S = 5
+_broker_down_until = 0.0  # monotonic time before which no publish is tried
 
 
 def schedule_on_commit(ids: list[int], *, at: datetime | None = None) -> None:
@@ -44,10 +47,21 @@ def schedule(ids: list[int], *, at: datetime | None = None) -> None:
         for chunk in chunks:
             embedded.submit(chunk, delay_s=max(0.0, delay))
         return
+    global _broker_down_until
+    if time.monotonic() < _broker_down_until:
+        return  # the broker failed a moment ago: the sweeper enqueues these rows when it is back
     from .tasks import deliver
 
     try:
         for chunk in chunks:
             deliver.apply_async((chunk,), countdown=max(0.0, delay) or None)
     except Exception as exc:  # noqa: BLE001  (broker down: the sweeper enqueues these rows later)
-        log.warning("could not enqueue %d delivery id(s), the sweeper will: %s", len(ids), exc)
+        # A failed publish takes the broker's connect timeout; the next ones within the pause
+        # are not tried, so ingest answers stay fast during an outage.
+        _broker_down_until = time.monotonic() + BROKER_PAUSE_S
+        log.warning(
+            "could not enqueue %d delivery id(s); not trying for %d s, the sweeper will: %s",
+            len(ids),
+            BROKER_PAUSE_S,
+            exc,
+        )

@@ -4,9 +4,11 @@ Run every few seconds (Celery beat, or the embedded loop), it
 
 - puts back rows stuck in ``sending`` past what a try can take (the worker died mid-try): their
   open attempt rows are closed as ``timeout``, the row becomes ``failed`` and due at once;
-- enqueues due rows: ``failed`` or ``pending`` whose ``next_attempt_at`` has come, and
-  ``pending`` rows older than a grace period whose task may never have reached the broker (it
-  was down at commit). A row enqueued twice is harmless: the claim takes it once.
+- enqueues due rows (``pending`` or ``failed``, ``next_attempt_at`` come or unset) untouched for
+  a grace period: their task may never have reached the broker (it was down at commit), been
+  lost with it, or never been sent (a wait longer than a countdown may be). A row enqueued twice
+  is harmless (the claim takes it once); a swept row is touched, so a backlog in the broker is
+  not swept again before the next grace period: at most one extra message per row and period.
 """
 
 from __future__ import annotations
@@ -52,17 +54,14 @@ def sweep(limit: int | None = None) -> Sweep:
         reset += _reset_stuck(channel, cutoff, now)
     grace = now - timedelta(seconds=settings.SWEEP_PENDING_GRACE_S)
     due = (
-        Delivery.objects.filter(status__in=Delivery.DUE_STATUSES)
-        .filter(
-            Q(next_attempt_at__lte=now)
-            | Q(next_attempt_at__isnull=True, status=Status.PENDING, updated_at__lt=grace)
-            | Q(next_attempt_at__isnull=True, status=Status.FAILED)
-        )
+        Delivery.objects.filter(status__in=Delivery.DUE_STATUSES, updated_at__lt=grace)
+        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
         .order_by("next_attempt_at", "pk")
         .values_list("pk", flat=True)
     )
     ids = list(due[: limit or settings.SWEEP_BATCH])
     if ids:
+        Delivery.objects.filter(pk__in=ids, status__in=Delivery.DUE_STATUSES).update(updated_at=now)
         dispatch.schedule(ids)
     if reset or ids:
         log.info("sweeper: %d row(s) put back from sending, %d enqueued", reset, len(ids))
@@ -88,4 +87,5 @@ def _reset_stuck(channel: Channel, cutoff, now) -> int:
             updated_at=now,
         )
     log.warning("sweeper: %d delivery row(s) of %s were stuck in sending", len(stuck), channel)
+    dispatch.schedule(stuck)
     return len(stuck)
