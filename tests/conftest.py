@@ -166,3 +166,21 @@ def ingest_key(transactional_db) -> str:
     from tests.apiclient import create_key
 
     return create_key("ingest-client")[1]
+
+
+@pytest.fixture
+def smtp_server():
+    """A running SMTP server that keeps what it receives (tests/peers.py)."""
+    from tests.peers import SMTPServer
+
+    with SMTPServer() as server:
+        yield server
+
+
+@pytest.fixture
+def receiver():
+    """A running HTTP receiver (an SMS gateway, a webhook endpoint; tests/peers.py)."""
+    from tests.peers import HTTPReceiver
+
+    with HTTPReceiver() as server:
+        yield server

@@ -168,3 +168,8 @@ class HTTPReceiver(Started):
         self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def closed_port_url(scheme: str) -> str:
+    """A URL of ``scheme`` on 127.0.0.1 where nothing listens: a provider that refuses."""
+    return f"{scheme}://127.0.0.1:{free_port()}"

@@ -27,8 +27,7 @@ from routing_app.models import (
     Provider,
     Route,
 )
-from tests.peers import HTTPReceiver, Reply, SMTPServer
-from tests.servers import free_port
+from tests.peers import HTTPReceiver, Reply, SMTPServer, closed_port_url
 
 pytestmark = pytest.mark.django_db
 Status = Delivery.Status
@@ -75,28 +74,12 @@ def scheduled(monkeypatch) -> Scheduled:
     return calls
 
 
-@pytest.fixture
-def smtp():
-    with SMTPServer() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver():
-    with HTTPReceiver() as server:
-        yield server
-
-
 def channel(kind: str, name: str | None = None, **fields) -> Channel:
     return Channel.objects.create(name=name or kind, kind=kind, **fields)
 
 
 def provider(ch: Channel, name: str, url: str, **fields) -> Provider:
     return Provider.objects.create(channel=ch, name=name, url=url, **fields)
-
-
-def closed_port_url(scheme: str = "smtp") -> str:
-    return f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens: connection refused
 
 
 def delivery(ch: Channel, recipient: str, *, event: str = "deploy.done", user=None) -> Delivery:
@@ -124,12 +107,12 @@ def attempts(row: Delivery) -> list[tuple[str, str]]:
 # --- sending ----------------------------------------------------------------------------------
 
 
-def test_email_reaches_the_mailbox_with_the_rendered_subject_and_both_bodies(clock, smtp):
+def test_email_reaches_the_mailbox_with_the_rendered_subject_and_both_bodies(clock, smtp_server):
     email = channel("email", options={"from_email": "alerts@notify.test"})
-    provider(email, "relay", f"smtp://127.0.0.1:{smtp.port}")
+    provider(email, "relay", f"smtp://127.0.0.1:{smtp_server.port}")
     row = deliver(delivery(email, "sam@example.com"))
 
-    [message] = smtp.wait_for(1)
+    [message] = smtp_server.wait_for(1)
     assert row.status == Status.SENT
     assert row.attempts == 1 and row.sent_at is not None and row.latency_ms is not None
     assert message["To"] == "sam@example.com"
@@ -160,21 +143,21 @@ def test_webhook_is_signed_so_that_standardwebhooks_verifies_it(clock, receiver,
 # --- failover, retries, dead letters ------------------------------------------------------------
 
 
-def test_a_refused_provider_hands_over_to_the_next_in_the_same_try(clock, smtp):
+def test_a_refused_provider_hands_over_to_the_next_in_the_same_try(clock, smtp_server):
     email = channel("email")
-    provider(email, "a-down", closed_port_url(), weight=5)  # the balancer picks it first
-    provider(email, "b-up", f"smtp://127.0.0.1:{smtp.port}")
+    provider(email, "a-down", closed_port_url("smtp"), weight=5)  # the balancer picks it first
+    provider(email, "b-up", f"smtp://127.0.0.1:{smtp_server.port}")
     row = deliver(delivery(email, "sam@example.com"))
 
     assert row.status == Status.SENT and row.attempts == 1
     assert row.provider.name == "b-up"
     assert attempts(row) == [("a-down", Outcome.TRANSIENT), ("b-up", Outcome.SENT)]
-    assert len(smtp.wait_for(1)) == 1
+    assert len(smtp_server.wait_for(1)) == 1
 
 
 def test_a_failed_try_is_retried_later_with_backoff_then_dead(clock, scheduled):
     email = channel("email", max_attempts=2, retry_backoff_s=60)
-    provider(email, "down", closed_port_url())
+    provider(email, "down", closed_port_url("smtp"))
     row = deliver(delivery(email, "sam@example.com"))
 
     assert row.status == Status.FAILED and row.attempts == 1
@@ -270,7 +253,7 @@ def test_a_hung_provider_is_cut_at_the_call_timeout_and_the_next_takes_over(cloc
 # --- the breaker in the path --------------------------------------------------------------------
 
 
-def test_the_breaker_opens_after_the_minimum_calls_and_closes_after_the_trials(clock, smtp):
+def test_the_breaker_opens_after_the_minimum_calls_and_closes_after_the_trials(clock, smtp_server):
     email = channel(
         "email",
         breaker_minimum_calls=4,
@@ -281,7 +264,7 @@ def test_the_breaker_opens_after_the_minimum_calls_and_closes_after_the_trials(c
     )
     flaky_smtp = SMTPServer()  # not started yet: A refuses connections
     a = provider(email, "a", f"smtp://127.0.0.1:{flaky_smtp.port}", weight=100)
-    provider(email, "b", f"smtp://127.0.0.1:{smtp.port}")
+    provider(email, "b", f"smtp://127.0.0.1:{smtp_server.port}")
     rows = [deliver(delivery(email, f"user{i}@example.com")) for i in range(6)]
 
     assert all(r.status == Status.SENT and r.provider.name == "b" for r in rows)
@@ -303,16 +286,16 @@ def test_the_breaker_opens_after_the_minimum_calls_and_closes_after_the_trials(c
     events = Notification.objects.filter(topic__name="system.breakers").order_by("seq")
     assert [n.event for n in events] == ["breaker.opened", "breaker.half_open", "breaker.closed"]
     # every delivery exactly once, in one mailbox or the other
-    received = [m["To"] for m in smtp.wait_for(6)] + [m["To"] for m in flaky_smtp.wait_for(2)]
+    received = [m["To"] for m in smtp_server.wait_for(6) + flaky_smtp.wait_for(2)]
     assert sorted(received) == sorted(r.recipient for r in rows + more)
 
 
-def test_a_forced_open_provider_is_skipped_until_reset(clock, smtp, django_user_model):
+def test_a_forced_open_provider_is_skipped_until_reset(clock, smtp_server, django_user_model):
     from routing_app.delivery import transitions
 
     email = channel("email")
-    a = provider(email, "a", f"smtp://127.0.0.1:{smtp.port}", weight=100)
-    b = provider(email, "b", f"smtp://127.0.0.1:{smtp.port}")
+    a = provider(email, "a", f"smtp://127.0.0.1:{smtp_server.port}", weight=100)
+    b = provider(email, "b", f"smtp://127.0.0.1:{smtp_server.port}")
     assert transitions.control(a, "open").state == State.FORCED_OPEN
     assert deliver(delivery(email, "x@example.com")).provider == b
     assert transitions.control(a, "reset").state == State.CLOSED
@@ -323,12 +306,12 @@ def test_a_forced_open_provider_is_skipped_until_reset(clock, smtp, django_user_
 
 
 def test_both_providers_down_fails_over_to_the_backup_channel(
-    clock, smtp, django_user_model, scheduled
+    clock, smtp_server, django_user_model, scheduled
 ):
     sam = django_user_model.objects.create_user("sam", "sam@example.com")
     Contact.objects.create(user=sam, phone="+4915112345678")
     email_backup = channel("email", "email-backup")
-    provider(email_backup, "relay", f"smtp://127.0.0.1:{smtp.port}")
+    provider(email_backup, "relay", f"smtp://127.0.0.1:{smtp_server.port}")
     sms = channel(
         "sms", max_attempts=1, backup=email_backup, options={"from_number": "+15005550006"}
     )
@@ -342,16 +325,16 @@ def test_both_providers_down_fails_over_to_the_backup_channel(
     assert backup.channel == email_backup and backup.recipient == "sam@example.com"
     assert [backup.pk] in scheduled.ids()
     assert deliver(backup).status == Status.SENT
-    assert smtp.wait_for(1)[0]["To"] == "sam@example.com"
+    assert smtp_server.wait_for(1)[0]["To"] == "sam@example.com"
 
 
-def test_no_callable_provider_fails_over_at_once_without_calling(clock, smtp, scheduled):
+def test_no_callable_provider_fails_over_at_once_without_calling(clock, smtp_server, scheduled):
     from routing_app.delivery import transitions
 
     backup = channel("email", "email-backup")
-    provider(backup, "relay", f"smtp://127.0.0.1:{smtp.port}")
+    provider(backup, "relay", f"smtp://127.0.0.1:{smtp_server.port}")
     primary = channel("email", "email-primary", backup=backup)
-    only = provider(primary, "only", f"smtp://127.0.0.1:{smtp.port}")
+    only = provider(primary, "only", f"smtp://127.0.0.1:{smtp_server.port}")
     transitions.control(only, "open")
     row = deliver(delivery(primary, "sam@example.com"))
 
@@ -364,7 +347,7 @@ def test_no_callable_provider_and_no_backup_waits_without_counting_a_try(clock, 
     from routing_app.delivery import transitions
 
     email = channel("email")
-    only = provider(email, "only", closed_port_url())
+    only = provider(email, "only", closed_port_url("smtp"))
     transitions.control(only, "open")
     row = deliver(delivery(email, "sam@example.com"))
     assert row.status == Status.FAILED and row.attempts == 0
@@ -375,9 +358,9 @@ def test_no_callable_provider_and_no_backup_waits_without_counting_a_try(clock, 
 # --- the limiter ------------------------------------------------------------------------------
 
 
-def test_over_the_channel_limit_a_delivery_waits_and_is_not_dropped(clock, smtp, scheduled):
+def test_over_the_channel_limit_a_delivery_waits_and_is_not_dropped(clock, smtp_server, scheduled):
     email = channel("email", rate_limit="2/m")
-    provider(email, "relay", f"smtp://127.0.0.1:{smtp.port}")
+    provider(email, "relay", f"smtp://127.0.0.1:{smtp_server.port}")
     rows = [deliver(delivery(email, f"u{i}@example.com")) for i in range(3)]
 
     assert [r.status for r in rows] == [Status.SENT, Status.SENT, Status.PENDING]
@@ -386,7 +369,7 @@ def test_over_the_channel_limit_a_delivery_waits_and_is_not_dropped(clock, smtp,
     assert timezone.now() < waiting.next_attempt_at <= timezone.now() + timedelta(seconds=61)
     assert attempts(waiting) == [("relay", Outcome.RATE_LIMITED)]
     assert ([waiting.pk], waiting.next_attempt_at) in scheduled  # to run when the window has room
-    assert len(smtp.wait_for(2)) == 2
+    assert len(smtp_server.wait_for(2)) == 2
 
 
 def test_over_the_provider_limit_a_delivery_waits_too(clock, receiver, scheduled):
@@ -412,7 +395,7 @@ def test_a_row_is_claimed_once(clock, receiver):
 
 def test_the_sweeper_puts_back_rows_a_dead_worker_left_sending(clock, scheduled):
     email = channel("email", breaker_call_timeout_ms=1000)
-    provider(email, "relay", closed_port_url())
+    provider(email, "relay", closed_port_url("smtp"))
     row = delivery(email, "sam@example.com")
     service.claim([row.pk])
     Attempt.objects.create(delivery=row, number=1)

@@ -19,8 +19,7 @@ from routing_app.delivery import http
 from routing_app.delivery.transports import DeliveryError, Receipt, transport_for
 from routing_app.delivery.transports.sms import twilio_signature, verify_twilio_signature
 from routing_app.models import Channel, Delivery, Notification, Provider, Topic
-from tests.peers import HTTPReceiver, Reply, SMTPServer
-from tests.servers import free_port
+from tests.peers import HTTPReceiver, Reply, SMTPServer, closed_port_url
 
 pytestmark = [
     pytest.mark.django_db,
@@ -76,22 +75,6 @@ def make_delivery(
         notification=notification, channel=channel, recipient=recipient
     )
     return delivery, provider
-
-
-@pytest.fixture
-def smtp_server():
-    with SMTPServer() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver():
-    with HTTPReceiver() as server:
-        yield server
-
-
-def closed_port_url(scheme: str) -> str:
-    return f"{scheme}://127.0.0.1:{free_port()}"
 
 
 # --- email --------------------------------------------------------------------------------------
