@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import redis
 
-from .breaker import BreakerStore, BreakerUnavailable, Circuit, R, decode, encode
+from .breaker import BreakerStore, BreakerUnavailable, R
+from .breaker_circuit import Circuit, decode, encode
 
 # A change conflicts only with another write to the same provider in the ~1 ms between its WATCH
 # and EXEC; 50 losses in a row means the store is effectively unusable for this provider.
