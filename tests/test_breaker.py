@@ -68,12 +68,15 @@ class CountingStore(BreakerStore):
         self.inner = inner
         self.updates = 0
 
-    def load(self, provider_id):
-        return self.inner.load(provider_id)
+    def load(self, provider_id, *, window=True):
+        return self.inner.load(provider_id, window=window)
 
     def update(self, provider_id, change):
         self.updates += 1
         return self.inner.update(provider_id, change)
+
+    def add_call(self, *args, **kwargs):
+        return self.inner.add_call(*args, **kwargs)
 
 
 @pytest.fixture
@@ -509,6 +512,18 @@ def test_acquire_in_closed_writes_nothing(store, clock):
     assert counting.updates == 0
 
 
+def test_closed_results_below_the_thresholds_need_no_transaction(store, clock):
+    counting = CountingStore(store)
+    breakers = Breakers(counting, clock)
+    for _ in range(6):
+        assert call(breakers) is None
+    assert call(breakers, ok=False) is None  # 1 of 7 failed
+    assert counting.updates == 0
+    assert breakers.snapshot(P, CFG).calls == 7
+    assert call(breakers, ok=False).to_state is State.OPEN  # 2 of 8 >= 25 %
+    assert counting.updates == 1  # the transaction that opened it
+
+
 def test_refusals_snapshot_and_permits_write_nothing(store, clock):
     counting = CountingStore(store)
     breakers = Breakers(counting, clock)
@@ -576,6 +591,31 @@ def test_process_breakers_are_in_memory_without_redis(fresh_process_breakers, se
     assert isinstance(breakers.store, MemoryBreakerStore)
     reset_breakers_for_tests()
     assert breakers_from_settings() is not breakers
+
+
+@needs_redis
+def test_redis_window_drops_seconds_that_left_it_and_expires_when_idle(redis_prefix, clock):
+    store = redis_store(redis_prefix)
+    breakers = Breakers(store, clock)
+    call(breakers)
+    clock.advance(3)
+    call(breakers)
+    clock.advance(CFG.window_s + 5)  # both seconds left the window; no call ended in between
+    call(breakers, ok=False)
+
+    window = store.window_key(P, 0)
+    assert sorted(store.client.hkeys(window)) == [
+        f"c:{int(clock())}".encode(),
+        f"f:{int(clock())}".encode(),
+    ]
+    assert 0 < store.client.ttl(window) <= CFG.window_s + 1
+
+
+@needs_redis
+def test_redis_circuit_key_has_no_ttl(redis_prefix, clock):
+    store = redis_store(redis_prefix)
+    trip(Breakers(store, clock))
+    assert store.client.ttl(store.key(P)) == -1
 
 
 def test_unreachable_redis_raises_breaker_unavailable(clock):

@@ -60,8 +60,11 @@ from .breaker_circuit import (
     acquire_step,
     admin_step,
     advance,
-    record_step,
+    closed_verdict,
+    count_call,
+    generation,
     snapshot_of,
+    trial_step,
 )
 
 __all__ = [
@@ -113,14 +116,31 @@ class Transition:
 
 
 class BreakerStore:
-    """Where circuits live. ``load`` is one read; ``update`` applies a pure change atomically
-    (it may call ``change`` more than once) and writes only a circuit that differs. Both raise
-    ``BreakerUnavailable`` when the store cannot be reached."""
+    """Where circuits live. All methods raise ``BreakerUnavailable`` when the store cannot be
+    reached."""
 
-    def load(self, provider_id: int) -> Circuit:
+    def load(self, provider_id: int, *, window: bool = True) -> Circuit:
+        """The circuit, in one read when ``window`` is False (its buckets may then be empty)."""
         raise NotImplementedError
 
     def update(self, provider_id: int, change: Callable[[Circuit], tuple[Circuit, R]]) -> R:
+        """Apply the pure ``change`` atomically (it may run more than once) and write the new
+        circuit only if it differs; return the result of the run that counted. ``change`` must
+        not add to the window (``add_call`` does that)."""
+        raise NotImplementedError
+
+    def add_call(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        *,
+        failed: bool,
+        slow: bool,
+    ) -> Circuit:
+        """``count_call`` atomically, without optimistic retries (the hot path: one per
+        delivery); return the circuit right after it, window included."""
         raise NotImplementedError
 
 
@@ -131,7 +151,7 @@ class MemoryBreakerStore(BreakerStore):
         self._circuits: dict[int, Circuit] = {}
         self._lock = threading.Lock()  # Celery's thread pool and the embedded loop share it
 
-    def load(self, provider_id: int) -> Circuit:
+    def load(self, provider_id: int, *, window: bool = True) -> Circuit:
         with self._lock:
             return self._circuits.get(provider_id, Circuit())
 
@@ -142,6 +162,23 @@ class MemoryBreakerStore(BreakerStore):
             if new != old:
                 self._circuits[provider_id] = new
             return result
+
+    def add_call(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        *,
+        failed: bool,
+        slow: bool,
+    ) -> Circuit:
+        with self._lock:
+            old = self._circuits.get(provider_id, Circuit())
+            new = count_call(old, gen, config, now, failed=failed, slow=slow)
+            if new is not old:
+                self._circuits[provider_id] = new
+            return new
 
 
 # --- the interface ------------------------------------------------------------------------------
@@ -158,7 +195,7 @@ class Breakers:
     def _apply(self, provider_id: int, change: Callable[[Circuit], tuple[Circuit, R]]) -> R:
         # A plain read first: most events change nothing (acquire in CLOSED, refusals, ignored
         # results), and those must not pay for a transaction.
-        old = self.store.load(provider_id)
+        old = self.store.load(provider_id, window=False)
         new, result = change(old)
         if new == old:
             return result
@@ -197,23 +234,33 @@ class Breakers:
         self, permit: Permit, config: BreakerConfig, *, success: bool, duration_ms: float
     ) -> Transition | None:
         """Report the result of the call ``permit`` allowed; a call aborted at its timeout is a
-        failure. Returns the transition it caused, if any."""
+        failure. Returns the transition it caused, if any. A non-trial result is one atomic
+        count in the store (no transaction: one per delivery); only when it trips the
+        thresholds does a transaction follow, which opens the breaker if it still holds."""
         now = self.clock()
+        slow = duration_ms > config.slow_call_ms
+        pid = permit.provider_id
+        if permit.trial:
 
-        def change(c: Circuit):
-            new, steps = record_step(
-                c,
-                permit.token,
-                permit.trial,
-                config,
-                success=success,
-                duration_ms=duration_ms,
-                now=now,
-            )
+            def trial(c: Circuit):
+                new, steps = trial_step(
+                    c, permit.token, config, success=success, slow=slow, now=now
+                )
+                return new, (new, steps)
+
+            c, steps = self._apply(pid, trial)
+            return self._transition(pid, c, steps, config, now)
+        gen = generation(permit.token)
+        counted = self.store.add_call(pid, gen, config, now, failed=not success, slow=slow)
+        if not closed_verdict(counted, gen, config, now)[1]:
+            return None
+
+        def verdict(c: Circuit):
+            new, steps = closed_verdict(c, gen, config, now)
             return new, (new, steps)
 
-        c, steps = self._apply(permit.provider_id, change)
-        return self._transition(permit.provider_id, c, steps, config, now)
+        c, steps = self.store.update(pid, verdict)
+        return self._transition(pid, c, steps, config, now)
 
     def _admin(
         self, provider_id: int, target: State, config: BreakerConfig | None
@@ -254,7 +301,8 @@ class Breakers:
     def permits(self, provider_id: int, config: BreakerConfig) -> bool:
         """Whether ``acquire`` would permit now, for the balancer's choice; takes no trial and
         writes nothing (True in OPEN once the open period is over)."""
-        _, grant, _ = acquire_step(self.store.load(provider_id), config, self.clock())
+        circuit = self.store.load(provider_id, window=False)
+        _, grant, _ = acquire_step(circuit, config, self.clock())
         return grant is not None
 
 

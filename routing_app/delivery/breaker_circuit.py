@@ -109,8 +109,12 @@ class Change:
 Steps = list[Change]
 
 
-def encode(circuit: Circuit) -> str:
-    return json.dumps(asdict(circuit), separators=(",", ":"))
+def encode(circuit: Circuit, *, buckets: bool = True) -> str:
+    """Compact JSON; without the window's buckets for a store that keeps them elsewhere."""
+    d = asdict(circuit)
+    if not buckets:
+        del d["buckets"]
+    return json.dumps(d, separators=(",", ":"))
 
 
 def decode(raw: str | bytes | None) -> Circuit:
@@ -122,7 +126,7 @@ def decode(raw: str | bytes | None) -> Circuit:
         **{
             **d,
             "state": State(d["state"]),
-            "buckets": tuple(tuple(b) for b in d["buckets"]),
+            "buckets": tuple(tuple(b) for b in d.get("buckets", ())),
             "left_window": tuple(d["left_window"]),
             "trials": tuple(tuple(t) for t in d["trials"]),
         }
@@ -280,37 +284,53 @@ def acquire_step(
     return c, (f"{c.gen}.{serial}", True), steps
 
 
-def record_step(
-    c: Circuit,
-    token: str,
-    trial: bool,
-    config: BreakerConfig,
-    *,
-    success: bool,
-    duration_ms: float,
-    now: float,
+def generation(token: str) -> int:
+    """The generation a permit's token belongs to."""
+    return int(token.partition(".")[0])
+
+
+def count_call(
+    c: Circuit, gen: int, config: BreakerConfig, now: float, *, failed: bool, slow: bool
+) -> Circuit:
+    """The circuit with one result of a non-trial permit of generation ``gen`` in its window;
+    unchanged unless it is CLOSED in that generation (results while open, forced open or
+    disabled, or from before a change, count nowhere)."""
+    if c.state is not State.CLOSED or c.gen != gen:
+        return c
+    return _add(c, config, now, failed=failed, slow=slow)
+
+
+def closed_verdict(
+    c: Circuit, gen: int, config: BreakerConfig, now: float
 ) -> tuple[Circuit, Steps]:
-    """The circuit after one call's result. Ignored (unchanged but for ``advance``) when the
-    permit belongs to another generation or the state records nothing."""
+    """After a counted result of generation ``gen``: OPEN if the window's failure or slow-call
+    rate reached its threshold over at least ``minimum_calls`` calls; else unchanged."""
+    if c.state is not State.CLOSED or c.gen != gen:
+        return c, []
+    return _closed_verdict(c, config, now)
+
+
+def trial_step(
+    c: Circuit, token: str, config: BreakerConfig, *, success: bool, slow: bool, now: float
+) -> tuple[Circuit, Steps]:
+    """The circuit after one trial's result (a success only if not slow either), and the
+    verdict once it was the last. Ignored (unchanged but for ``advance``) unless the permit is
+    an outstanding trial of the current generation: a trial reported twice, after its permit
+    timed out, or after a change counts once or not at all."""
     c, steps = advance(c, config, now)
     gen, _, serial = token.partition(".")
-    if gen != str(c.gen):
+    if c.state is not State.HALF_OPEN or gen != str(c.gen):
         return c, steps
-    slow = duration_ms > config.slow_call_ms
-    if c.state is State.CLOSED and not trial:
-        c = _add(c, config, now, failed=not success, slow=slow)
-        c, more = _closed_verdict(c, config, now)
-        return c, steps + more
-    if c.state is State.HALF_OPEN and trial and any(str(t[0]) == serial for t in c.trials):
-        c = replace(
-            c,
-            trials=tuple(t for t in c.trials if str(t[0]) != serial),
-            trials_done=c.trials_done + 1,
-            trial_successes=c.trial_successes + (success and not slow),
-        )
-        c, more = _half_open_verdict(c, config, now)
-        return c, steps + more
-    return c, steps
+    if not any(str(t[0]) == serial for t in c.trials):
+        return c, steps
+    c = replace(
+        c,
+        trials=tuple(t for t in c.trials if str(t[0]) != serial),
+        trials_done=c.trials_done + 1,
+        trial_successes=c.trial_successes + (success and not slow),
+    )
+    c, more = _half_open_verdict(c, config, now)
+    return c, steps + more
 
 
 def admin_step(
