@@ -28,17 +28,19 @@ Every state change starts a new *generation*; a permit carries its generation in
 result of a call permitted before the change (a closed-state call that ends after the breaker
 went half-open, a trial that ends after its permit timed out) is ignored.
 
-One pure state machine (the ``Circuit`` value and the ``*_step`` functions: old circuit, event,
-config, now -> new circuit and result) serves both stores: ``MemoryBreakerStore`` (one lock, the
-embedded mode) and ``RedisBreakerStore`` (``breaker_redis.py``, an optimistic WATCH/MULTI
-transaction per change). ``Breakers`` first applies an event to a plain read and writes only when
-the circuit changed, so an acquire in CLOSED (per delivery) is one GET.
+One pure state machine (``breaker_circuit.py``: a ``Circuit`` value and functions of old circuit,
+event, config and time to a new circuit and a result) serves both stores: ``MemoryBreakerStore``
+(one lock, the embedded mode) and ``RedisBreakerStore`` (``breaker_redis.py``: each change in an
+optimistic WATCH/MULTI transaction, the closed-state window as counters). What a delivery costs:
+an acquire in CLOSED is one read (``Breakers`` applies an event to a plain read first and writes
+only when the circuit changed); a result in CLOSED is one atomic count that reads the window back;
+transactions only for transitions, trials and admin actions.
 
 Accepted races (written down, not fixed): processes' clocks are assumed close (a trial's expiry
-and the window's seconds are compared across processes); if Redis loses the key the breaker starts
-again closed at generation 0, and a permit of the lost generation 0 would count; under heavy
-contention on one provider a change retries ``REDIS_TRANSACTION_RETRIES`` times, then raises
-``BreakerUnavailable`` like a down Redis (the caller permits and warns).
+and the window's seconds are compared across processes); if Redis loses its keys the breaker
+starts again closed at generation 0, and a permit of the lost generation 0 would count; a change
+that keeps losing the optimistic race (``REDIS_TRANSACTION_RETRIES`` times) raises
+``BreakerUnavailable`` like a down Redis, and the caller permits and warns.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The state machine of one provider's circuit breaker, as pure functions: a ``Circuit`` (all
 that is stored for one provider), an event, the config and the time in, a new ``Circuit`` and the
-event's result out. ``breaker.py`` runs it inside each store's atomic update and describes the
+event's result out. ``breaker.py`` runs it inside each store's atomic operations and describes the
 semantics (Resilience4j's CircuitBreaker, https://resilience4j.readme.io/docs/circuitbreaker).
 
 Times are epoch seconds; nothing here reads a clock, so every decision can be replayed.
@@ -81,8 +81,8 @@ Bucket = tuple[int, int, int, int]  # (epoch second, calls, failures, slow calls
 
 @dataclass(frozen=True)
 class Circuit:
-    """Everything stored for one provider's breaker: a plain value the ``*_step`` functions map
-    to a new one, which a store writes only if it differs."""
+    """Everything stored for one provider's breaker: a plain value the functions below map to
+    a new one, which a store writes only if it differs."""
 
     state: State = State.CLOSED
     gen: int = 0
@@ -351,7 +351,7 @@ def admin_step(
         new = _enter(c, target, buckets=(), left_window=window, opened_at=now, open_until=None)
         reason = "forced open"
     else:
-        new = _enter(c, target, buckets=(), left_window=window, open_until=None)
+        new = _enter(c, target, buckets=(), left_window=window, opened_at=None, open_until=None)
         reason = "disabled"
     return new, ([] if c.state is target else [Change(c.state, target, now, reason)])
 
