@@ -251,7 +251,10 @@ def test_first_acquire_after_open_s_moves_to_half_open_and_is_a_trial(breakers, 
 
 def test_half_open_hands_out_exactly_half_open_calls_permits(breakers, clock):
     trip(breakers)
-    half_open(breakers, clock)
+    clock.advance(CFG.open_s)
+    for _ in range(CFG.half_open_calls):
+        assert breakers.permits(P, CFG) is True
+        assert breakers.acquire(P, CFG)[0].trial
 
     assert breakers.acquire(P, CFG) == (None, None)
     assert breakers.permits(P, CFG) is False
@@ -272,6 +275,16 @@ def test_half_open_decides_only_after_every_trial_not_on_the_first_failure(break
 
     assert (transition.from_state, transition.to_state) == (State.HALF_OPEN, State.CLOSED)
     assert transition.reason == "2 of 3 trial calls succeeded (66.7 % >= 60 %)"
+
+
+def test_half_open_closes_at_exactly_the_success_share(breakers, clock):
+    config = BreakerConfig(minimum_calls=2, half_open_calls=5, half_open_success=80)
+    trip(breakers, config=config)
+    permits = half_open(breakers, clock, config)
+    for permit, ok in zip(permits, [True, False, True, True, True], strict=True):
+        transition = breakers.record(permit, config, success=ok, duration_ms=FAST)
+    assert transition.to_state is State.CLOSED
+    assert transition.reason == "4 of 5 trial calls succeeded (80 % >= 80 %)"
 
 
 def test_half_open_closes_with_a_clear_window(breakers, clock):
@@ -676,3 +689,27 @@ def test_two_stores_count_every_result(redis_prefix, clock):
 
     run_together(report(one), report(two))
     assert one.snapshot(P, config).calls == 400
+
+
+@needs_redis
+def test_two_stores_racing_to_open_open_it_once(redis_prefix, clock):
+    config = BreakerConfig(minimum_calls=10, failure_rate=50)
+    one, two = (Breakers(redis_store(redis_prefix), clock) for _ in range(2))
+
+    def fail(breakers: Breakers):
+        def job():
+            transitions = []
+            for _ in range(30):
+                permit, _ = breakers.acquire(P, config)
+                if permit is not None:
+                    transitions.append(
+                        breakers.record(permit, config, success=False, duration_ms=FAST)
+                    )
+            return [t for t in transitions if t is not None]
+
+        return job
+
+    transitions = [t for batch in run_together(fail(one), fail(two)) for t in batch]
+
+    assert [(t.from_state, t.to_state) for t in transitions] == [(State.CLOSED, State.OPEN)]
+    assert one.snapshot(P, config).state is State.OPEN
