@@ -11,7 +11,6 @@ import pytest
 import redis
 from django.conf import settings
 
-from routing_app.delivery import breaker as breaker_module
 from routing_app.delivery.breaker import (
     BreakerConfig,
     Breakers,
@@ -68,12 +67,15 @@ class CountingStore(BreakerStore):
         self.inner = inner
         self.updates = 0
 
-    def load(self, provider_id):
-        return self.inner.load(provider_id)
+    def load(self, provider_id, *, window=True):
+        return self.inner.load(provider_id, window=window)
 
     def update(self, provider_id, change):
         self.updates += 1
         return self.inner.update(provider_id, change)
+
+    def add_call(self, *args, **kwargs):
+        return self.inner.add_call(*args, **kwargs)
 
 
 @pytest.fixture
@@ -88,16 +90,26 @@ def redis_prefix():
     client.close()
 
 
-def redis_store(prefix: str) -> RedisBreakerStore:
-    # Its own client (own connection pool), as another process would have.
-    return RedisBreakerStore(redis.Redis.from_url(settings.REDIS_URL), prefix)
+@pytest.fixture
+def redis_store(redis_prefix):
+    """Makes stores under this test's prefix, each with its own client (own connection pool),
+    as separate processes would have; their clients are closed afterwards."""
+    clients = []
+
+    def make() -> RedisBreakerStore:
+        clients.append(redis.Redis.from_url(settings.REDIS_URL))
+        return RedisBreakerStore(clients[-1], redis_prefix)
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
 def store(request) -> BreakerStore:
     if request.param == "memory":
         return MemoryBreakerStore()
-    return redis_store(request.getfixturevalue("redis_prefix"))
+    return request.getfixturevalue("redis_store")()
 
 
 @pytest.fixture
@@ -207,10 +219,9 @@ def test_calls_older_than_the_window_expire(breakers, clock):
 
 
 def test_window_sums_the_last_window_s_one_second_buckets(breakers, clock):
-    for _ in range(CFG.window_s):
+    for second in range(CFG.window_s):
+        clock.advance(1 if second else 0)
         call(breakers)
-        clock.advance(1)
-    clock.advance(-1)
     assert breakers.snapshot(P, CFG).calls == CFG.window_s  # one call in each of 10 buckets
     clock.advance(1)
     assert breakers.snapshot(P, CFG).calls == CFG.window_s - 1  # the oldest bucket went
@@ -248,7 +259,10 @@ def test_first_acquire_after_open_s_moves_to_half_open_and_is_a_trial(breakers, 
 
 def test_half_open_hands_out_exactly_half_open_calls_permits(breakers, clock):
     trip(breakers)
-    half_open(breakers, clock)
+    clock.advance(CFG.open_s)
+    for _ in range(CFG.half_open_calls):
+        assert breakers.permits(P, CFG) is True
+        assert breakers.acquire(P, CFG)[0].trial
 
     assert breakers.acquire(P, CFG) == (None, None)
     assert breakers.permits(P, CFG) is False
@@ -269,6 +283,16 @@ def test_half_open_decides_only_after_every_trial_not_on_the_first_failure(break
 
     assert (transition.from_state, transition.to_state) == (State.HALF_OPEN, State.CLOSED)
     assert transition.reason == "2 of 3 trial calls succeeded (66.7 % >= 60 %)"
+
+
+def test_half_open_closes_at_exactly_the_success_share(breakers, clock):
+    config = BreakerConfig(minimum_calls=2, half_open_calls=5, half_open_success=80)
+    trip(breakers, config=config)
+    permits = half_open(breakers, clock, config)
+    for permit, ok in zip(permits, [True, False, True, True, True], strict=True):
+        transition = breakers.record(permit, config, success=ok, duration_ms=FAST)
+    assert transition.to_state is State.CLOSED
+    assert transition.reason == "4 of 5 trial calls succeeded (80 % >= 80 %)"
 
 
 def test_half_open_closes_with_a_clear_window(breakers, clock):
@@ -509,6 +533,18 @@ def test_acquire_in_closed_writes_nothing(store, clock):
     assert counting.updates == 0
 
 
+def test_closed_results_below_the_thresholds_need_no_transaction(store, clock):
+    counting = CountingStore(store)
+    breakers = Breakers(counting, clock)
+    for _ in range(6):
+        assert call(breakers) is None
+    assert call(breakers, ok=False) is None  # 1 of 7 failed
+    assert counting.updates == 0
+    assert breakers.snapshot(P, CFG).calls == 7
+    assert call(breakers, ok=False).to_state is State.OPEN  # 2 of 8 >= 25 %
+    assert counting.updates == 1  # the transaction that opened it
+
+
 def test_refusals_snapshot_and_permits_write_nothing(store, clock):
     counting = CountingStore(store)
     breakers = Breakers(counting, clock)
@@ -578,6 +614,31 @@ def test_process_breakers_are_in_memory_without_redis(fresh_process_breakers, se
     assert breakers_from_settings() is not breakers
 
 
+@needs_redis
+def test_redis_window_drops_seconds_that_left_it_and_expires_when_idle(redis_store, clock):
+    store = redis_store()
+    breakers = Breakers(store, clock)
+    call(breakers)
+    clock.advance(3)
+    call(breakers)
+    clock.advance(CFG.window_s + 5)  # both seconds left the window; no call ended in between
+    call(breakers, ok=False)
+
+    window = store.window_key(P, 0)
+    assert sorted(store.client.hkeys(window)) == [
+        f"c:{int(clock())}".encode(),
+        f"f:{int(clock())}".encode(),
+    ]
+    assert 0 < store.client.ttl(window) <= CFG.window_s + 1
+
+
+@needs_redis
+def test_redis_circuit_key_has_no_ttl(redis_store, clock):
+    store = redis_store()
+    trip(Breakers(store, clock))
+    assert store.client.ttl(store.key(P)) == -1
+
+
 def test_unreachable_redis_raises_breaker_unavailable(clock):
     client = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=None)
     breakers = Breakers(RedisBreakerStore(client, "test_breaker_unreachable"), clock)
@@ -587,10 +648,6 @@ def test_unreachable_redis_raises_breaker_unavailable(clock):
         breakers.record(Permit(P, "0", False), CFG, success=True, duration_ms=FAST)
     with pytest.raises(BreakerUnavailable):
         breakers.force_open(P)
-
-
-def test_module_docstring_says_why_not_pybreaker():
-    assert "pybreaker" in breaker_module.__doc__ and "consecutive" in breaker_module.__doc__
 
 
 # --- shared through Redis ------------------------------------------------------------------------
@@ -610,9 +667,9 @@ def run_together(*jobs):
 
 
 @needs_redis
-def test_two_stores_hand_out_exactly_half_open_calls_trials_in_total(redis_prefix, clock):
+def test_two_stores_hand_out_exactly_half_open_calls_trials_in_total(redis_store, clock):
     config = BreakerConfig(minimum_calls=2, half_open_calls=10, open_s=30)
-    one, two = (Breakers(redis_store(redis_prefix), clock) for _ in range(2))
+    one, two = (Breakers(redis_store(), clock) for _ in range(2))
     trip(one, config=config)
     clock.advance(config.open_s)
 
@@ -627,12 +684,36 @@ def test_two_stores_hand_out_exactly_half_open_calls_trials_in_total(redis_prefi
 
 
 @needs_redis
-def test_two_stores_count_every_result(redis_prefix, clock):
+def test_two_stores_count_every_result(redis_store, clock):
     config = BreakerConfig(minimum_calls=1000, window_s=60)
-    one, two = (Breakers(redis_store(redis_prefix), clock) for _ in range(2))
+    one, two = (Breakers(redis_store(), clock) for _ in range(2))
 
     def report(breakers: Breakers):
         return lambda: [call(breakers, config=config) for _ in range(200)]
 
     run_together(report(one), report(two))
     assert one.snapshot(P, config).calls == 400
+
+
+@needs_redis
+def test_two_stores_racing_to_open_open_it_once(redis_store, clock):
+    config = BreakerConfig(minimum_calls=10, failure_rate=50)
+    one, two = (Breakers(redis_store(), clock) for _ in range(2))
+
+    def fail(breakers: Breakers):
+        def job():
+            transitions = []
+            for _ in range(30):
+                permit, _ = breakers.acquire(P, config)
+                if permit is not None:
+                    transitions.append(
+                        breakers.record(permit, config, success=False, duration_ms=FAST)
+                    )
+            return [t for t in transitions if t is not None]
+
+        return job
+
+    transitions = [t for batch in run_together(fail(one), fail(two)) for t in batch]
+
+    assert [(t.from_state, t.to_state) for t in transitions] == [(State.CLOSED, State.OPEN)]
+    assert one.snapshot(P, config).state is State.OPEN
