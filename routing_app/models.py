@@ -358,6 +358,31 @@ class Provider(models.Model):
             kind = None
         if kind in schemes and not self.url.startswith(schemes[kind]):
             raise ValidationError({"url": f"a {kind} provider URL starts with {schemes[kind]}"})
+        problem = self._url_problem(kind)
+        if problem:
+            raise ValidationError({"url": problem})
+
+    def _url_problem(self, kind: str | None) -> str | None:
+        """What the transport would refuse in this URL at send time, said at save time."""
+        # Imported here: the transports read these models' rows, never the other way at import.
+        from .delivery.transports import DeliveryError
+        from .delivery.transports.email import parse_smtp_url
+        from .delivery.transports.sms import ACCOUNT_PATH_RE
+
+        if kind == "email" and self.url.startswith(("smtp://", "smtps://")):
+            try:
+                target = parse_smtp_url(self.url)
+            except DeliveryError as exc:
+                return str(exc)
+            if target.username and not self.credentials_env:
+                return (
+                    f"the URL logs in as {target.username!r}: name the environment variable "
+                    "holding the password in 'credentials environment variable'"
+                )
+        if kind == "sms" and self.url.startswith(("http://", "https://")):
+            if not ACCOUNT_PATH_RE.search(self.url.split("?", 1)[0]):
+                return "an SMS gateway URL ends in /2010-04-01/Accounts/<sid>/Messages.json"
+        return None
 
 
 class Route(models.Model):

@@ -205,6 +205,16 @@ def test_admin_forms_reject_what_model_validation_rejects(client, admin_user):
         channel_form(**{"providers-0-url": "https://not-smtp.example"}),
     )
     assert "a email provider URL starts with" in bad_provider.text
+    with_password = client.post(
+        reverse("admin:routing_app_channel_add"),
+        channel_form(**{"providers-0-url": "smtp://mailer:hunter2@127.0.0.1:25"}),
+    )
+    assert "the SMTP URL holds a password" in with_password.text
+    without_secret = client.post(
+        reverse("admin:routing_app_channel_add"),
+        channel_form(**{"providers-0-url": "smtp://mailer@127.0.0.1:25"}),
+    )
+    assert "name the environment variable" in without_secret.text
     bad_options = client.post(
         reverse("admin:routing_app_channel_add"), channel_form(options='{"colour": "red"}')
     )
