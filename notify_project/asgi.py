@@ -22,6 +22,9 @@ http_application = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG els
 # SSE streams (/events/<topic>/) are served before Django's handler, which would hold an OS thread
 # per open stream (docs/sse.md, pitfall (a)).
 # The ingest endpoints skip Django's sync middleware (routing_app/asgi_api.py: thread hops).
+from routing_app.metrics import snapshot  # noqa: E402
+
+snapshot.start_publisher()  # this host's figures for the dashboard and the alert rules
 if not settings.REDIS_URL:
     # No Celery broker: this process sends the outbound deliveries itself (rows left from a
     # previous run too).

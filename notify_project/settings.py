@@ -286,6 +286,37 @@ if SMS_MAX_SEGMENTS < 1:
 
 DEMO_ADMIN_PASSWORD = env_str("DEMO_ADMIN_PASSWORD", "admin")
 
+# --- metrics (routing_app/metrics/) ---------------------------------------------------------
+
+
+def _process_role(argv: list[str]) -> str:
+    """What this process is, for its metrics directory and the ``role`` label: ``web`` (an ASGI
+    server), ``worker`` (Celery worker), ``beat``, ``test`` or ``cli`` (a manage.py command)."""
+    words = " ".join(argv).lower()
+    if "pytest" in sys.modules:
+        return "test"
+    if "celery" in words:
+        return "beat" if " beat" in words and " worker" not in words else "worker"
+    if any(server in words for server in ("uvicorn", "daphne", "runserver", "gunicorn")):
+        return "web"
+    return "cli"
+
+
+# Bearer token that /metrics accepts (a staff session works too); unset = staff only.
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+METRICS_ROLE = env_str("NOTIFY_ROLE") or _process_role(sys.argv)
+# The host's name in merged snapshots (several hosts publish to one Redis).
+METRICS_HOST = env_str("NOTIFY_HOST") or os.uname().nodename
+# One directory per host and role of prometheus-client's multiprocess files; /metrics sums every
+# role's directory. Set before prometheus_client is imported anywhere (it reads it at import).
+# In the project by default (like the SQLite file), private to its owner, one per REDIS_PREFIX.
+METRICS_DIR = env_str("METRICS_DIR") or str(BASE_DIR / ".metrics" / REDIS_PREFIX)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(METRICS_DIR, METRICS_ROLE)
+METRICS_SNAPSHOT_S = env_int("METRICS_SNAPSHOT_S", 5)  # each host publishes its sums this often
+METRICS_HISTORY_S = 15 * 60  # the dashboard's charts show this much of the past
+if METRICS_SNAPSHOT_S < 1:
+    raise ImproperlyConfigured("METRICS_SNAPSHOT_S must be at least 1 second")
+
 # --- i18n, static -----------------------------------------------------------------------
 
 LANGUAGE_CODE = "en-us"

@@ -2,10 +2,13 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import TemplateView
 
+from routing_app.metrics.exposition import metrics_view
+
 from .api import api
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),  # Prometheus; METRICS_TOKEN or staff
     path("api/v1/", api.urls),  # notify_project/api.py: the ninja API, its OpenAPI schema and docs
     # django-anymail's tracking webhooks (receipts of email deliveries): ANYMAIL_WEBHOOK_SECRET
     path("anymail/", include("anymail.urls")),

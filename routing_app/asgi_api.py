@@ -23,6 +23,7 @@ Django's full handler and middleware.
 from __future__ import annotations
 
 import re
+import time
 
 from asgiref.sync import markcoroutinefunction
 from django.conf import settings
@@ -31,6 +32,8 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
+
+from .metrics.instruments import INGEST_DURATION
 
 # The ingest endpoints of routing_app.api (nothing else under /api/v1/ takes this path).
 INGEST_PATH = re.compile(
@@ -68,6 +71,7 @@ class IngestASGIHandler(ASGIHandler):
     signals, no per-request thread context (see the module docstring)."""
 
     async def __call__(self, scope: dict, receive, send) -> None:
+        started = time.perf_counter()
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -79,6 +83,7 @@ class IngestASGIHandler(ASGIHandler):
             await self.send_response(response, send)
         finally:
             body_file.close()
+            INGEST_DURATION.observe(time.perf_counter() - started)
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []

@@ -490,9 +490,12 @@ class ApiKey(models.Model):
 
 
 # Deliveries, their attempts and the providers' breaker states live in delivery/models.py.
+from .alerts.models import Alert, AlertRule, Silence  # noqa: E402
 from .delivery.models import Attempt, BreakerState, Delivery  # noqa: E402
 
 __all__ = [
+    "Alert",
+    "AlertRule",
     "ApiKey",
     "Attempt",
     "BreakerState",
@@ -502,5 +505,6 @@ __all__ = [
     "Notification",
     "Provider",
     "Route",
+    "Silence",
     "Topic",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 
 from .addresses import address_kind
 from .delivery import dispatch
+from .metrics.instruments import ingested
 from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
 from .pubsub import publish_pubsub
 from .topics import topic_matches
@@ -207,6 +209,8 @@ def _deliveries_for(n, channel_id, kind, r: CompiledRoute, extra: list[str]) -> 
 def _publish(messages: list[tuple[str, dict]], pubsub: list[tuple[str, Notification]]) -> None:
     """After commit: the realtime stream, then the pubsub channel kind. Never raises: the
     notification is stored, and clients recover a missed live message from the stream."""
+    for source, count in Counter(envelope["source"] for _, envelope in messages).items():
+        ingested[source].inc(count)
     publish = _after_commit_publisher
     if publish is not None:
         try:

@@ -65,13 +65,15 @@ def _fresh_caches():
 
 @pytest.fixture(autouse=True)
 def _default_topic_rules(request, django_db_setup, django_db_blocker):
-    """Transactional tests end with a flush, which also deletes the fresh-install topic rules that
-    a data migration created: put them back, so every test starts from a fresh install."""
+    """Transactional tests end with a flush, which also deletes the fresh-install topic rules and
+    alert rules that data migrations created: put them back, so every test starts from a fresh
+    install."""
     import importlib
 
     from django.apps import apps
 
     from channels_app.models import TopicRule
+    from routing_app.models import AlertRule
 
     # Only for tests with database access: for the others the connection may still point at the
     # real database (an error where it does not exist, or rules written into it where it does).
@@ -80,9 +82,12 @@ def _default_topic_rules(request, django_db_setup, django_db_blocker):
     )
     if uses_db:
         migration = importlib.import_module("channels_app.migrations.0002_default_topic_rules")
+        alert_rules = importlib.import_module("routing_app.migrations.0004_seed_alert_rules")
         with django_db_blocker.unblock():
             if not TopicRule.objects.exists():
                 migration.create_defaults(apps, None)
+            if not AlertRule.objects.exists():
+                alert_rules.seed(apps, None)
     yield
 
 

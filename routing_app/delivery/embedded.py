@@ -33,6 +33,14 @@ def submit(ids: list[int], *, delay_s: float = 0.0) -> None:
         _lock.notify()
 
 
+def queue_state() -> tuple[int, float]:
+    """(batches waiting, seconds the most overdue one has waited past its time)."""
+    with _lock:
+        if not _queue:
+            return 0, 0.0
+        return len(_queue), max(0.0, time.monotonic() - _queue[0][0])
+
+
 def start() -> None:
     global _thread
     with _lock:

@@ -37,6 +37,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from ..metrics.instruments import delivery_attempts, delivery_duration
 from ..models import Channel, Delivery, Provider
 from . import dispatch
 from .balancer import balancer
@@ -173,6 +174,7 @@ def try_once(row: Delivery, plan: ChannelPlan) -> TryResult:
             wait = 0.0
         if wait:
             number += 1
+            _count(plan, provider, Outcome.RATE_LIMITED)
             Attempt.objects.create(
                 delivery=row,
                 number=number,
@@ -185,6 +187,7 @@ def try_once(row: Delivery, plan: ChannelPlan) -> TryResult:
         permit = _acquire(breakers, provider, plan)
         if permit is None:
             number += 1
+            _count(plan, provider, Outcome.BREAKER_OPEN)
             Attempt.objects.create(
                 delivery=row, number=number, provider=provider, outcome=Outcome.BREAKER_OPEN
             )
@@ -253,6 +256,7 @@ def _call(row, provider, plan, permit, number) -> tuple[str | None, DeliveryErro
     duration_ms = (time.monotonic() - started) * 1000
     _record_breaker(permit, provider, plan, success=error is None, duration_ms=duration_ms)
     if error is None:
+        _count(plan, provider, Outcome.SENT)
         attempt.outcome = Outcome.SENT
         attempt.http_status = receipt.http_status
         attempt.duration_ms = round(duration_ms)
@@ -265,11 +269,16 @@ def _call(row, provider, plan, permit, number) -> tuple[str | None, DeliveryErro
         attempt.outcome = Outcome.TIMEOUT
     else:
         attempt.outcome = Outcome.TRANSIENT
+    _count(plan, provider, attempt.outcome)
     attempt.http_status = error.http_status
     attempt.duration_ms = round(duration_ms)
     attempt.error = str(error)[:ERROR_TEXT_MAX]
     attempt.save(update_fields=["outcome", "http_status", "duration_ms", "error"])
     return attempt.outcome, error
+
+
+def _count(plan: ChannelPlan, provider: Provider, outcome: str) -> None:
+    delivery_attempts(plan.channel.name, provider.name, outcome).inc()
 
 
 def _record_breaker(permit, provider, plan, *, success: bool, duration_ms: float) -> None:
@@ -309,6 +318,7 @@ def _finish_sent(row: Delivery, provider: Provider, message_id: str) -> None:
     row.status = Status.SENT
     row.attempts += 1
     latency = (now - row.notification.created_at).total_seconds() * 1000
+    delivery_duration(row.channel.name).observe(latency / 1000)
     _update(
         row,
         status=Status.SENT,
@@ -338,6 +348,8 @@ def _no_provider(row: Delivery, plan: ChannelPlan, breakers, number: int) -> Try
         Attempt(delivery=row, number=number + i, provider=p, outcome=Outcome.BREAKER_OPEN)
         for i, p in enumerate(refused, start=1)
     )
+    for p in refused:
+        _count(plan, p, Outcome.BREAKER_OPEN)
     reason = _why_none(plan, breakers)
     if fail_over(row, reason=reason):
         row.status = Status.DEAD
