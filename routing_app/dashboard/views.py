@@ -24,7 +24,6 @@ from ..ingest import IngestError, NotificationIn, ingest
 from ..models import (
     Alert,
     Attempt,
-    BreakerState,
     Channel,
     Delivery,
     Notification,
@@ -80,22 +79,28 @@ def overview(request: HttpRequest) -> HttpResponse:
 # --- channels and providers --------------------------------------------------------------------
 
 
-def _live_breaker(provider: Provider) -> dict | None:
-    """The provider's breaker as the next call would find it, or None when its store is
-    unreachable (the page then shows the mirrored row)."""
+BREAKER_LABELS = {"half_open": "half-open", "forced_open": "forced open"}  # as channels.js
+
+
+def _breaker(provider: Provider) -> tuple[dict, bool]:
+    """The provider's breaker as the next call would find it, and True; or, when its store is
+    unreachable, the mirrored row (or closed when none) and False."""
     try:
         snap = breakers_from_settings().snapshot(
             provider.pk, BreakerConfig.for_channel(provider.channel)
         )
+        found, live = snap, True
     except BreakerUnavailable:
-        return None
+        found = getattr(provider, "breaker", None)  # select_related: None when no row
+        live = False
+    state = str(found.state) if found else "closed"
     return {
-        "state": str(snap.state),
-        "label": BreakerState.State(str(snap.state)).label,
-        "failure_rate": snap.failure_rate,
-        "slow_rate": snap.slow_rate,
-        "calls": snap.calls,
-    }
+        "state": state,
+        "label": BREAKER_LABELS.get(state, state),
+        "failure_rate": found.failure_rate if found else 0.0,
+        "slow_rate": found.slow_rate if found else 0.0,
+        "calls": found.calls if found else 0,
+    }, live
 
 
 @staff_member_required
@@ -115,13 +120,9 @@ def channels(request: HttpRequest) -> HttpResponse:
         entries = []
         for provider in channel.providers.all():
             provider.channel = channel  # BreakerConfig.for_channel reads it
-            live = _live_breaker(provider)
-            breaker_problem = breaker_problem or live is None
-            try:
-                mirror = provider.breaker
-            except BreakerState.DoesNotExist:
-                mirror = None
-            entries.append({"provider": provider, "live": live, "mirror": mirror})
+            breaker, live = _breaker(provider)
+            breaker_problem = breaker_problem or not live
+            entries.append({"provider": provider, "breaker": breaker})
         listed.append({"channel": channel, "providers": entries})
     attempts = Attempt.objects.select_related("provider__channel", "delivery__channel").order_by(
         "-started_at"
