@@ -165,7 +165,7 @@ def test_channels_page_forces_a_breaker_open_and_resets_it(dashboard):
     row = "[data-provider] [data-breaker-state]"
     assert dashboard.text(row) == "closed"
     dashboard.click("tr[data-provider] button.danger", navigates=True)
-    dashboard.wait("document.querySelector('.msg')?.textContent.includes('forced open')")
+    dashboard.wait("document.querySelector('.msg')?.textContent.includes('now forced open')")
     assert dashboard.text(row) == "forced open"
     dashboard.shoot("channels")
     dashboard.click("tr[data-provider] form:first-child button", navigates=True)

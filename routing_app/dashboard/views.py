@@ -8,6 +8,7 @@ import json
 import logging
 from datetime import timedelta
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
@@ -71,6 +72,7 @@ def overview(request: HttpRequest) -> HttpResponse:
             "points": points,
             "cards": charts.cards(points[-1] if points else None),
             "tick_event": ticks.EVENT,
+            "step": settings.METRICS_SNAPSHOT_S,
             **_live(ticks.TOPIC),
         },
     )
@@ -154,7 +156,8 @@ def breaker_action(request: HttpRequest, provider_id: int) -> HttpResponse:
         messages.error(request, f"{provider}: the breaker store is unreachable ({exc})")
         return redirect("dashboard:channels")
     verb = "reset" if action == "reset" else "forced open"
-    messages.success(request, f"{provider}: breaker {verb}, now {snap.state}.")
+    state = BREAKER_LABELS.get(str(snap.state), str(snap.state))
+    messages.success(request, f"{provider}: breaker {verb}, now {state}.")
     return redirect("dashboard:channels")
 
 
@@ -291,6 +294,26 @@ def delivery_replay(request: HttpRequest, delivery_id: int) -> HttpResponse:
 # --- alerts ------------------------------------------------------------------------------------
 
 
+def _changes(alert: Alert) -> list[str]:
+    """The alert's history as lines: ``2026-12-03 08:09:29 to: firing, value: 0.12``."""
+    lines = []
+    for entry in alert.history:
+        if not isinstance(entry, dict):
+            lines.append(str(entry))
+            continue
+        rest = ", ".join(f"{k}: {v}" for k, v in entry.items() if k != "at")
+        at = str(entry.get("at", ""))[:19].replace("T", " ")
+        lines.append(f"{at} {rest}".strip())
+    return lines
+
+
+def _with_changes(alerts) -> list[Alert]:
+    rows = list(alerts)
+    for alert in rows:
+        alert.changes = _changes(alert)
+    return rows
+
+
 @staff_member_required
 def alerts(request: HttpRequest) -> HttpResponse:
     form = SilenceForm(request.POST or None)
@@ -307,11 +330,13 @@ def alerts(request: HttpRequest) -> HttpResponse:
         "dashboard/alerts.html",
         {
             "nav": "alerts",
-            "firing": base.filter(state=Alert.State.FIRING).order_by("-fired_at"),
-            "pending": base.filter(state=Alert.State.PENDING).order_by("-pending_since"),
-            "resolved": base.filter(state=Alert.State.RESOLVED).order_by("-resolved_at")[
-                :RESOLVED_SHOWN
-            ],
+            "firing": _with_changes(base.filter(state=Alert.State.FIRING).order_by("-fired_at")),
+            "pending": _with_changes(
+                base.filter(state=Alert.State.PENDING).order_by("-pending_since")
+            ),
+            "resolved": _with_changes(
+                base.filter(state=Alert.State.RESOLVED).order_by("-resolved_at")[:RESOLVED_SHOWN]
+            ),
             "silences": Silence.objects.select_related("rule", "created_by").filter(
                 starts_at__lte=now, ends_at__gt=now
             ),

@@ -10,6 +10,7 @@
 import { follow } from './live.js'
 
 const WINDOW_S = 15 * 60
+const GAP_STEPS = 2.5 // more than this many snapshot intervals between points: a gap
 const PALETTE = ['#2563eb', '#d97706', '#dc2626', '#059669', '#7c3aed', '#0891b2']
 
 const ms = (s) => (s == null ? null : s * 1000)
@@ -46,8 +47,9 @@ export function formatValue(value, unit, decimals) {
 
 class Chart {
   /** @param {any} uPlot @param {HTMLElement} el @param {object[]} points */
-  constructor(uPlot, el, points) {
+  constructor(uPlot, el, points, stepS) {
     this.uPlot = uPlot
+    this.stepS = stepS
     this.el = el
     this.name = el.dataset.chart
     this.card = el.closest('[data-card]')
@@ -67,7 +69,14 @@ class Chart {
   draw() {
     const keys = []
     for (const [, values] of this.rows) for (const k of Object.keys(values)) if (!keys.includes(k)) keys.push(k)
-    const data = [this.rows.map((r) => r[0]), ...keys.map((k) => this.rows.map((r) => r[1][k] ?? null))]
+    // A break in the line where snapshots are missing (no server published), not a slope.
+    const rows = []
+    for (const row of this.rows) {
+      const prev = rows[rows.length - 1]
+      if (prev && row[0] - prev[0] > GAP_STEPS * this.stepS) rows.push([prev[0] + this.stepS, {}])
+      rows.push(row)
+    }
+    const data = [rows.map((r) => r[0]), ...keys.map((k) => rows.map((r) => r[1][k] ?? null))]
     if (this.plot && keys.join('\n') === this.keys.join('\n')) {
       this.plot.setData(data)
     } else {
@@ -102,6 +111,7 @@ class Chart {
           stroke: PALETTE[i % PALETTE.length],
           width: 1.5,
           spanGaps: false,
+          points: { size: 4 },
           value: (u, v) => fmt(v),
         })),
       ],
@@ -151,13 +161,13 @@ function updateCards(point) {
 }
 
 /**
- * @param {{url: string, event: string, uplot: string}} options  the topic's SSE URL, the tick's
- *   event name, the URL of uPlot's ES module
+ * @param {{url: string, event: string, uplot: string, stepS: number}} options  the topic's SSE
+ *   URL, the tick's event name, the URL of uPlot's ES module, the snapshot interval in seconds
  */
-export async function startOverview({ url, event, uplot }) {
+export async function startOverview({ url, event, uplot, stepS }) {
   const { default: uPlot } = await import(uplot)
   const points = JSON.parse(document.getElementById('points').textContent)
-  const charts = [...document.querySelectorAll('[data-chart]')].map((el) => new Chart(uPlot, el, points))
+  const charts = [...document.querySelectorAll('[data-chart]')].map((el) => new Chart(uPlot, el, points, stepS))
   const state = { ticks: 0, last: points[points.length - 1] ?? null }
   window.dashboardOverview = state // for tests and the curious: how many ticks arrived
   follow(url, [event], ({ type, data }) => {
