@@ -79,10 +79,12 @@ def history(seconds: float | None = None) -> dict[str, list[dict]]:
     from ..pubsub import sync_redis
 
     client = sync_redis()
+    # Only the newest entries can be that recent: one per interval, and a few to spare.
+    first = -(int((seconds or settings.METRICS_HISTORY_S) / settings.METRICS_SNAPSHOT_S) + 3)
     out = {}
     for raw_host in client.smembers(_key("hosts")):
         host = raw_host.decode()
-        snaps = [json.loads(x) for x in client.lrange(_key("history", host), 0, -1)]
+        snaps = [json.loads(x) for x in client.lrange(_key("history", host), first, -1)]
         kept = [s for s in snaps if s["at"] >= since]
         if kept:
             out[host] = kept
