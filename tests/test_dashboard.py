@@ -4,15 +4,18 @@ change what they say: breaker reset and force-open, replay, silences, the consol
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
-from routing_app.dashboard import charts
+from channels_app.hub import hub
+from routing_app.dashboard import charts, ticks
 from routing_app.delivery.breaker import breakers_from_settings, reset_breakers_for_tests
 from routing_app.ingest import NotificationIn, ingest
 from routing_app.metrics import snapshot
@@ -28,6 +31,7 @@ from routing_app.models import (
     Silence,
     Topic,
 )
+from tests.test_hub import WAIT_S, Recorder, clean_hub  # noqa: F401  (a fixture)
 
 PAGES = ["overview", "channels", "topics", "deliveries", "alerts"]
 ACTIONS = [
@@ -226,6 +230,31 @@ def test_overview_shows_the_figures_of_the_snapshots(staff, snapshots):
 
 def test_a_tick_carries_the_same_point_a_reload_would_draw(snapshots):
     assert charts.latest_point() == charts.history_points()[-1]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_tick_reaches_the_topics_subscribers_once_and_is_not_stored(
+    clean_hub,  # noqa: F811  (the imported fixture)
+    snapshots,
+):
+    recorder = Recorder("sse")
+    await hub.subscribe(ticks.TOPIC, recorder)
+    if settings.REDIS_URL:  # a lease an earlier run's process may still hold
+        from routing_app.pubsub import sync_redis
+
+        sync_redis().delete(f"{settings.REDIS_PREFIX}:dashboard:ticker")
+    assert await sync_to_async(ticks.publish_tick)() is True
+    deadline = time.monotonic() + WAIT_S
+    while not recorder.events:
+        recorder.changed.clear()
+        await asyncio.wait_for(recorder.changed.wait(), deadline - time.monotonic())
+    [(topic, event, payload)] = recorder.events
+    assert (topic, event) == ("system.dashboard", "dashboard.tick")
+    assert payload == await sync_to_async(charts.latest_point)()
+    assert payload["notifications_in_per_s"] == 10.0
+    assert recorder.seqs == []  # ephemeral: no seq
+    assert not await Notification.objects.filter(topic__name=ticks.TOPIC).aexists()
+    await hub.unsubscribe(ticks.TOPIC, recorder)
 
 
 def test_no_tick_before_two_snapshots():

@@ -7,6 +7,15 @@ snapshots (``charts.latest_point``) and hands it to the router as an ephemeral e
 the number of hosts and processes, and the pages' EventSource receives it as an SSE event named
 ``dashboard.tick`` with no id.
 
+What a page receives (SSE; the plain socket gets the same ``event`` frame)::
+
+    event: dashboard.tick
+    data: {"type":"event","topic":"system.dashboard","event":"dashboard.tick","payload":
+           {"at": <epoch s>, <every field of metrics.figures.overview>}}
+
+``payload`` is exactly a point of ``charts.history_points`` (the newest), so the page appends it
+to the charts it drew at load.
+
 Why ephemeral and not a stored notification: a tick is stale a moment later, and the page draws
 the past from ``snapshot.history()`` at load; storing 17 280 ticks a day in the durable stream
 (and trimming them) would buy a resume nobody needs. The price, accepted: a page that was
