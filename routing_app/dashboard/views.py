@@ -12,6 +12,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.paginator import Paginator
+from django.db import DatabaseError
 from django.db.models import Count, Prefetch, Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -225,6 +226,9 @@ def console_publish(request: HttpRequest) -> JsonResponse:
         [result] = ingest([item])
     except IngestError as exc:
         return JsonResponse({"detail": str(exc), "errors": exc.errors}, status=400)
+    except DatabaseError:
+        log.warning("dashboard console: could not store the test notification", exc_info=True)
+        return JsonResponse({"detail": "the database is unreachable; try again"}, status=503)
     return JsonResponse({"id": result.id, "topic": result.topic, "seq": result.seq})
 
 
