@@ -114,7 +114,7 @@ class Dashboard(Browser):
 
 
 @pytest.fixture(scope="module")
-def dashboard(site, tmp_path_factory) -> Iterator[Dashboard]:
+def dashboard(site, tmp_path_factory, request) -> Iterator[Dashboard]:
     shutil.rmtree(SCREENSHOTS, ignore_errors=True)
     SCREENSHOTS.mkdir(parents=True)
     log = tmp_path_factory.mktemp("dashboard-browser") / "driver.log"
@@ -128,7 +128,9 @@ def dashboard(site, tmp_path_factory) -> Iterator[Dashboard]:
         yield browser
     finally:
         browser.close()
-        print(f"\ndashboard screenshots: {SCREENSHOTS}")
+        # Past pytest's capture, so a plain run shows where to look.
+        with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+            print(f"\ndashboard screenshots: {SCREENSHOTS}")
 
 
 def test_overview_grows_live_when_notifications_arrive(dashboard, site):
