@@ -14,3 +14,8 @@ class RoutingAppConfig(AppConfig):
         from .metrics.state import stamp_sent_at
 
         before_task_publish.connect(stamp_sent_at, dispatch_uid="notify-queue-age")
+
+        from .dashboard import ticks
+        from .metrics import snapshot
+
+        snapshot.register_after_publish(ticks.publish_tick)  # the dashboard's live tick
