@@ -16,13 +16,13 @@ run: $(VENV)/.installed vendor/node_modules/.installed
 	$(PY) manage.py demo
 	$(PY) manage.py serve --port $(PORT)
 
-# Node test dependencies (tests/js: playwright-core, vue, ws, phoenix), again when the lockfile
-# changes, and Debian's Chromium for the browser tests (CI runs as root; skipped when present).
 # Browser libraries the dashboard serves (vendor/package.json: uPlot), pinned by the lockfile.
 vendor/node_modules/.installed: vendor/package-lock.json
 	npm ci --prefix vendor --no-audit --no-fund --loglevel=error
 	touch $@
 
+# Node test dependencies (tests/js: playwright-core, vue, ws, phoenix), again when the lockfile
+# changes, and Debian's Chromium for the browser tests (CI runs as root; skipped when present).
 tests/js/node_modules/.installed: tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 	touch $@
