@@ -95,7 +95,13 @@ class Chart {
       cursor: { drag: { x: false, y: false } },
       scales: { y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
       axes: [
-        { stroke: '#6b7280', grid: { stroke: '#eef0f3' }, ticks: { stroke: '#e5e7eb' } },
+        {
+          stroke: '#6b7280',
+          grid: { stroke: '#eef0f3' },
+          ticks: { stroke: '#e5e7eb' },
+          space: 70, // px between time labels: one line of HH:MM each, never overlapping
+          values: (u, vals) => vals.map((v) => clockTime(v)),
+        },
         {
           stroke: '#6b7280',
           size: 56,
@@ -129,6 +135,11 @@ class Chart {
     while (this.rows.length && this.rows[0][0] < since) this.rows.shift()
     this.draw()
   }
+}
+
+/** ``HH:MM`` of a chart's time value (seconds since the epoch), in the browser's zone. */
+function clockTime(seconds) {
+  return new Date(seconds * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
 }
 
 function compact(v) {
