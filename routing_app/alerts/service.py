@@ -69,7 +69,7 @@ def silence(
         created_by=user if user is not None and user.is_authenticated else None,
         comment=comment,
     )
-    row.full_clean()
+    row.full_clean(exclude=["created_by"])  # None: made by the system, not a person
     row.save()
     return row
 
