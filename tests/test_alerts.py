@@ -180,6 +180,9 @@ def test_firing_does_not_flap_within_keep_firing_for_and_resolves_after(timeline
     assert resolved[1]["resolved_at"] == alert.resolved_at.isoformat()
     assert Notification.objects.filter(event="alert.resolved").get().severity == "info"
     assert service.recent_resolved() == [alert] and not service.firing().exists()
+    page = service.overview()
+    assert (page["firing"], page["pending"], page["resolved"]) == ([], [], [alert])
+    assert page["counts"]["delivery-latency-p95"] == {"pending": 0, "firing": 0, "resolved": 1}
 
 
 @pytest.mark.django_db
@@ -351,7 +354,7 @@ def test_a_second_evaluator_does_nothing_while_the_first_holds_the_lock(timeline
     from routing_app.alerts import evaluation
 
     rule(window_s=STEP, for_s=0)
-    monkeypatch.setattr(snapshot, "history", lambda: {"h": []})
+    monkeypatch.setattr(snapshot, "history", lambda seconds=None: {"h": []})
     if settings.REDIS_URL:
         from routing_app.pubsub import sync_redis
 

@@ -21,8 +21,13 @@ would be notified holds the notification back: the state still changes, ``silenc
 the history names the silence; a firing alert never notified is notified at the first
 evaluation after its silence ends, and an alert whose firing nobody heard of resolves quietly.
 
-One evaluator at a time: a short Redis lock (in memory without Redis); an evaluation that finds
-it taken does nothing. Each alert's change and its notification commit together.
+One evaluator at a time: a short Redis lock (in memory without Redis, where one process runs
+everything); an evaluation that finds it taken does nothing. Each alert's change and its
+notification commit together, the open alert's row locked (``select_for_update``). Accepted
+race: an evaluation that outlasts its lock (``LOCK_TTL_S``) may overlap the next one; both then
+serialize on each open alert's row, and the notifications' idempotency keys keep a notice from
+being sent twice, but two could each open a pending alert for a scope that had none (the next
+evaluations advance both; nothing is lost).
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ import logging
 import operator
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Max
 
 from ..metrics import snapshot
 from ..metrics.figures import Merged, merge
@@ -74,8 +82,12 @@ def evaluate(now: float | None = None) -> list[Change]:
     with _evaluator_lock() as held:
         if not held:
             return []
+        longest = AlertRule.objects.filter(enabled=True).aggregate(s=Max("window_s"))["s"]
+        if longest is None:
+            return []  # no rule enabled
         try:
-            merged = merge(snapshot.history())
+            # Merging is per snapshot: only as much history as the longest window needs.
+            merged = merge(snapshot.history(longest + 2 * settings.METRICS_SNAPSHOT_S))
         except Exception as exc:  # noqa: BLE001  (Redis away: nothing to compare this time)
             log.warning("alert rules not evaluated: snapshots unavailable: %s", exc)
             return []
@@ -235,40 +247,40 @@ def _remind(alert: Alert, value, at: datetime) -> list[Change]:
     ]
 
 
-class _evaluator_lock:
-    """Context manager: True inside when this process may evaluate now."""
-
-    def __enter__(self) -> bool:
-        self._release = None
-        if not settings.REDIS_URL:
-            if _memory_lock.acquire(blocking=False):
-                self._release = _memory_lock.release
-            return self._release is not None
-        import redis
-
-        from ..pubsub import sync_redis
-
-        lock = sync_redis().lock(
-            f"{settings.REDIS_PREFIX}:alerts:evaluator", timeout=LOCK_TTL_S, blocking=False
-        )
-        try:
-            if lock.acquire():
-                self._release = lock.release
-        except redis.RedisError as exc:
-            log.warning("alert rules not evaluated: Redis unavailable: %s", exc)
-            return False
-        if self._release is None:
-            log.info("alert rules: another evaluator is running; skipped")
-        return self._release is not None
-
-    def __exit__(self, *exc_info) -> None:
-        if self._release is None:
+@contextmanager
+def _evaluator_lock() -> Iterator[bool]:
+    """True inside when this process may evaluate now (it holds the lock until the end)."""
+    if not settings.REDIS_URL:
+        if not _memory_lock.acquire(blocking=False):
+            yield False
             return
-        import redis
-
         try:
-            self._release()
-        except redis.exceptions.LockError:
-            log.warning("alert evaluation outlasted its %d s lock", LOCK_TTL_S)
-        except redis.RedisError as exc:
-            log.warning("alert evaluator lock not released (it expires): %s", exc)
+            yield True
+        finally:
+            _memory_lock.release()
+        return
+    import redis
+
+    from ..pubsub import sync_redis
+
+    lock = sync_redis().lock(
+        f"{settings.REDIS_PREFIX}:alerts:evaluator", timeout=LOCK_TTL_S, blocking=False
+    )
+    try:
+        held = lock.acquire()
+    except redis.RedisError as exc:
+        log.warning("alert rules not evaluated: Redis unavailable: %s", exc)
+        held = False
+    else:
+        if not held:
+            log.info("alert rules: another evaluator is running; skipped")
+    try:
+        yield held
+    finally:
+        if held:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                log.warning("an alert evaluation outlasted its %d s lock", LOCK_TTL_S)
+            except redis.RedisError as exc:
+                log.warning("alert evaluator lock not released (it expires): %s", exc)

@@ -5,7 +5,8 @@ them. Thin over the models; every function is safe to call on any request.
 - ``recent_resolved(limit)``: the latest alerts that fired and resolved;
 - ``active_silences(at)``: silences in force now;
 - ``silence(rule, scope, until, user, comment)``: make one; ``end_silence(silence)``: end it now;
-- ``counts()``: per rule, its pending, firing and recently resolved alerts (``notify_alerts``).
+- ``counts()``: per rule, its pending, firing and recently resolved alerts (``notify_alerts``);
+- ``overview(limit)``: all of the above in one dict, for the alerts page.
 """
 
 from __future__ import annotations
@@ -96,4 +97,16 @@ def counts(at: datetime | None = None) -> dict[str, dict[str, int]]:
     ).values_list("name", "n_pending", "n_firing", "n_resolved")
     return {
         name: {"pending": p, "firing": f, "resolved": r} for name, p, f, r in rows.order_by("name")
+    }
+
+
+def overview(limit: int = 20) -> dict:
+    """``{"firing": [Alert], "pending": [Alert], "resolved": [Alert], "silences": [Silence],
+    "counts": counts()}``: the alerts page's data (``resolved``: the ``limit`` latest)."""
+    return {
+        "firing": list(firing()),
+        "pending": list(pending()),
+        "resolved": recent_resolved(limit),
+        "silences": list(active_silences()),
+        "counts": counts(),
     }
