@@ -24,13 +24,14 @@ from channels_app.hub import hub
 from channels_app.routing import websocket_application
 from routing_app.alerts import gauges, service
 from routing_app.alerts.evaluation import evaluate, evaluate_merged
+from routing_app.alerts.figures import scoped
 from routing_app.alerts.notices import topic_of
 from routing_app.delivery import breaker, limiter
 from routing_app.delivery import service as delivery_service
 from routing_app.delivery.breaker import Breakers, MemoryBreakerStore
 from routing_app.ingest import NotificationIn, ingest
 from routing_app.metrics import snapshot
-from routing_app.metrics.figures import Merged
+from routing_app.metrics.figures import Merged, merge
 from routing_app.metrics.instruments import LATENCY_BUCKETS
 from routing_app.models import (
     Alert,
@@ -284,10 +285,7 @@ def test_seeded_rules_evaluate_on_an_empty_and_a_realistic_history(timeline, cap
     assert evaluate_merged([], T0) == []
     # Real snapshots of this process (everything it exports), then a synthetic busy minute.
     first, second = snapshot.collect(), snapshot.collect()
-    real = [
-        Merged(T0 + i * STEP, {(n, tuple(sorted(lb.items()))): v for n, lb, v in s["samples"]}, 1)
-        for i, s in enumerate((first, second))
-    ]
+    real = merge({"this-host": [{**first, "at": T0}, {**second, "at": T0 + STEP}]})
     evaluate_merged(real, T0 + STEP)  # whatever this machine's figures decide, without error
     Alert.objects.all().delete()
     timeline.observe(FAST, 100, channel="mail")
@@ -302,9 +300,33 @@ def test_seeded_rules_evaluate_on_an_empty_and_a_realistic_history(timeline, cap
         ("notify_connections_closed_total", (("reason", "client"), ("transport", "websocket")))
     ] += 5
     timeline.snap(T0 + 2 * STEP)
+    first, last = timeline.merged[0], timeline.merged[-1]
+    figures = {r.name: scoped(r, first, last) for r in AlertRule.objects.all()}
+    assert 0.01 < figures["delivery-latency-p95"][""] <= 0.025  # FAST's bucket
+    assert figures["delivery-error-rate"] == {"mail": 0.0}
+    assert figures["connection-drops"] == {"": 0.0}
+    assert figures["process-memory"] == {"web": 200e6}
+    assert figures["queue-depth"] == {"": 3}
     assert evaluate_merged(timeline.merged, T0 + 2 * STEP) == []
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not Alert.objects.exists()
+
+
+@pytest.mark.django_db
+def test_connection_drop_rate_counts_closes_not_by_the_client_over_those_open_at_start(
+    timeline,
+):
+    timeline.gauge("notify_connections_active", 10, transport="websocket")
+    timeline.gauge("notify_connections_active", 5, transport="sse")
+    start = timeline.snap(T0 + STEP)[-1]
+    closed = "notify_connections_closed_total"
+    timeline.counters[(closed, (("reason", "client"), ("transport", "websocket")))] += 3
+    timeline.counters[(closed, (("reason", "heartbeat_timeout"), ("transport", "websocket")))] += 2
+    end = timeline.snap(T0 + 2 * STEP)[-1]
+    r = AlertRule.objects.get(name="connection-drops")
+    assert scoped(r, start, end) == {"": 2 / 15}
+    r.scope = "transport"
+    assert scoped(r, start, end) == {"sse": 0.0, "websocket": 0.2}
 
 
 @pytest.mark.django_db
