@@ -20,6 +20,7 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 
 from .alerts.admin import AlertAdmin, AlertRuleAdmin  # noqa: F401  (registers them)
+from .delivery import service
 from .delivery.admin import DeliveryAdmin, ProviderAdmin  # noqa: F401  (registers them)
 from .models import (
     SOURCES,
@@ -160,12 +161,28 @@ class ChannelAdmin(admin.ModelAdmin):
         ),
     )
 
+    actions = ("send_test",)
+
     def get_queryset(self, request: HttpRequest):
         return super().get_queryset(request).annotate(provider_count=Count("providers"))
 
     @admin.display(description="providers", ordering="provider_count")
     def provider_count(self, obj: Channel) -> int:
         return obj.provider_count
+
+    @admin.action(description="Send a test notification to me")
+    def send_test(self, request: HttpRequest, queryset) -> None:
+        for channel in queryset:
+            try:
+                row = service.send_test(channel, request.user)
+            except ValueError as exc:
+                self.message_user(request, f"{channel.name}: {exc}", messages.WARNING)
+            else:
+                self.message_user(
+                    request,
+                    f"{channel.name}: test delivery {row.pk} to {row.recipient} queued; "
+                    "see Deliveries for its attempts.",
+                )
 
 
 class SourcesField(forms.TypedMultipleChoiceField):
@@ -257,7 +274,8 @@ class ApiKeyForm(forms.ModelForm):
     scopes = forms.TypedMultipleChoiceField(
         choices=[(s, s) for s in ApiKey.SCOPES],
         widget=forms.CheckboxSelectMultiple,
-        help_text="ingest posts notifications; tokens mints client tokens.",
+        help_text="ingest posts notifications; tokens mints client tokens; deliveries reads "
+        "and replays deliveries.",
     )
     allowed_sources = forms.TypedMultipleChoiceField(
         choices=[(s, s) for s in SOURCES],

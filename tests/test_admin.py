@@ -316,3 +316,25 @@ def test_home_page_links_admin_and_api_docs(client):
     response = client.get("/")
     assert response.status_code == 200
     assert b'href="/admin/"' in response.content and b'href="/api/v1/docs"' in response.content
+
+
+@pytest.mark.django_db
+def test_channel_test_send_queues_a_delivery_to_the_admin(client, admin_user, monkeypatch):
+    from routing_app.delivery import dispatch
+
+    scheduled = []
+    monkeypatch.setattr(dispatch, "schedule_on_commit", lambda ids, at=None: scheduled.append(ids))
+    client.force_login(admin_user)
+    email = Channel.objects.create(name="mail", kind="email")
+    sms = Channel.objects.create(name="text", kind="sms")
+    answer = client.post(
+        reverse("admin:routing_app_channel_changelist"),
+        {"action": "send_test", "_selected_action": [email.pk, sms.pk]},
+        follow=True,
+    )
+    page = answer.content.decode()
+    row = Delivery.objects.get(channel=email)
+    assert row.recipient == "alice@example.com" and row.notification.topic.name.startswith("system")
+    assert scheduled == [[row.pk]]
+    assert "test delivery" in page and "you have no phone number" in page
+    assert not Delivery.objects.filter(channel=sms).exists()

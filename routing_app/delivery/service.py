@@ -461,7 +461,45 @@ def _create_failover(row: Delivery, backup: Channel, recipient: str) -> tuple[De
     )
 
 
-# --- replay ---------------------------------------------------------------------------------
+# --- replay and test sends -------------------------------------------------------------------
+
+TEST_TOPIC = "system.channel-tests"
+
+
+def send_test(channel: Channel, user) -> Delivery:
+    """A test notification (topic ``system.channel-tests``) delivered over ``channel`` to
+    ``user`` (their address of the channel's kind; a webhook channel's own providers), through
+    the same path as any delivery. ValueError says why when it cannot be sent."""
+    from ..ingest import NotificationIn, ingest
+    from ..router import OUTBOUND_KINDS, user_address
+
+    if channel.kind not in OUTBOUND_KINDS:
+        raise ValueError(f"{channel.name} is a realtime channel: open a socket to test it")
+    recipient = "*" if channel.kind == Channel.Kind.WEBHOOK else user_address(user, channel.kind)
+    if not recipient:
+        raise ValueError(
+            f"you have no {'email address' if channel.kind == 'email' else 'phone number'}: "
+            "add one to your user's contact"
+        )
+    with transaction.atomic():
+        [result] = ingest(
+            [
+                NotificationIn(
+                    topic=TEST_TOPIC,
+                    event="channel.test",
+                    source="system",
+                    data={"channel": channel.name, "by": user.get_username()},
+                )
+            ]
+        )
+        row, _ = Delivery.objects.get_or_create(
+            notification_id=result.id,
+            channel=channel,
+            recipient=recipient,
+            defaults={"user": user if channel.kind != Channel.Kind.WEBHOOK else None},
+        )
+        dispatch.schedule_on_commit([row.pk])
+    return row
 
 
 def replay(queryset) -> int:
