@@ -160,6 +160,7 @@ def test_pending_that_stops_holding_resolves_unnotified(timeline):
     alert = Alert.objects.get(rule=r)
     assert alert.history[-1]["note"] == "never fired" and alert.fired_at is None
     assert stored(r) == [] and service.recent_resolved() == []
+    assert service.counts()[r.name] == {"pending": 0, "firing": 0, "resolved": 0}
 
 
 @pytest.mark.django_db

@@ -1,6 +1,7 @@
-"""``notify_alerts{rule,state}``: alerts per rule that are pending, firing, or were resolved in
-the last hour (``service.RESOLVED_RECENT``); every rule has all three (0 when none), so a
-Prometheus query sees a rule's alert end. Read at collection, like metrics/state.py's gauges."""
+"""``notify_alerts{rule,state}``: alerts per rule that are pending, firing, or fired and were
+resolved in the last hour (``service.RESOLVED_RECENT``); every rule has all three (0 when
+none), so a Prometheus query sees a rule's alert end. Read at collection, like
+metrics/state.py's gauges."""
 
 from __future__ import annotations
 

@@ -86,13 +86,19 @@ def end_silence(row: Silence, at: datetime | None = None) -> Silence:
 
 def counts(at: datetime | None = None) -> dict[str, dict[str, int]]:
     """``{rule name: {"pending": n, "firing": n, "resolved": n}}`` for every rule, ``resolved``
-    counting the alerts resolved in the last hour."""
+    counting the alerts that fired and were resolved in the last hour (as ``recent_resolved``,
+    not the pending ones that stopped holding)."""
     since = (at or timezone.now()) - RESOLVED_RECENT
     rows = AlertRule.objects.annotate(
         n_pending=Count("alerts", filter=Q(alerts__state=State.PENDING)),
         n_firing=Count("alerts", filter=Q(alerts__state=State.FIRING)),
         n_resolved=Count(
-            "alerts", filter=Q(alerts__state=State.RESOLVED, alerts__resolved_at__gte=since)
+            "alerts",
+            filter=Q(
+                alerts__state=State.RESOLVED,
+                alerts__resolved_at__gte=since,
+                alerts__fired_at__isnull=False,
+            ),
         ),
     ).values_list("name", "n_pending", "n_firing", "n_resolved")
     return {
