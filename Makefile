@@ -11,10 +11,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed vendor/node_modules/.installed
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py demo
 	$(PY) manage.py serve --port $(PORT)
+
+# Browser libraries the dashboard serves (vendor/package.json: uPlot), pinned by the lockfile.
+vendor/node_modules/.installed: vendor/package-lock.json
+	npm ci --prefix vendor --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Node test dependencies (tests/js: playwright-core, vue, ws, phoenix), again when the lockfile
 # changes, and Debian's Chromium for the browser tests (CI runs as root; skipped when present).
@@ -22,7 +27,7 @@ tests/js/node_modules/.installed: tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: $(VENV)/.installed tests/js/node_modules/.installed
+test: $(VENV)/.installed vendor/node_modules/.installed tests/js/node_modules/.installed
 	@test -x /usr/bin/chromium || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(VENV)/bin/ruff check .

@@ -14,3 +14,9 @@ class ChannelsAppConfig(AppConfig):
         # The router publishes committed notifications through the hub: routing_app never
         # imports the realtime edge.
         register_after_commit_publisher(hub.publish_committed)
+        # The dashboard's topics page shows this process's subscribers and who is present.
+        from routing_app.dashboard.realtime import register_realtime_view
+
+        from .topic_figures import topics_realtime
+
+        register_realtime_view(topics_realtime)

@@ -336,7 +336,12 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_DIRS = [
+    BASE_DIR / "static",
+    # The dashboard's charts: only uPlot's dist/ from the npm install (`npm ci --prefix vendor`,
+    # which `make run` and `make test` do), never copied into the repo.
+    ("vendor/uplot", BASE_DIR / "vendor" / "node_modules" / "uplot" / "dist"),
+]
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
 LOGIN_URL = "/admin/login/"

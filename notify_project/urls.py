@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
-from django.views.generic import TemplateView
 
+from routing_app.dashboard import views as dashboard
 from routing_app.metrics.exposition import metrics_view
 
 from .api import api
@@ -13,5 +13,6 @@ urlpatterns = [
     # django-anymail's tracking webhooks (receipts of email deliveries): ANYMAIL_WEBHOOK_SECRET
     path("anymail/", include("anymail.urls")),
     path("", include("channels_app.urls")),
-    path("", TemplateView.as_view(template_name="home.html"), name="home"),
+    path("dashboard/", include("routing_app.dashboard.urls")),  # operators' pages: staff only
+    path("", dashboard.home, name="home"),
 ]

@@ -15,3 +15,7 @@ class RoutingAppConfig(AppConfig):
 
         before_task_publish.connect(stamp_sent_at, dispatch_uid="notify-queue-age")
         from .alerts import gauges  # noqa: F401  (adds notify_alerts to the state gauges)
+        from .dashboard import ticks
+        from .metrics import snapshot
+
+        snapshot.register_after_publish(ticks.publish_tick)  # the dashboard's live tick

@@ -76,6 +76,23 @@ def register_after_commit_publisher(publish: CommittedPublisher) -> None:
     _after_commit_publisher = publish
 
 
+def publish_ephemeral(topic: str, event: str, payload: dict) -> bool:
+    """Hand the ephemeral event ``event`` of ``topic`` to the topic's realtime subscribers on
+    every server process: not stored, no seq, never replayed on a resume (SSE: an event named
+    ``event`` without an id; plain socket: an ``event`` frame). For figures that are stale a
+    moment later (the dashboard's ticks), which the durable stream must not keep. There is no
+    transaction to wait for. The registered publisher carries ``{"type": "event"}`` envelopes
+    as it carries notifications (channels_app/hub/wire.py).
+
+    Returns False when no realtime edge is installed; raises the publisher's errors (Redis
+    unreachable)."""
+    publish = _after_commit_publisher
+    if publish is None:
+        return False
+    publish([(topic, {"type": "event", "topic": topic, "event": event, "payload": payload})])
+    return True
+
+
 def invalidate_routes(**_kwargs) -> None:
     global _cache
     _cache = None

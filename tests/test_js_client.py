@@ -131,13 +131,16 @@ def page_server(servers, server_env) -> Iterator[str]:
 
 
 class Browser:
-    """The page, driven through tests/js/browser_driver.js (one JSON line per call)."""
+    """The page, driven through tests/js/browser_driver.js (one JSON line per call); ``driver``
+    names another script of tests/js speaking the same protocol (dashboard_driver.js)."""
 
-    def __init__(self, page_url: str, api: str, api_key: str, log: Path) -> None:
+    def __init__(
+        self, page_url: str, api: str, api_key: str, log: Path, driver: str = "browser_driver.js"
+    ) -> None:
         self.log = log
         self._err = log.open("w")
         self.proc = subprocess.Popen(
-            ["node", str(JS_DIR / "browser_driver.js"), page_url],
+            ["node", str(JS_DIR / driver), *([page_url] if page_url else [])],
             cwd=JS_DIR,
             env={**os.environ, "NOTIFY_API": api, "NOTIFY_API_KEY": api_key},
             stdin=subprocess.PIPE,
@@ -169,12 +172,10 @@ class Browser:
         self._err.flush()
         return self.log.read_text()[-4000:]
 
-    def _call(self, op: str, expr: str, timeout_ms: int = WAIT_TIMEOUT_MS):
+    def _call(self, op: str, expr: str, timeout_ms: int = WAIT_TIMEOUT_MS, **fields):
         self._next_id += 1
-        self.proc.stdin.write(
-            json.dumps({"id": self._next_id, "op": op, "expr": expr, "timeoutMs": timeout_ms})
-            + "\n"
-        )
+        call = {"id": self._next_id, "op": op, "expr": expr, "timeoutMs": timeout_ms, **fields}
+        self.proc.stdin.write(json.dumps(call) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self._line(timeout_ms / 1000 + 10))
         assert reply["id"] == self._next_id

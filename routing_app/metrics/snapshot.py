@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from django.conf import settings
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 _local_history: collections.deque = collections.deque()
 _publisher: threading.Thread | None = None
 _publisher_lock = threading.Lock()
+_after_publish: list[Callable[[], None]] = []
 
 
 def collect() -> dict:
@@ -77,10 +79,12 @@ def history(seconds: float | None = None) -> dict[str, list[dict]]:
     from ..pubsub import sync_redis
 
     client = sync_redis()
+    # Only the newest entries can be that recent: one per interval, and a few to spare.
+    first = -(int((seconds or settings.METRICS_HISTORY_S) / settings.METRICS_SNAPSHOT_S) + 3)
     out = {}
     for raw_host in client.smembers(_key("hosts")):
         host = raw_host.decode()
-        snaps = [json.loads(x) for x in client.lrange(_key("history", host), 0, -1)]
+        snaps = [json.loads(x) for x in client.lrange(_key("history", host), first, -1)]
         kept = [s for s in snaps if s["at"] >= since]
         if kept:
             out[host] = kept
@@ -115,14 +119,33 @@ def publish_once() -> bool:
     return True
 
 
+def register_after_publish(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` in the publishing thread after each snapshot this process publishes (the
+    dashboard's live tick). Once per hook; a hook's error is logged and the loop goes on."""
+    if hook not in _after_publish:
+        _after_publish.append(hook)
+
+
+def _after(published: bool) -> None:
+    if not published:
+        return
+    for hook in list(_after_publish):
+        try:
+            hook()
+        except Exception as exc:  # noqa: BLE001  (a hook's trouble must not stop the snapshots)
+            log.warning("after-snapshot hook %s failed: %s", getattr(hook, "__name__", hook), exc)
+
+
 def _run() -> None:
     interval = settings.METRICS_SNAPSHOT_S
     while True:
         started = time.monotonic()
+        published = False
         try:
-            publish_once()
+            published = publish_once()
         except Exception as exc:  # noqa: BLE001  (Redis or the database away: try next time)
             log.warning("metrics snapshot not published: %s", exc)
+        _after(published)
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 

@@ -161,6 +161,8 @@ def _processes() -> Iterable[Metric]:
     )
     for role, directory in role_directories().items():
         usage = [process_usage(pid) for pid in live_pids(directory)]
+        if not usage:
+            continue  # no process of this role runs on this host now
         memory.add_metric([role], sum(u[0] for u in usage))
         cpu.add_metric([role], sum(u[1] for u in usage))
     yield memory
