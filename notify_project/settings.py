@@ -316,6 +316,17 @@ METRICS_SNAPSHOT_S = env_int("METRICS_SNAPSHOT_S", 5)  # each host publishes its
 METRICS_HISTORY_S = 15 * 60  # the dashboard's charts show this much of the past
 if METRICS_SNAPSHOT_S < 1:
     raise ImproperlyConfigured("METRICS_SNAPSHOT_S must be at least 1 second")
+# The alert rules (routing_app/alerts/) are evaluated this often; more often than snapshots are
+# taken would only compare the same two snapshots again.
+ALERT_EVALUATE_S = env_int("ALERT_EVALUATE_S", METRICS_SNAPSHOT_S)
+if ALERT_EVALUATE_S < METRICS_SNAPSHOT_S:
+    raise ImproperlyConfigured("ALERT_EVALUATE_S must be at least METRICS_SNAPSHOT_S")
+CELERY_BEAT_SCHEDULE["evaluate-alerts"] = {
+    "task": "routing_app.alerts.evaluate",
+    "schedule": ALERT_EVALUATE_S,
+    # Runs queued while no worker took them are stale: the next one compares newer figures.
+    "options": {"expires": ALERT_EVALUATE_S},
+}
 
 # --- i18n, static -----------------------------------------------------------------------
 

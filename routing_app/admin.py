@@ -19,6 +19,7 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from .alerts.admin import AlertAdmin, AlertRuleAdmin  # noqa: F401  (registers them)
 from .delivery import service
 from .delivery.admin import DeliveryAdmin, ProviderAdmin  # noqa: F401  (registers them)
 from .models import (

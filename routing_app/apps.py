@@ -14,7 +14,7 @@ class RoutingAppConfig(AppConfig):
         from .metrics.state import stamp_sent_at
 
         before_task_publish.connect(stamp_sent_at, dispatch_uid="notify-queue-age")
-
+        from .alerts import gauges  # noqa: F401  (adds notify_alerts to the state gauges)
         from .dashboard import ticks
         from .metrics import snapshot
 

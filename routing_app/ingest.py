@@ -63,6 +63,9 @@ class NotificationIn:
     source: str = "api"
     idempotency_key: str | None = None
     recipients: list[str] = field(default_factory=list)
+    # Names of routes that also deliver this notification, whatever they match (Python callers
+    # only, e.g. an alert rule's route; the HTTP API does not take it).
+    also_routes: list[str] = field(default_factory=list)
     # ``data`` as stored (compact JSON), set by validate() so it is encoded once
     data_json: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -158,6 +161,10 @@ def validate(item: NotificationIn, loc: tuple = ()) -> list[dict]:
                 "idempotency_key",
                 problem or f"must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters",
             )
+    if not isinstance(item.also_routes, list) or any(
+        not isinstance(name, str) for name in item.also_routes
+    ):
+        bad("also_routes", "must be a list of route names")
     if not isinstance(item.recipients, list):
         bad("recipients", "must be a list of addresses")
     else:
@@ -273,7 +280,8 @@ def _insert(fresh: list[tuple[int, NotificationIn]]) -> list[IngestResult]:
     items = [item for _, item in fresh]
     rows, topic_ids = insert_notifications(items, timezone.now())
     recipients = {id(row): item.recipients for row, item in zip(rows, items, strict=True)}
-    router.route(rows, topic_ids, recipients)
+    also = {id(row): item.also_routes for row, item in zip(rows, items, strict=True)}
+    router.route(rows, topic_ids, recipients, also)
     return [
         IngestResult(str(row.id), item.topic, row.seq, created=True)
         for row, item in zip(rows, items, strict=True)

@@ -170,12 +170,15 @@ def route(
     rows: list[Notification],
     topic_ids: dict[str, int],
     extra_recipients: dict[int, list[str]] | None = None,
+    also_routes: dict[int, list[str]] | None = None,
 ) -> list[Delivery]:
     """Route freshly inserted notifications; must run inside their transaction.
 
     Writes Delivery rows now and schedules realtime publishes and their sending for after
     commit. Returns the deliveries created. ``extra_recipients`` maps ``id(row)`` to literal
-    addresses given at ingest.
+    addresses given at ingest; ``also_routes`` maps ``id(row)`` to names of routes that deliver
+    it whatever their sources, topic pattern and minimum severity (an alert rule's route); a
+    disabled or unknown route delivers nothing.
     """
     names = {tid: name for name, tid in topic_ids.items()}
     routes = compiled_routes()
@@ -184,8 +187,9 @@ def route(
     for n in rows:
         topic = names[n.topic_id]
         extra = (extra_recipients or {}).get(id(n), [])
+        named = (also_routes or {}).get(id(n), ())
         for r in routes:
-            if not r.matches(n, topic):
+            if r.name not in named and not r.matches(n, topic):
                 continue
             for channel_id, kind, _ in r.channels:
                 if kind == Channel.Kind.PUBSUB:

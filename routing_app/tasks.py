@@ -6,12 +6,13 @@ import logging
 
 from celery import shared_task
 
+from .alerts.tasks import evaluate  # registered with the app here
 from .delivery.tasks import check_health, deliver, sweep  # registered with the app here
 from .models import Topic
 from .stream_writes import trim_retention
 
 log = logging.getLogger(__name__)
-__all__ = ["check_health", "deliver", "sweep", "trim_retention_all"]
+__all__ = ["check_health", "deliver", "evaluate", "sweep", "trim_retention_all"]
 
 
 @shared_task(name="routing_app.tasks.trim_retention_all", ignore_result=True)

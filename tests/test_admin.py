@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib import admin
@@ -14,6 +15,8 @@ from django.urls import reverse
 from channels_app.models import TopicRule
 from routing_app.ingest import NotificationIn, ingest
 from routing_app.models import (
+    Alert,
+    AlertRule,
     ApiKey,
     Attempt,
     BreakerState,
@@ -23,10 +26,11 @@ from routing_app.models import (
     Notification,
     Provider,
     Route,
+    Silence,
     Topic,
 )
 
-READ_ONLY_MODELS = {Notification, Delivery, BreakerState}
+READ_ONLY_MODELS = {Notification, Delivery, BreakerState, Alert}
 RAW_KEY_RE = re.compile(r"nk_[0-9a-f]{8}_[A-Za-z0-9_-]{20,}")
 
 
@@ -58,6 +62,23 @@ def every_kind_of_row(admin_user, api_key):
     )
     Attempt.objects.create(delivery=row, number=1, provider=relay, outcome="transient")
     Group.objects.create(name="ops")
+    rule = AlertRule.objects.get(name="delivery-latency-p95")
+    Alert.objects.create(
+        rule=rule,
+        state="firing",
+        value=0.25,
+        fired_at=notification.created_at,
+        history=[
+            {"at": "2026-01-01T00:00:00+00:00", "from": None, "to": "pending", "value": 0.2},
+            {"at": "2026-01-01T00:01:00+00:00", "from": "pending", "to": "firing", "value": 0.25},
+        ],
+    )
+    Silence.objects.create(
+        rule=rule,
+        ends_at=notification.created_at + timedelta(hours=1),
+        created_by=admin_user,
+        comment="provider maintenance",
+    )
     return notification
 
 

@@ -95,6 +95,8 @@ class AlertRule(models.Model):
 
     def clean(self) -> None:
         from ..models import SEVERITIES
+        from ..topics import is_valid_topic
+        from .figures import SCOPES
 
         if self.metric == self.Metric.RECORDED and not self.metric_name.startswith("notify_"):
             raise ValidationError(
@@ -102,6 +104,15 @@ class AlertRule(models.Model):
             )
         if self.severity not in SEVERITIES:
             raise ValidationError({"severity": f"one of: {', '.join(SEVERITIES)}"})
+        if self.name and not is_valid_topic(f"system.alerts.{self.name}"):
+            raise ValidationError({"name": "lowercase letters, digits, '-' and '_' (a topic)"})
+        if self.metric in SCOPES and self.scope not in SCOPES[self.metric]:
+            raise ValidationError(
+                {
+                    "scope": f"{self.get_metric_display()} has no figure per {self.scope}; use "
+                    + ", ".join(SCOPES[self.metric])
+                }
+            )
 
 
 class Alert(models.Model):

@@ -1,7 +1,7 @@
 """The embedded mode's worker: without Redis there is no Celery broker, so the server process
 runs the same delivery code on a background thread: ``submit``-ted ids at their time, the sweeper
-every ``SWEEP_INTERVAL_S`` and the health checks every ``HEALTH_CHECK_INTERVAL_S``. ``make run``
-delivers like production, on one process.
+every ``SWEEP_INTERVAL_S``, the health checks every ``HEALTH_CHECK_INTERVAL_S`` and the alert
+rules every ``ALERT_EVALUATE_S``. ``make run`` delivers like production, on one process.
 
 Started on the first ``submit`` or by ``start()`` (the ASGI application calls it, so rows left
 from a previous run are swept at start-up).
@@ -50,17 +50,19 @@ def start() -> None:
 
 
 def _run() -> None:
+    from ..alerts.evaluation import evaluate
     from . import health, service, sweeper
 
-    next_sweep = next_health = time.monotonic()
+    next_sweep = next_health = next_alerts = time.monotonic()
     while True:
         now = time.monotonic()
         jobs = []
         with _lock:
             while _queue and _queue[0][0] <= now:
                 jobs.append(heapq.heappop(_queue)[2])
-            if not jobs and now < min(next_sweep, next_health):
-                wake = min(next_sweep, next_health, _queue[0][0] if _queue else next_sweep)
+            if not jobs and now < min(next_sweep, next_health, next_alerts):
+                wake = min(next_sweep, next_health, next_alerts)
+                wake = min(wake, _queue[0][0]) if _queue else wake
                 _lock.wait(timeout=wake - now)
                 continue
         close_old_connections()
@@ -72,6 +74,9 @@ def _run() -> None:
         if now >= next_health:
             _guarded(health.check_all)
             next_health = now + settings.HEALTH_CHECK_INTERVAL_S
+        if now >= next_alerts:
+            _guarded(evaluate)
+            next_alerts = now + settings.ALERT_EVALUATE_S
 
 
 def _guarded(run, *args) -> None:
