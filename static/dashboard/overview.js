@@ -91,6 +91,7 @@ class Chart {
     const fmt = (v) => formatValue(v, this.unit, this.decimals)
     return {
       ...this.size(),
+      padding: [8, 28, 0, 0], // room for the last time label
       legend: { show: false },
       cursor: { drag: { x: false, y: false } },
       scales: { y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
@@ -100,7 +101,8 @@ class Chart {
           grid: { stroke: '#eef0f3' },
           ticks: { stroke: '#e5e7eb' },
           space: 70, // px between time labels: one line of HH:MM each, never overlapping
-          values: (u, vals) => vals.map((v) => clockTime(v)),
+          // seconds too when the ticks are under a minute apart (a page just opened)
+          values: (u, vals) => vals.map((v) => clockTime(v, vals[1] - vals[0] < 60)),
         },
         {
           stroke: '#6b7280',
@@ -137,9 +139,12 @@ class Chart {
   }
 }
 
-/** ``HH:MM`` of a chart's time value (seconds since the epoch), in the browser's zone. */
-function clockTime(seconds) {
-  return new Date(seconds * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
+/** ``HH:MM`` (``HH:MM:SS`` with ``withSeconds``) of a chart's time value (seconds since the
+ * epoch), 24-hour, in the browser's zone. */
+function clockTime(seconds, withSeconds) {
+  const parts = { hour: '2-digit', minute: '2-digit', hourCycle: 'h23' }
+  if (withSeconds) parts.second = '2-digit'
+  return new Date(seconds * 1000).toLocaleTimeString([], parts)
 }
 
 function compact(v) {
