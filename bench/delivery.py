@@ -1,0 +1,567 @@
+"""Outbound delivery benchmark: emails/s and webhooks/s through notify, against a bare sender.
+
+    .venv/bin/python bench/delivery.py            # ~5 min
+    .venv/bin/python bench/delivery.py --quick    # smaller counts, under 3 min
+    .venv/bin/python bench/delivery.py --profile  # also py-spy the worker in phases 2 and 3
+
+Starts everything itself: a fresh Postgres database (on the server of BENCH_PG_URL, default
+postgres://postgres@127.0.0.1:5432/), migrations, an API key (scopes ingest, deliveries), notify's
+server (uvicorn, ``uvicorn_argv()``, pinned to ``--server-core``) and a Celery worker
+(``celery_worker_argv()``, ``--concurrency`` pool processes, ``--beat`` for the sweeper; not
+pinned) on Redis (REDIS_URL, default redis://127.0.0.1:6379/0, a prefix of its own), and the
+peers (bench/delivery_peers.py: an aiosmtpd SMTP server, an asyncio webhook receiver, a server
+that never answers), each a process of its own and not pinned. This load generator pins itself to
+``--client-core``. Postgres and Redis are the machine's (not pinned).
+
+Phases:
+1. bare sender, the limit: the messages notify sent in the warm-up (the same bytes, the same
+   headers), sent to the same peers from one process of plain Python: SMTP over kept
+   connections (an asyncio client, and smtplib in threads), webhook POSTs (httpx.AsyncClient and
+   a minimal asyncio HTTP/1.1 client). The best of each kind is the limit.
+2, 3. emails, webhooks through notify: N notifications posted in batches of ``--batch-size``
+   (POST /api/v1/notifications/batch) on a topic routed to a channel with one provider;
+   throughput = (N - 1) / (first to last arrival at the peer); latency = ``Delivery.latency_ms``
+   (notification stored -> provider accepted) and post -> arrival at the peer. The burst queues
+   everything at once, so its latencies are mostly queueing; a paced run at half the burst's rate
+   follows, whose latencies are the path's.
+4. failover: provider A (weight 100, picked first) refusing connections, or accepting and never
+   answering (call timeout 200 ms), provider B the peer: post -> B's arrival, one notification at
+   a time, against the same with B alone; and error detection: with A refusing and breaker
+   minimum calls 20, the calls and the time from A's first failure to ``breaker.opened``.
+5. CPU per delivery of the worker, the server, Postgres, Redis, the peer and this generator,
+   and the worker's and server's RSS.
+
+Health checks are off (their interval is an hour): they would mark the refused and hung SMTP
+providers unhealthy and the balancer would skip them. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+from delivery_peers import (  # noqa: E402  (bench/ is not a package)
+    Peer,
+    bare_http_httpx,
+    bare_http_raw,
+    bare_smtp_asyncio,
+    bare_smtp_threads,
+    run_in_process,
+)
+from delivery_stack import (  # noqa: E402
+    NEVER_OPENS,
+    CpuMeter,
+    api_key,
+    channel,
+    machine_report,
+    new_stack,
+    rss_mb,
+    start,
+    start_profile,
+    stop,
+    summarize,
+)
+from ingest import Http11Connection, free_port  # noqa: E402
+
+TARGETS = {"email": 300.0, "webhook": 1000.0}  # deliveries/s on this 2-core machine
+TARGET_SHARE = 30.0  # % of the bare sender
+TARGET_FAILOVER_MS = 150.0  # after a refused connection
+HUNG_TIMEOUT_MS = 200
+POLL_S = 0.002  # how often a waiting phase asks a peer for its count
+BARE_SMTP_CONNECTIONS = 8
+BARE_HTTP_CONNECTIONS = 32  # as many as a worker of 2 processes x DELIVERY_THREADS 16 calls
+POSTERS = 4  # concurrent batch posters
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def spread(values: list[float]) -> str:
+    p50, p95, p99 = (pct(values, q) for q in (0.5, 0.95, 0.99))
+    return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms"
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else "NOT MET"
+
+
+def rate_of(times: list[float]) -> float:
+    times = sorted(times)
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+
+
+# --- posting -----------------------------------------------------------------------------------
+
+
+def notification(topic: str, i: int) -> dict:
+    return {
+        "topic": topic,
+        "event": "bench.tick",
+        "severity": "info",
+        "data": {"n": i, "host": "web-1", "note": "a typical small payload of some bytes"},
+    }
+
+
+async def post_burst(
+    base: str, key: str, topic: str, n: int, batch: int
+) -> list[tuple[str, float]]:
+    """Post ``n`` notifications in batches from ``POSTERS`` connections; (id, post time) each."""
+    port = int(base.rsplit(":", 1)[1])
+    batches = iter(range(0, n, batch))
+    posted: list[tuple[str, float]] = []
+
+    async def poster() -> None:
+        connection = Http11Connection("127.0.0.1", port, "/api/v1/notifications/batch", key)
+        for first in batches:
+            items = [notification(topic, i) for i in range(first, min(n, first + batch))]
+            at = time.time()
+            status, body = await connection.post(json.dumps({"notifications": items}).encode())
+            if status != 202:
+                raise SystemExit(f"ingest answered {status}: {body[:300]!r}")
+            posted.extend((r["id"], at) for r in json.loads(body)["results"])
+        connection.close()
+
+    await asyncio.gather(*(poster() for _ in range(POSTERS)))
+    return posted
+
+
+async def post_paced(base: str, key: str, topic: str, rate: float, duration_s: float):
+    """Post single notifications open-loop at ``rate``/s for ``duration_s``; (id, post time)."""
+    port = int(base.rsplit(":", 1)[1])
+    free = [Http11Connection("127.0.0.1", port, "/api/v1/notifications", key) for _ in range(8)]
+    posted: list[tuple[str, float]] = []
+    count = int(rate * duration_s)
+    t0 = time.monotonic()
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+        while not free:
+            await asyncio.sleep(0.001)  # all 8 busy: ingest is behind, the post waits
+        connection = free.pop()
+        at = time.time()
+        status, body = await connection.post(json.dumps(notification(topic, i)).encode())
+        free.append(connection)
+        if status != 202:
+            raise SystemExit(f"ingest answered {status}: {body[:300]!r}")
+        posted.append((json.loads(body)["id"], at))
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    for connection in free:
+        connection.close()
+    return posted
+
+
+def wait_received(peer: Peer, start: int, n: int, timeout_s: float, on_poll=None):
+    """The records of the next ``n`` arrivals at ``peer`` (from index ``start``); raises
+    SystemExit with the count so far after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    polls = 0
+    while peer.count() < start + n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {peer.count() - start} of {n} arrived in {timeout_s:.0f} s")
+        polls += 1
+        if on_poll and polls % 100 == 0:
+            on_poll()
+        time.sleep(POLL_S)
+    return peer.received(start)
+
+
+def rows_of(ids: list[str]) -> dict[str, tuple[int, int | None, str]]:
+    """notification id -> (delivery id, latency_ms, status) of its delivery."""
+    from routing_app.models import Delivery
+
+    rows = Delivery.objects.filter(notification_id__in=ids).values_list(
+        "notification_id", "pk", "latency_ms", "status"
+    )
+    return {str(n): (pk, latency, status) for n, pk, latency, status in rows}
+
+
+# --- phases ------------------------------------------------------------------------------------
+
+
+def bare_phase(kind: str, peer: Peer, sample: bytes, n: int) -> tuple[float, list[str]]:
+    """Each bare variant of ``kind``; returns the best rate and the lines to print."""
+    if kind == "email":
+        variants = [
+            (
+                f"asyncio SMTP client, {BARE_SMTP_CONNECTIONS} connections",
+                bare_smtp_asyncio,
+                peer.port,
+                BARE_SMTP_CONNECTIONS,
+            ),
+            (
+                f"smtplib, {BARE_SMTP_CONNECTIONS} threads",
+                bare_smtp_threads,
+                peer.port,
+                BARE_SMTP_CONNECTIONS,
+            ),
+        ]
+    else:
+        variants = [
+            (
+                f"httpx.AsyncClient, {BARE_HTTP_CONNECTIONS} connections",
+                bare_http_httpx,
+                f"http://127.0.0.1:{peer.port}/hook",
+                BARE_HTTP_CONNECTIONS,
+            ),
+            (
+                f"asyncio HTTP/1.1 client, {BARE_HTTP_CONNECTIONS} connections",
+                bare_http_raw,
+                peer.port,
+                BARE_HTTP_CONNECTIONS,
+            ),
+        ]
+    best, lines = 0.0, []
+    for name, function, target, connections in variants:
+        meter = CpuMeter({"peer": peer.pid})
+        begin = peer.count()
+        meter.start()
+        sender_cpu = run_in_process(function, target, sample, n, connections)
+        records = wait_received(peer, begin, n, 60)
+        meter.stop()
+        rate = rate_of([t for _, t in records])
+        best = max(best, rate)
+        lines.append(
+            f"  {kind}s, {name}: {rate:,.0f}/s; sender CPU {1000 * sender_cpu / n:.2f} ms per "
+            f"{kind}, peer {1000 * meter.seconds['peer'] / n:.2f} ms; machine "
+            f"{meter.machine_pct:.0f} % of {100 * os.cpu_count()} %"
+        )
+    return best, lines
+
+
+def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) -> tuple[float, list]:
+    """Phase 2 or 3: a burst of ``n``, then a paced run; returns the burst's rate and lines."""
+    meter = CpuMeter(groups)
+    begin = peer.count()
+    peak = {"worker": 0.0}
+
+    def sample_rss() -> None:
+        peak["worker"] = max(peak["worker"], rss_mb(stack.worker.pid))
+
+    profiler = None
+    if profile_dir:
+        out = profile_dir / f"worker-{kind}.txt"
+        profiler = start_profile(stack.worker.pid, out, 600)
+        time.sleep(1)  # py-spy attaches to every pool process first
+    meter.start()
+    posted = asyncio.run(post_burst(stack.base, key, topic, n, args.batch_size))
+    records = wait_received(peer, begin, n, 60 + n / 20, sample_rss)
+    meter.stop()
+    if profiler:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(60)
+    sample_rss()
+    rate = rate_of([t for _, t in records])
+    arrived = dict(records)
+    rows = rows_of([i for i, _ in posted])
+    latency = [r[1] for r in rows.values() if r[1] is not None]
+    travel = [
+        1000 * (arrived[str(rows[i][0])] - at) for i, at in posted if str(rows[i][0]) in arrived
+    ]
+    statuses = {
+        s: sum(1 for r in rows.values() if r[2] == s) for s in {r[2] for r in rows.values()}
+    }
+    lines = [
+        f"  burst of {n:,}: {rate:,.0f} {kind}s/s (target >= {TARGETS[kind]:,.0f}/s: "
+        f"{verdict(rate, TARGETS[kind])})",
+        f"    ingest-to-sent (latency_ms) {spread(latency)}; post-to-arrival {spread(travel)}",
+        f"    rows: {statuses}; {len(records) - n} extra arrivals (redeliveries)",
+        "    " + meter.line(n, kind),
+        f"    worker RSS peak {peak['worker']:.0f} MB, "
+        f"server RSS {rss_mb(stack.server.pid):.0f} MB",
+    ]
+    if profiler and out.exists():
+        lines.append(f"    py-spy of the worker (collapsed stacks: {out}), busy samples:")
+        lines += ["      " + line for line in summarize(out)]
+    paced_rate = max(10.0, round(rate / 2))
+    begin = peer.count()
+    posted = asyncio.run(post_paced(stack.base, key, topic, paced_rate, args.paced_s))
+    records = wait_received(peer, begin, len(posted), 60)
+    arrived = dict(records)
+    rows = rows_of([i for i, _ in posted])
+    latency = [r[1] for r in rows.values() if r[1] is not None]
+    travel = [
+        1000 * (arrived[str(rows[i][0])] - at) for i, at in posted if str(rows[i][0]) in arrived
+    ]
+    lines.append(
+        f"  paced, {paced_rate:.0f}/s single posts for {args.paced_s:.0f} s ({len(posted)}): "
+        f"ingest-to-sent {spread(latency)}; post-to-arrival {spread(travel)}"
+    )
+    return rate, lines
+
+
+def probe(base: str, key: str, peer: Peer, topic: str, count: int) -> tuple[list[float], list]:
+    """Post ``count`` notifications one at a time, each once the previous one arrived; the
+    post-to-arrival times (ms) and the notification ids."""
+    times, ids = [], []
+    with httpx.Client(headers={"authorization": f"Bearer {key}"}, timeout=10) as client:
+        for i in range(count):
+            begin = peer.count()
+            at = time.time()
+            answer = client.post(f"{base}/api/v1/notifications", json=notification(topic, i))
+            if answer.status_code != 202:
+                raise SystemExit(f"ingest answered {answer.status_code}: {answer.text[:300]}")
+            [(_, arrived)] = wait_received(peer, begin, 1, 20)[:1]
+            times.append(1000 * (arrived - at))
+            ids.append(answer.json()["id"])
+            time.sleep(0.05)  # the row's last write lands before the next probe
+    return times, ids
+
+
+def first_attempts(ids: list[str]) -> tuple[list[int], int]:
+    """Durations (ms) of the first provider's calls of these notifications' deliveries, and how
+    many deliveries did not start with that provider (the balancer picked B first)."""
+    from routing_app.delivery.models import Attempt
+
+    rows = Attempt.objects.filter(delivery__notification_id__in=ids, number=1)
+    durations = [a.duration_ms for a in rows if a.provider.name.endswith("-a")]
+    return durations, rows.count() - len(durations)
+
+
+def failover_phase(stack, key, peers, probes: int) -> list[str]:
+    lines = []
+    for kind in ("webhook", "email"):
+        peer = peers["http" if kind == "webhook" else "smtp"]
+        normal, _ = probe(stack.base, key, peer, f"fo.{kind}.normal", probes)
+        refused, ids = probe(stack.base, key, peer, f"fo.{kind}.refused", probes)
+        a_ms, b_first = first_attempts(ids)
+        cost = statistics.median(refused) - statistics.median(normal)
+        lines += [
+            f"  {kind}, B alone: post-to-arrival {spread(normal)}",
+            f"  {kind}, A refuses: {spread(refused)}; failover cost (median difference) "
+            f"{cost:.0f} ms (target < {TARGET_FAILOVER_MS:.0f} ms: "
+            f"{verdict(cost, TARGET_FAILOVER_MS, higher_is_better=False)}); A's call "
+            f"{statistics.median(a_ms) if a_ms else float('nan'):.0f} ms median"
+            + (f"; {b_first} probe(s) went to B first" if b_first else ""),
+        ]
+        hung, ids = probe(stack.base, key, peer, f"fo.{kind}.hung", probes)
+        a_ms, b_first = first_attempts(ids)
+        beyond = statistics.median(hung) - HUNG_TIMEOUT_MS
+        lines.append(
+            f"  {kind}, A never answers (call timeout {HUNG_TIMEOUT_MS} ms): {spread(hung)}; "
+            f"minus the timeout {beyond:.0f} ms, minus the normal path too "
+            f"{beyond - statistics.median(normal):.0f} ms; A's call "
+            f"{statistics.median(a_ms) if a_ms else float('nan'):.0f} ms median"
+        )
+    return lines
+
+
+def detection_phase(stack, key, rate: float) -> list[str]:
+    """A refusing, minimum calls 20: how many calls and how long until its breaker opens."""
+    from routing_app.delivery.models import Attempt, BreakerState
+    from routing_app.models import Notification, Provider
+
+    a = Provider.objects.get(name="detect-a")
+    opened = None
+    deadline = time.monotonic() + 30
+    while opened is None and time.monotonic() < deadline:
+        asyncio.run(post_paced(stack.base, key, "detect.x", rate, 1.0))
+        opened = (
+            Notification.objects.filter(
+                topic__name="system.breakers", event="breaker.opened", data__provider=a.name
+            )
+            .order_by("created_at")
+            .first()
+        )
+    if opened is None:
+        return ["  error detection: the breaker did not open in 30 s"]
+    calls = Attempt.objects.filter(provider=a).exclude(outcome=Attempt.Outcome.BREAKER_OPEN)
+    first = calls.order_by("started_at").first()
+    before = calls.filter(started_at__lte=opened.created_at).count()
+    state = BreakerState.objects.filter(provider=a).values_list("state", flat=True).first()
+    took = (opened.created_at - first.started_at).total_seconds() * 1000
+    return [
+        f"  error detection (A refuses, minimum calls 20, failure rate 5 %, {rate:.0f} posts/s): "
+        f"breaker.opened after {before} calls to A, {took:.0f} ms after A's first failure; "
+        f"{calls.count()} calls to A in all; BreakerState row says {state}"
+    ]
+
+
+def configure(peers, args) -> None:
+    refused = free_port()  # nothing listens there
+    smtp, http, hung = peers["smtp"].port, peers["http"].port, peers["hung"].port
+    url = {
+        "email": lambda port: f"smtp://127.0.0.1:{port}",
+        "webhook": lambda port: f"http://127.0.0.1:{port}/hook",
+    }
+    secret = {"email": "", "webhook": "HOOK_SECRET"}
+    channel(
+        "bench-email", "email", "bench.email", [dict(name="bench-email-1", url=url["email"](smtp))]
+    )
+    channel(
+        "bench-webhook",
+        "webhook",
+        "bench.webhook",
+        [dict(name="bench-webhook-1", url=url["webhook"](http), credentials_env="HOOK_SECRET")],
+    )
+    for kind, port in (("email", smtp), ("webhook", http)):
+        b = dict(url=url[kind](port), credentials_env=secret[kind])
+        for case, a_port, extra in (
+            ("normal", None, {}),
+            ("refused", refused, {}),
+            ("hung", hung, {"breaker_call_timeout_ms": HUNG_TIMEOUT_MS}),
+        ):
+            name = f"fo-{kind}-{case}"
+            providers = [dict(name=f"{name}-b", weight=1, **b)]
+            if a_port:
+                providers.insert(
+                    0,
+                    dict(
+                        name=f"{name}-a",
+                        weight=100,
+                        url=url[kind](a_port),
+                        credentials_env=secret[kind],
+                    ),
+                )
+            channel(
+                name,
+                kind,
+                f"fo.{kind}.{case}",
+                providers,
+                breaker_minimum_calls=NEVER_OPENS,
+                **extra,
+            )
+    channel(
+        "detect",
+        "webhook",
+        "detect.#",
+        [
+            dict(name="detect-a", weight=100, url=url["webhook"](refused)),
+            dict(name="detect-b", weight=1, url=url["webhook"](http)),
+        ],
+        breaker_minimum_calls=20,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (under 3 min)")
+    parser.add_argument("--emails", type=int, help="measured emails (default 3000, quick 1000)")
+    parser.add_argument("--webhooks", type=int, help="measured webhooks (6000, quick 2000)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=2, help="Celery pool processes")
+    parser.add_argument("--server-core", type=int, default=0)
+    parser.add_argument("--client-core", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="py-spy the worker in 2 and 3")
+    args = parser.parse_args()
+    args.emails = args.emails or (1000 if args.quick else 3000)
+    args.webhooks = args.webhooks or (2000 if args.quick else 6000)
+    args.paced_s = 3.0 if args.quick else 6.0
+    probes = 8 if args.quick else 20
+    warmup = 100 if args.quick else 300
+
+    pg_server = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/")
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    print("\n".join(machine_report(pg_server, redis_url)), flush=True)
+    started = time.monotonic()
+    logs = Path(tempfile.mkdtemp(prefix="notify-bench-delivery-"))
+    peers = {
+        "smtp": Peer("smtp", free_port()),
+        "http": Peer("http", free_port()),
+        "hung": Peer("hung", free_port()),
+    }
+    stack = new_stack(pg_server, redis_url)
+    try:
+        key = api_key()
+        configure(peers, args)
+        start(stack, args.concurrency, args.server_core, logs)
+        os.sched_setaffinity(0, {args.client_core})
+        from django.conf import settings
+
+        print(
+            f"uvicorn on core {args.server_core}, load generator on core {args.client_core}; "
+            f"Celery worker --concurrency {args.concurrency} --beat (not pinned), "
+            f"DELIVERY_BATCH {settings.DELIVERY_BATCH}, DELIVERY_THREADS "
+            f"{settings.DELIVERY_THREADS}; peers and Postgres and Redis not pinned; logs {logs}",
+            flush=True,
+        )
+        samples = {}
+        for kind, peer_name, topic in (
+            ("email", "smtp", "bench.email"),
+            ("webhook", "http", "bench.webhook"),
+        ):
+            peer = peers[peer_name]
+            begin = peer.count()
+            asyncio.run(post_burst(stack.base, key, topic, warmup, args.batch_size))
+            wait_received(peer, begin, warmup, 120)
+            samples[kind] = peer.sample()
+        print(f"warm-up: {warmup} of each through notify ({time.monotonic() - started:.0f} s)")
+
+        print("1. bare sender (the limit), the same messages to the same peers:")
+        limits = {}
+        for kind, peer_name, n in (
+            ("email", "smtp", args.emails),
+            ("webhook", "http", args.webhooks),
+        ):
+            limits[kind], lines = bare_phase(kind, peers[peer_name], samples[kind], n)
+            print("\n".join(lines), flush=True)
+
+        profile_dir = logs if args.profile else None
+        groups = {
+            "worker": stack.worker.pid,
+            "server": stack.server.pid,
+            "postgres": "postgres",
+            "redis": "redis-server",
+        }
+        rates = {}
+        for number, kind, peer_name, n in (
+            (2, "email", "smtp", args.emails),
+            (3, "webhook", "http", args.webhooks),
+        ):
+            print(f"{number}. {kind}s through notify (one provider, batches of {args.batch_size}):")
+            peer = peers[peer_name]
+            rates[kind], lines = notify_phase(
+                kind,
+                peer,
+                f"bench.{kind}",
+                n,
+                args,
+                stack,
+                key,
+                {**groups, "peer": peer.pid, "generator": [os.getpid()]},
+                profile_dir,
+            )
+            share = 100 * rates[kind] / limits[kind]
+            lines.insert(
+                1,
+                f"    = {share:.0f} % of the bare sender's {limits[kind]:,.0f}/s (target >= "
+                f"{TARGET_SHARE:.0f} %: {verdict(share, TARGET_SHARE)})",
+            )
+            print("\n".join(lines), flush=True)
+
+        print(f"4. failover, one notification at a time ({probes} each):")
+        print("\n".join(failover_phase(stack, key, peers, probes)), flush=True)
+        print("\n".join(detection_phase(stack, key, 100.0)), flush=True)
+
+        print("5. processes:")
+        print(
+            f"  worker RSS now {rss_mb(stack.worker.pid):.0f} MB (main + {args.concurrency} pool "
+            f"processes), server RSS {rss_mb(stack.server.pid):.0f} MB; CPU per delivery: "
+            "see phases 2 and 3"
+        )
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        print(f"  load average now {load}; the run took {time.monotonic() - started:.0f} s")
+    finally:
+        stop(stack)
+        for peer in peers.values():
+            peer.stop()
+
+
+if __name__ == "__main__":
+    main()
