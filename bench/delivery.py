@@ -54,6 +54,7 @@ import httpx  # noqa: E402
 from delivery_peers import (  # noqa: E402  (bench/ is not a package)
     Peer,
     bare_http_httpx,
+    bare_http_httpx_threads,
     bare_http_raw,
     bare_smtp_asyncio,
     bare_smtp_threads,
@@ -195,54 +196,43 @@ def rows_of(ids: list[str]) -> dict[str, tuple[int, int | None, str]]:
 # --- phases ------------------------------------------------------------------------------------
 
 
-def bare_phase(kind: str, peer: Peer, sample: bytes, n: int) -> tuple[float, list[str]]:
-    """Each bare variant of ``kind``; returns the best rate and the lines to print."""
+def bare_phase(kind: str, peer: Peer, sample: bytes, n: int) -> tuple[dict[str, float], list]:
+    """Each bare variant of ``kind``; returns the rate of each and the lines to print."""
+    raw_n = 10 * n  # the raw client is so fast that n would last a few ms only
     if kind == "email":
+        smtp = BARE_SMTP_CONNECTIONS
         variants = [
-            (
-                f"asyncio SMTP client, {BARE_SMTP_CONNECTIONS} connections",
-                bare_smtp_asyncio,
-                peer.port,
-                BARE_SMTP_CONNECTIONS,
-            ),
-            (
-                f"smtplib, {BARE_SMTP_CONNECTIONS} threads",
-                bare_smtp_threads,
-                peer.port,
-                BARE_SMTP_CONNECTIONS,
-            ),
+            (f"asyncio SMTP client, {smtp} connections", bare_smtp_asyncio, peer.port, smtp, n),
+            (f"smtplib, {smtp} threads", bare_smtp_threads, peer.port, smtp, n),
         ]
     else:
+        url = f"http://127.0.0.1:{peer.port}/hook"
         variants = [
-            (
-                f"httpx.AsyncClient, {BARE_HTTP_CONNECTIONS} connections",
-                bare_http_httpx,
-                f"http://127.0.0.1:{peer.port}/hook",
-                BARE_HTTP_CONNECTIONS,
-            ),
+            ("httpx.AsyncClient, 4 connections", bare_http_httpx, url, 4, n),
+            ("httpx.Client, 16 threads", bare_http_httpx_threads, url, 16, n),
             (
                 f"asyncio HTTP/1.1 client, {BARE_HTTP_CONNECTIONS} connections",
                 bare_http_raw,
                 peer.port,
                 BARE_HTTP_CONNECTIONS,
+                raw_n,
             ),
         ]
-    best, lines = 0.0, []
-    for name, function, target, connections in variants:
+    rates, lines = {}, []
+    for name, function, target, connections, n in variants:
         meter = CpuMeter({"peer": peer.pid})
         begin = peer.count()
         meter.start()
         sender_cpu = run_in_process(function, target, sample, n, connections)
         records = wait_received(peer, begin, n, 60)
         meter.stop()
-        rate = rate_of([t for _, t in records])
-        best = max(best, rate)
+        rate = rates[name] = rate_of([t for _, t in records])
         lines.append(
             f"  {kind}s, {name}: {rate:,.0f}/s; sender CPU {1000 * sender_cpu / n:.2f} ms per "
             f"{kind}, peer {1000 * meter.seconds['peer'] / n:.2f} ms; machine "
             f"{meter.machine_pct:.0f} % of {100 * os.cpu_count()} %"
         )
-    return best, lines
+    return rates, lines
 
 
 def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) -> tuple[float, list]:
@@ -456,6 +446,7 @@ def main() -> None:
     parser.add_argument("--webhooks", type=int, help="measured webhooks (6000, quick 2000)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=2, help="Celery pool processes")
+    parser.add_argument("--threads", type=int, default=0, help="DELIVERY_THREADS of the worker")
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="py-spy the worker in 2 and 3")
@@ -480,7 +471,7 @@ def main() -> None:
     try:
         key = api_key()
         configure(peers, args)
-        start(stack, args.concurrency, args.server_core, logs)
+        start(stack, args.concurrency, args.server_core, logs, args.threads)
         os.sched_setaffinity(0, {args.client_core})
         from django.conf import settings
 
@@ -488,7 +479,8 @@ def main() -> None:
             f"uvicorn on core {args.server_core}, load generator on core {args.client_core}; "
             f"Celery worker --concurrency {args.concurrency} --beat (not pinned), "
             f"DELIVERY_BATCH {settings.DELIVERY_BATCH}, DELIVERY_THREADS "
-            f"{settings.DELIVERY_THREADS}; peers and Postgres and Redis not pinned; logs {logs}",
+            f"{stack.env.get('DELIVERY_THREADS', settings.DELIVERY_THREADS)}; peers, Postgres "
+            f"and Redis not pinned; logs {logs}",
             flush=True,
         )
         samples = {}
@@ -509,7 +501,11 @@ def main() -> None:
             ("email", "smtp", args.emails),
             ("webhook", "http", args.webhooks),
         ):
-            limits[kind], lines = bare_phase(kind, peers[peer_name], samples[kind], n)
+            rates, lines = bare_phase(kind, peers[peer_name], samples[kind], n)
+            # The target compares with a bare sender on the same client library as notify's
+            # (smtplib, httpx); the fastest of all is the machine's limit, shown beside it.
+            same_library = [r for name, r in rates.items() if "asyncio HTTP" not in name]
+            limits[kind] = (max(same_library), max(rates.values()))
             print("\n".join(lines), flush=True)
 
         profile_dir = logs if args.profile else None
@@ -537,11 +533,13 @@ def main() -> None:
                 {**groups, "peer": peer.pid, "generator": [os.getpid()]},
                 profile_dir,
             )
-            share = 100 * rates[kind] / limits[kind]
+            library, machine = limits[kind]
+            share = 100 * rates[kind] / library
             lines.insert(
                 1,
-                f"    = {share:.0f} % of the bare sender's {limits[kind]:,.0f}/s (target >= "
-                f"{TARGET_SHARE:.0f} %: {verdict(share, TARGET_SHARE)})",
+                f"    = {share:.0f} % of the bare sender's {library:,.0f}/s (target >= "
+                f"{TARGET_SHARE:.0f} %: {verdict(share, TARGET_SHARE)}); "
+                f"{100 * rates[kind] / machine:.1f} % of the fastest bare variant",
             )
             print("\n".join(lines), flush=True)
 

@@ -17,8 +17,8 @@ A peer is driven through a ``multiprocessing`` pipe by ``Peer``: ``count()``, ``
 whole: the bare sender sends the same bytes).
 
 The bare senders are here too (``bare_smtp_asyncio``, ``bare_smtp_threads``, ``bare_http_httpx``,
-``bare_http_raw``): run in a process of their own, they send ``n`` copies of a sample as fast as
-they can over kept connections and return their CPU seconds.
+``bare_http_httpx_threads``, ``bare_http_raw``): run in a process of their own, they send ``n``
+copies of a sample as fast as they can over kept connections and return their CPU seconds.
 """
 
 from __future__ import annotations
@@ -329,6 +329,32 @@ def bare_http_httpx(url: str, sample: bytes, n: int, connections: int) -> float:
     process's CPU seconds."""
     started = time.process_time()
     uvloop.run(_bare_httpx(url, sample, n, connections))
+    return time.process_time() - started
+
+
+def bare_http_httpx_threads(url: str, sample: bytes, n: int, threads: int) -> float:
+    """The same with one ``httpx.Client`` shared by ``threads`` threads: what notify's webhook
+    transport does (routing_app/delivery/http.py). Returns this process's CPU seconds."""
+    import httpx
+
+    headers, body = _split_http(sample)
+    counter = iter(range(n))
+    lock = threading.Lock()
+    limits = httpx.Limits(max_connections=threads, max_keepalive_connections=threads)
+
+    def one_thread(client) -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            answer = client.post(url, content=body, headers={**headers, "webhook-id": f"bare-{i}"})
+            answer.raise_for_status()
+
+    started = time.process_time()
+    with httpx.Client(limits=limits, timeout=30) as client, ThreadPoolExecutor(threads) as pool:
+        for future in [pool.submit(one_thread, client) for _ in range(threads)]:
+            future.result()
     return time.process_time() - started
 
 

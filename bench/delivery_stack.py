@@ -107,11 +107,14 @@ def _pinned(argv: list[str], core: int | None) -> list[str]:
     return ["taskset", "-c", str(core), *argv]
 
 
-def start(stack: Stack, concurrency: int, server_core: int, logs: Path) -> None:
+def start(stack: Stack, concurrency: int, server_core: int, logs: Path, threads: int) -> None:
     """uvicorn (``uvicorn_argv()``, pinned to ``server_core``) and a Celery worker
     (``celery_worker_argv()`` with ``concurrency`` pool processes and ``--beat``: the sweeper,
-    not pinned); returns once both are ready."""
+    not pinned; ``threads``, unless 0, as its DELIVERY_THREADS); returns once both are ready."""
     from routing_app.management.commands.serve import celery_worker_argv, uvicorn_argv
+
+    if threads:
+        stack.env["DELIVERY_THREADS"] = str(threads)
 
     port = free_port()
     stack.base = f"http://127.0.0.1:{port}"
@@ -191,14 +194,14 @@ def _by_name(name: str) -> list[int]:
     return pids
 
 
-def _ticks(pids: list[int]) -> int:
-    total = 0
+def _ticks(pids: list[int]) -> dict[int, int]:
+    ticks = {}
     for pid in pids:
         try:
-            total += cpu_ticks(pid)
+            ticks[pid] = cpu_ticks(pid)
         except (OSError, IndexError):
             continue  # ended while we looked
-    return total
+    return ticks
 
 
 def _machine_busy_ticks() -> tuple[int, int]:
@@ -230,7 +233,7 @@ class CpuMeter:
         except FileNotFoundError:
             return []
 
-    def _sample(self) -> dict[str, int]:
+    def _sample(self) -> dict[str, dict[int, int]]:
         return {name: _ticks(self._pids(what)) for name, what in self.groups.items()}
 
     def start(self) -> None:
@@ -242,9 +245,15 @@ class CpuMeter:
         after = self._sample()
         busy, total = _machine_busy_ticks()
         self.window_s = time.perf_counter() - self._t0
-        self.seconds = {k: (after[k] - self.before[k]) / CLK_TCK for k in self.groups}
+        # Per pid: a process that started in the window counts from 0, one that ended is missed.
+        self.seconds = {
+            k: sum(t - self.before[k].get(pid, 0) for pid, t in after[k].items()) / CLK_TCK
+            for k in self.groups
+        }
         spent = total - self._machine[1]
-        self.machine_pct = 100 * os.cpu_count() * (busy - self._machine[0]) / spent if spent else 0
+        share = (busy - self._machine[0]) / spent if spent else 0.0
+        self.machine_pct = 100 * os.cpu_count() * share
+        self.others_s = share * os.cpu_count() * self.window_s - sum(self.seconds.values())
 
     def line(self, per: int, what: str) -> str:
         """CPU per ``what`` of each group (ms and % of one core), and the machine's use."""
@@ -256,7 +265,8 @@ class CpuMeter:
         return (
             f"CPU per {what} (and % of one core over {self.window_s:.1f} s): "
             + ", ".join(parts)
-            + f"; machine {self.machine_pct:.0f} % of {100 * os.cpu_count()} %"
+            + f"; machine {self.machine_pct:.0f} % of {100 * os.cpu_count()} %, of which "
+            f"{100 * self.others_s / self.window_s:.0f} % other processes and the kernel"
         )
 
 
@@ -301,35 +311,39 @@ def start_profile(pid: int, out: Path, duration_s: int) -> subprocess.Popen:
     """py-spy on ``pid`` and its children, collapsed stacks to ``out`` (see ``summarize``)."""
     py_spy = Path(sys.executable).with_name("py-spy")
     argv = [str(py_spy if py_spy.exists() else "py-spy"), "record", "--pid", str(pid)]
-    argv += ["--subprocesses", "--format", "raw", "-o", str(out), "--rate", "200"]
-    argv += ["--duration", str(duration_s), "--nonblocking"]
+    argv += ["--subprocesses", "--format", "raw", "-o", str(out), "--rate", "100"]
+    # --gil: only the thread holding the interpreter lock, i.e. where the CPU goes (threads
+    # waiting on Postgres, Redis or a peer would otherwise fill the profile).
+    argv += ["--duration", str(duration_s), "--nonblocking", "--gil"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def summarize(collapsed: Path, top: int = 14) -> list[str]:
-    """The functions in most samples of a py-spy collapsed-stack file (inclusive: a function
-    counts once per sample it is anywhere in), among the project's and its libraries' frames,
-    idle waits left out."""
+def summarize(collapsed: Path, top: int = 16) -> list[str]:
+    """Where a py-spy collapsed-stack file's busy samples went: the functions in most samples
+    (inclusive: once per sample they are anywhere in; wrappers present in nearly every sample
+    left out), then the samples' own frames (the leaf: where the CPU was) by package."""
     inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
     total = 0
-    idle = ("wait (threading.py", "select (selectors.py", "_worker (concurrent", "poll (")
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        frames = stack.split(";")
-        leaf = frames[-1]
-        if any(leaf.startswith(w) for w in idle):
-            continue
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
         n = int(count)
         total += n
         keys = set()
         for frame in frames:
             name, _, where = frame.partition(" (")
-            if "site-packages" in where or "routing_app" in where or "channels_app" in where:
-                keys.add(f"{name} ({where.split('site-packages/')[-1].split(':')[0]})")
+            keys.add(f"{name} ({where.split(':')[0]})")
         for key in keys:
             inclusive[key] += n
+        where = frames[-1].partition(" (")[2].split(":")[0] if frames else "?"
+        package = where.split("/")[0] if "/" in where else where
+        own[package] += n
     if not total:
         return ["(no busy samples)"]
-    return [f"{100 * n / total:5.1f} %  {name}" for name, n in inclusive.most_common(top)]
+    rows = [(k, n) for k, n in inclusive.most_common() if n < 0.97 * total][:top]
+    lines = [f"{100 * n / total:5.1f} %  {name}" for name, n in rows]
+    packages = ", ".join(f"{name} {100 * n / total:.0f} %" for name, n in own.most_common(10))
+    return [*lines, f"own time by package: {packages}"]
