@@ -22,8 +22,8 @@ Phases:
    (POST /api/v1/notifications/batch) on a topic routed to a channel with one provider;
    throughput = (N - 1) / (first to last arrival at the peer); latency = ``Delivery.latency_ms``
    (notification stored -> provider accepted) and post -> arrival at the peer. The burst queues
-   everything at once, so its latencies are mostly queueing; a paced run at half the burst's rate
-   follows, whose latencies are the path's.
+   everything at once, so its latencies are mostly queueing; a paced run of single posts
+   (``--paced-rate``, 25/s) follows, whose latencies are the path's.
 4. failover: provider A (weight 100, picked first) refusing connections, or accepting and never
    answering (call timeout 200 ms), provider B the peer: post -> B's arrival, one notification at
    a time, against the same with B alone; and error detection: with A refusing and breaker
@@ -279,7 +279,7 @@ def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) ->
     if profiler and out.exists():
         lines.append(f"    py-spy of the worker (collapsed stacks: {out}), busy samples:")
         lines += ["      " + line for line in summarize(out)]
-    paced_rate = max(10.0, round(rate / 2))
+    paced_rate = args.paced_rate
     begin = peer.count()
     posted = asyncio.run(post_paced(stack.base, key, topic, paced_rate, args.paced_s))
     records = wait_received(peer, begin, len(posted), 60)
@@ -290,7 +290,8 @@ def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) ->
         1000 * (arrived[str(rows[i][0])] - at) for i, at in posted if str(rows[i][0]) in arrived
     ]
     lines.append(
-        f"  paced, {paced_rate:.0f}/s single posts for {args.paced_s:.0f} s ({len(posted)}): "
+        f"  paced, {paced_rate:.0f}/s single posts for {args.paced_s:.0f} s ({len(posted)}, a task "
+        f"of one delivery each): "
         f"ingest-to-sent {spread(latency)}; post-to-arrival {spread(travel)}"
     )
     return rate, lines
@@ -446,6 +447,7 @@ def main() -> None:
     parser.add_argument("--webhooks", type=int, help="measured webhooks (6000, quick 2000)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=2, help="Celery pool processes")
+    parser.add_argument("--paced-rate", type=float, default=25.0, help="posts/s when paced")
     parser.add_argument("--threads", type=int, default=0, help="DELIVERY_THREADS of the worker")
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
@@ -460,6 +462,15 @@ def main() -> None:
     pg_server = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     print("\n".join(machine_report(pg_server, redis_url)), flush=True)
+    idle = CpuMeter({})
+    idle.start()
+    time.sleep(2)
+    idle.stop()
+    print(
+        f"before the run, other processes use {idle.machine_pct:.0f} % of the machine's "
+        f"{100 * os.cpu_count()} % (2 s sample): every figure below shares the cores with them",
+        flush=True,
+    )
     started = time.monotonic()
     logs = Path(tempfile.mkdtemp(prefix="notify-bench-delivery-"))
     peers = {
