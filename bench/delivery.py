@@ -1,6 +1,6 @@
 """Outbound delivery benchmark: emails/s and webhooks/s through notify, against a bare sender.
 
-    .venv/bin/python bench/delivery.py            # ~5 min
+    .venv/bin/python bench/delivery.py            # ~3 min
     .venv/bin/python bench/delivery.py --quick    # smaller counts, under 3 min
     .venv/bin/python bench/delivery.py --profile  # also py-spy the worker in phases 2 and 3
 
@@ -235,8 +235,9 @@ def bare_phase(kind: str, peer: Peer, sample: bytes, n: int) -> tuple[dict[str, 
     return rates, lines
 
 
-def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) -> tuple[float, list]:
-    """Phase 2 or 3: a burst of ``n``, then a paced run; returns the burst's rate and lines."""
+def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) -> tuple:
+    """Phase 2 or 3: a burst of ``n``, then a paced run; returns the burst's rate, the lines to
+    print and the burst's ``CpuMeter``."""
     meter = CpuMeter(groups)
     begin = peer.count()
     peak = {"worker": 0.0}
@@ -294,7 +295,7 @@ def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) ->
         f"of one delivery each): "
         f"ingest-to-sent {spread(latency)}; post-to-arrival {spread(travel)}"
     )
-    return rate, lines
+    return rate, lines, meter
 
 
 def probe(base: str, key: str, peer: Peer, topic: str, count: int) -> tuple[list[float], list]:
@@ -526,14 +527,14 @@ def main() -> None:
             "postgres": "postgres",
             "redis": "redis-server",
         }
-        rates = {}
+        rates, meters = {}, {}
         for number, kind, peer_name, n in (
             (2, "email", "smtp", args.emails),
             (3, "webhook", "http", args.webhooks),
         ):
             print(f"{number}. {kind}s through notify (one provider, batches of {args.batch_size}):")
             peer = peers[peer_name]
-            rates[kind], lines = notify_phase(
+            rates[kind], lines, meters[kind] = notify_phase(
                 kind,
                 peer,
                 f"bench.{kind}",
@@ -561,9 +562,19 @@ def main() -> None:
         print("5. processes:")
         print(
             f"  worker RSS now {rss_mb(stack.worker.pid):.0f} MB (main + {args.concurrency} pool "
-            f"processes), server RSS {rss_mb(stack.server.pid):.0f} MB; CPU per delivery: "
-            "see phases 2 and 3"
+            f"processes), server RSS {rss_mb(stack.server.pid):.0f} MB"
         )
+        for kind, n in (("email", args.emails), ("webhook", args.webhooks)):
+            used = meters[kind].seconds
+            worker_ms = 1000 * used["worker"] / n
+            stack_ms = 1000 * sum(used[g] for g in ("worker", "server", "postgres", "redis")) / n
+            ceiling = os.cpu_count() * 1000 / stack_ms
+            print(
+                f"  per {kind}: worker CPU {worker_ms:.2f} ms ({used['worker']:.1f} s for {n:,}); "
+                f"worker + server + Postgres + Redis {stack_ms:.2f} ms, so {os.cpu_count()} "
+                f"cores given to notify alone would send at most {ceiling:,.0f} {kind}s/s "
+                f"(target {TARGETS[kind]:,.0f}/s)"
+            )
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         print(f"  load average now {load}; the run took {time.monotonic() - started:.0f} s")
     finally:
