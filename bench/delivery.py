@@ -3,6 +3,7 @@
     .venv/bin/python bench/delivery.py            # ~3 min
     .venv/bin/python bench/delivery.py --quick    # smaller counts, under 3 min
     .venv/bin/python bench/delivery.py --profile  # also py-spy the worker in phases 2 and 3
+    .venv/bin/python bench/delivery.py --wait-quiet 120 --quiet-pct 60  # before each phase
 
 Starts everything itself: a fresh Postgres database (on the server of BENCH_PG_URL, default
 postgres://postgres@127.0.0.1:5432/), migrations, an API key (scopes ingest, deliveries), notify's
@@ -156,7 +157,14 @@ async def post_paced(base: str, key: str, topic: str, rate: float, duration_s: f
             await asyncio.sleep(0.001)  # all 8 busy: ingest is behind, the post waits
         connection = free.pop()
         at = time.time()
-        status, body = await connection.post(json.dumps(notification(topic, i)).encode())
+        payload = json.dumps(notification(topic, i)).encode()
+        try:
+            status, body = await connection.post(payload)
+        except (OSError, asyncio.IncompleteReadError):
+            # The server closed a connection idle past its keep-alive (uvicorn: 5 s) before
+            # this request: nothing was stored; the connection reconnects for the resend.
+            at = time.time()
+            status, body = await connection.post(payload)
         free.append(connection)
         if status != 202:
             raise SystemExit(f"ingest answered {status}: {body[:300]!r}")
@@ -385,6 +393,26 @@ def detection_phase(stack, key, rate: float) -> list[str]:
     ]
 
 
+def wait_quiet(args, what: str) -> None:
+    """Other jobs share this machine: wait (up to ``--wait-quiet`` s) until the machine, ours
+    idle, is busy less than ``--quiet-pct`` % of one core; say how busy it was."""
+    deadline = time.monotonic() + args.wait_quiet
+    while True:
+        meter = CpuMeter({})
+        meter.start()
+        time.sleep(2)
+        meter.stop()
+        busy = meter.machine_pct
+        if busy <= args.quiet_pct or time.monotonic() >= deadline:
+            state = "quiet" if busy <= args.quiet_pct else "NOT quiet"
+            print(
+                f"(before {what}: the machine, ours idle, busy {busy:.0f} % of a core over 2 s: "
+                f"{state}; every figure shares the cores with other jobs)",
+                flush=True,
+            )
+            return
+
+
 def configure(peers, args) -> None:
     refused = free_port()  # nothing listens there
     smtp, http, hung = peers["smtp"].port, peers["http"].port, peers["hung"].port
@@ -453,6 +481,12 @@ def main() -> None:
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="py-spy the worker in 2 and 3")
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0.0, help="wait up to this many s for a quiet machine"
+    )
+    parser.add_argument(
+        "--quiet-pct", type=float, default=15.0, help="quiet = busy less than this %% of a core"
+    )
     args = parser.parse_args()
     args.emails = args.emails or (1000 if args.quick else 3000)
     args.webhooks = args.webhooks or (2000 if args.quick else 6000)
@@ -463,15 +497,6 @@ def main() -> None:
     pg_server = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     print("\n".join(machine_report(pg_server, redis_url)), flush=True)
-    idle = CpuMeter({})
-    idle.start()
-    time.sleep(2)
-    idle.stop()
-    print(
-        f"before the run, other processes use {idle.machine_pct:.0f} % of the machine's "
-        f"{100 * os.cpu_count()} % (2 s sample): every figure below shares the cores with them",
-        flush=True,
-    )
     started = time.monotonic()
     logs = Path(tempfile.mkdtemp(prefix="notify-bench-delivery-"))
     peers = {
@@ -507,6 +532,7 @@ def main() -> None:
             samples[kind] = peer.sample()
         print(f"warm-up: {warmup} of each through notify ({time.monotonic() - started:.0f} s)")
 
+        wait_quiet(args, "phase 1")
         print("1. bare sender (the limit), the same messages to the same peers:")
         limits = {}
         for kind, peer_name, n in (
@@ -532,6 +558,7 @@ def main() -> None:
             (2, "email", "smtp", args.emails),
             (3, "webhook", "http", args.webhooks),
         ):
+            wait_quiet(args, f"phase {number}")
             print(f"{number}. {kind}s through notify (one provider, batches of {args.batch_size}):")
             peer = peers[peer_name]
             rates[kind], lines, meters[kind] = notify_phase(
@@ -555,6 +582,7 @@ def main() -> None:
             )
             print("\n".join(lines), flush=True)
 
+        wait_quiet(args, "phase 4")
         print(f"4. failover, one notification at a time ({probes} each):")
         print("\n".join(failover_phase(stack, key, peers, probes)), flush=True)
         print("\n".join(detection_phase(stack, key, 100.0)), flush=True)
