@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +49,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
+from delivery_failover import (  # noqa: E402
+    HUNG_TIMEOUT_MS,
+    detection_phase,
+    failover_phase,
+    verdict,
+)
+from delivery_load import post_burst, post_paced, rate_of, rows_of, spread, wait_received  # noqa: E402
 from delivery_peers import (  # noqa: E402  (bench/ is not a package)
     Peer,
     bare_http_httpx,
@@ -74,134 +78,12 @@ from delivery_stack import (  # noqa: E402
     stop,
     summarize,
 )
-from ingest import Http11Connection, free_port  # noqa: E402
+from ingest import free_port  # noqa: E402
 
 TARGETS = {"email": 300.0, "webhook": 1000.0}  # deliveries/s on this 2-core machine
 TARGET_SHARE = 30.0  # % of the bare sender
-TARGET_FAILOVER_MS = 150.0  # after a refused connection
-HUNG_TIMEOUT_MS = 200
-POLL_S = 0.002  # how often a waiting phase asks a peer for its count
 BARE_SMTP_CONNECTIONS = 8
 BARE_HTTP_CONNECTIONS = 32  # as many as a worker of 2 processes x DELIVERY_THREADS 16 calls
-POSTERS = 4  # concurrent batch posters
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def spread(values: list[float]) -> str:
-    p50, p95, p99 = (pct(values, q) for q in (0.5, 0.95, 0.99))
-    return f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms"
-
-
-def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
-    met = value >= target if higher_is_better else value <= target
-    return "met" if met else "NOT MET"
-
-
-def rate_of(times: list[float]) -> float:
-    times = sorted(times)
-    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
-
-
-# --- posting -----------------------------------------------------------------------------------
-
-
-def notification(topic: str, i: int) -> dict:
-    return {
-        "topic": topic,
-        "event": "bench.tick",
-        "severity": "info",
-        "data": {"n": i, "host": "web-1", "note": "a typical small payload of some bytes"},
-    }
-
-
-async def post_burst(
-    base: str, key: str, topic: str, n: int, batch: int
-) -> list[tuple[str, float]]:
-    """Post ``n`` notifications in batches from ``POSTERS`` connections; (id, post time) each."""
-    port = int(base.rsplit(":", 1)[1])
-    batches = iter(range(0, n, batch))
-    posted: list[tuple[str, float]] = []
-
-    async def poster() -> None:
-        connection = Http11Connection("127.0.0.1", port, "/api/v1/notifications/batch", key)
-        for first in batches:
-            items = [notification(topic, i) for i in range(first, min(n, first + batch))]
-            at = time.time()
-            status, body = await connection.post(json.dumps({"notifications": items}).encode())
-            if status != 202:
-                raise SystemExit(f"ingest answered {status}: {body[:300]!r}")
-            posted.extend((r["id"], at) for r in json.loads(body)["results"])
-        connection.close()
-
-    await asyncio.gather(*(poster() for _ in range(POSTERS)))
-    return posted
-
-
-async def post_paced(base: str, key: str, topic: str, rate: float, duration_s: float):
-    """Post single notifications open-loop at ``rate``/s for ``duration_s``; (id, post time)."""
-    port = int(base.rsplit(":", 1)[1])
-    free = [Http11Connection("127.0.0.1", port, "/api/v1/notifications", key) for _ in range(8)]
-    posted: list[tuple[str, float]] = []
-    count = int(rate * duration_s)
-    t0 = time.monotonic()
-
-    async def one(i: int) -> None:
-        await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-        while not free:
-            await asyncio.sleep(0.001)  # all 8 busy: ingest is behind, the post waits
-        connection = free.pop()
-        at = time.time()
-        payload = json.dumps(notification(topic, i)).encode()
-        try:
-            status, body = await connection.post(payload)
-        except (OSError, asyncio.IncompleteReadError):
-            # The server closed a connection idle past its keep-alive (uvicorn: 5 s) before
-            # this request: nothing was stored; the connection reconnects for the resend.
-            at = time.time()
-            status, body = await connection.post(payload)
-        free.append(connection)
-        if status != 202:
-            raise SystemExit(f"ingest answered {status}: {body[:300]!r}")
-        posted.append((json.loads(body)["id"], at))
-
-    await asyncio.gather(*(one(i) for i in range(count)))
-    for connection in free:
-        connection.close()
-    return posted
-
-
-def wait_received(peer: Peer, start: int, n: int, timeout_s: float, on_poll=None):
-    """The records of the next ``n`` arrivals at ``peer`` (from index ``start``); raises
-    SystemExit with the count so far after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    polls = 0
-    while peer.count() < start + n:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"only {peer.count() - start} of {n} arrived in {timeout_s:.0f} s")
-        polls += 1
-        if on_poll and polls % 100 == 0:
-            on_poll()
-        time.sleep(POLL_S)
-    return peer.received(start)
-
-
-def rows_of(ids: list[str]) -> dict[str, tuple[int, int | None, str]]:
-    """notification id -> (delivery id, latency_ms, status) of its delivery."""
-    from routing_app.models import Delivery
-
-    rows = Delivery.objects.filter(notification_id__in=ids).values_list(
-        "notification_id", "pk", "latency_ms", "status"
-    )
-    return {str(n): (pk, latency, status) for n, pk, latency, status in rows}
-
-
-# --- phases ------------------------------------------------------------------------------------
 
 
 def bare_phase(kind: str, peer: Peer, sample: bytes, n: int) -> tuple[dict[str, float], list]:
@@ -304,93 +186,6 @@ def notify_phase(kind, peer, topic, n, args, stack, key, groups, profile_dir) ->
         f"ingest-to-sent {spread(latency)}; post-to-arrival {spread(travel)}"
     )
     return rate, lines, meter
-
-
-def probe(base: str, key: str, peer: Peer, topic: str, count: int) -> tuple[list[float], list]:
-    """Post ``count`` notifications one at a time, each once the previous one arrived; the
-    post-to-arrival times (ms) and the notification ids."""
-    times, ids = [], []
-    with httpx.Client(headers={"authorization": f"Bearer {key}"}, timeout=10) as client:
-        for i in range(count):
-            begin = peer.count()
-            at = time.time()
-            answer = client.post(f"{base}/api/v1/notifications", json=notification(topic, i))
-            if answer.status_code != 202:
-                raise SystemExit(f"ingest answered {answer.status_code}: {answer.text[:300]}")
-            [(_, arrived)] = wait_received(peer, begin, 1, 20)[:1]
-            times.append(1000 * (arrived - at))
-            ids.append(answer.json()["id"])
-            time.sleep(0.05)  # the row's last write lands before the next probe
-    return times, ids
-
-
-def first_attempts(ids: list[str]) -> tuple[list[int], int]:
-    """Durations (ms) of the first provider's calls of these notifications' deliveries, and how
-    many deliveries did not start with that provider (the balancer picked B first)."""
-    from routing_app.delivery.models import Attempt
-
-    rows = Attempt.objects.filter(delivery__notification_id__in=ids, number=1)
-    durations = [a.duration_ms for a in rows if a.provider.name.endswith("-a")]
-    return durations, rows.count() - len(durations)
-
-
-def failover_phase(stack, key, peers, probes: int) -> list[str]:
-    lines = []
-    for kind in ("webhook", "email"):
-        peer = peers["http" if kind == "webhook" else "smtp"]
-        normal, _ = probe(stack.base, key, peer, f"fo.{kind}.normal", probes)
-        refused, ids = probe(stack.base, key, peer, f"fo.{kind}.refused", probes)
-        a_ms, b_first = first_attempts(ids)
-        cost = statistics.median(refused) - statistics.median(normal)
-        lines += [
-            f"  {kind}, B alone: post-to-arrival {spread(normal)}",
-            f"  {kind}, A refuses: {spread(refused)}; failover cost (median difference) "
-            f"{cost:.0f} ms (target < {TARGET_FAILOVER_MS:.0f} ms: "
-            f"{verdict(cost, TARGET_FAILOVER_MS, higher_is_better=False)}); A's call "
-            f"{statistics.median(a_ms) if a_ms else float('nan'):.0f} ms median"
-            + (f"; {b_first} probe(s) went to B first" if b_first else ""),
-        ]
-        hung, ids = probe(stack.base, key, peer, f"fo.{kind}.hung", probes)
-        a_ms, b_first = first_attempts(ids)
-        beyond = statistics.median(hung) - HUNG_TIMEOUT_MS
-        lines.append(
-            f"  {kind}, A never answers (call timeout {HUNG_TIMEOUT_MS} ms): {spread(hung)}; "
-            f"minus the timeout {beyond:.0f} ms, minus the normal path too "
-            f"{beyond - statistics.median(normal):.0f} ms; A's call "
-            f"{statistics.median(a_ms) if a_ms else float('nan'):.0f} ms median"
-        )
-    return lines
-
-
-def detection_phase(stack, key, rate: float) -> list[str]:
-    """A refusing, minimum calls 20: how many calls and how long until its breaker opens."""
-    from routing_app.delivery.models import Attempt, BreakerState
-    from routing_app.models import Notification, Provider
-
-    a = Provider.objects.get(name="detect-a")
-    opened = None
-    deadline = time.monotonic() + 30
-    while opened is None and time.monotonic() < deadline:
-        asyncio.run(post_paced(stack.base, key, "detect.x", rate, 1.0))
-        opened = (
-            Notification.objects.filter(
-                topic__name="system.breakers", event="breaker.opened", data__provider=a.name
-            )
-            .order_by("created_at")
-            .first()
-        )
-    if opened is None:
-        return ["  error detection: the breaker did not open in 30 s"]
-    calls = Attempt.objects.filter(provider=a).exclude(outcome=Attempt.Outcome.BREAKER_OPEN)
-    first = calls.order_by("started_at").first()
-    before = calls.filter(started_at__lte=opened.created_at).count()
-    state = BreakerState.objects.filter(provider=a).values_list("state", flat=True).first()
-    took = (opened.created_at - first.started_at).total_seconds() * 1000
-    return [
-        f"  error detection (A refuses, minimum calls 20, failure rate 5 %, {rate:.0f} posts/s): "
-        f"breaker.opened after {before} calls to A, {took:.0f} ms after A's first failure; "
-        f"{calls.count()} calls to A in all; BreakerState row says {state}"
-    ]
 
 
 def wait_quiet(args, what: str) -> None:
