@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from ingest import CLK_TCK, cpu_ticks, descendants, free_port, rss_kb, with_db
+from ingest import CLK_TCK, descendants, free_port, rss_kb, with_db
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 90  # a cold Django + Celery start on a busy 2-core machine
@@ -194,13 +194,16 @@ def _by_name(name: str) -> list[int]:
     return pids
 
 
-def _ticks(pids: list[int]) -> dict[int, int]:
+def _ticks(pids: list[int]) -> dict[tuple[int, int], int]:
+    """utime + stime per (pid, start time): pids are reused quickly on a busy machine, and a
+    new process under an old pid must not count as the old one's CPU going backwards."""
     ticks = {}
     for pid in pids:
         try:
-            ticks[pid] = cpu_ticks(pid)
-        except (OSError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
             continue  # ended while we looked
+        ticks[(pid, int(fields[19]))] = int(fields[11]) + int(fields[12])
     return ticks
 
 
@@ -233,7 +236,7 @@ class CpuMeter:
         except FileNotFoundError:
             return []
 
-    def _sample(self) -> dict[str, dict[int, int]]:
+    def _sample(self) -> dict[str, dict[tuple[int, int], int]]:
         return {name: _ticks(self._pids(what)) for name, what in self.groups.items()}
 
     def start(self) -> None:
@@ -247,7 +250,7 @@ class CpuMeter:
         self.window_s = time.perf_counter() - self._t0
         # Per pid: a process that started in the window counts from 0, one that ended is missed.
         self.seconds = {
-            k: sum(t - self.before[k].get(pid, 0) for pid, t in after[k].items()) / CLK_TCK
+            k: sum(t - self.before[k].get(proc, 0) for proc, t in after[k].items()) / CLK_TCK
             for k in self.groups
         }
         spent = total - self._machine[1]
