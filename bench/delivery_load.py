@@ -13,6 +13,7 @@ from ingest import Http11Connection
 
 POLL_S = 0.002  # how often a waiting phase asks a peer for its count
 POSTERS = 4  # concurrent batch posters
+POST_TIMEOUT_S = 30  # one ingest request; the server answers in milliseconds when healthy
 
 
 def pct(values: list[float], q: float) -> float:
@@ -57,7 +58,8 @@ async def post_burst(
         for first in batches:
             items = [notification(topic, i) for i in range(first, min(n, first + batch))]
             at = time.time()
-            status, body = await connection.post(json.dumps({"notifications": items}).encode())
+            body = json.dumps({"notifications": items}).encode()
+            status, body = await asyncio.wait_for(connection.post(body), POST_TIMEOUT_S)
             if status != 202:
                 raise SystemExit(f"ingest answered {status}: {body[:300]!r}")
             posted.extend((r["id"], at) for r in json.loads(body)["results"])
@@ -77,18 +79,21 @@ async def post_paced(base: str, key: str, topic: str, rate: float, duration_s: f
 
     async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-        while not free:
-            await asyncio.sleep(0.001)  # all 8 busy: ingest is behind, the post waits
+        waited = time.monotonic()
+        while not free:  # all 8 busy: ingest is behind, the post waits (bounded)
+            if time.monotonic() - waited > POST_TIMEOUT_S:
+                raise SystemExit("no ingest connection came free in time")
+            await asyncio.sleep(0.001)
         connection = free.pop()
         at = time.time()
         payload = json.dumps(notification(topic, i)).encode()
         try:
-            status, body = await connection.post(payload)
+            status, body = await asyncio.wait_for(connection.post(payload), POST_TIMEOUT_S)
         except (OSError, asyncio.IncompleteReadError):
             # The server closed a connection idle past its keep-alive (uvicorn: 5 s) before
             # this request: nothing was stored; the connection reconnects for the resend.
             at = time.time()
-            status, body = await connection.post(payload)
+            status, body = await asyncio.wait_for(connection.post(payload), POST_TIMEOUT_S)
         free.append(connection)
         if status != 202:
             raise SystemExit(f"ingest answered {status}: {body[:300]!r}")

@@ -37,6 +37,7 @@ SMTP_KEY = b"\nx-notify-delivery: "
 HTTP_KEY = b"\r\nwebhook-id: "
 STARTUP_TIMEOUT_S = 20
 CALL_TIMEOUT_S = 30  # a control call the peer does not answer in this time is a failure
+BARE_TIMEOUT_S = 180  # one bare sender's run; they take seconds
 
 
 def _key(raw: bytes, marker: bytes) -> str:
@@ -388,7 +389,8 @@ def bare_http_raw(port: int, sample: bytes, n: int, connections: int) -> float:
 
 def run_in_process(function, *args) -> float:
     """Run ``function(*args)`` in a fresh process (spawned: its own interpreter lock, like the
-    worker's) and return what it returns."""
+    worker's) and return what it returns; ``multiprocessing.TimeoutError`` after
+    ``BARE_TIMEOUT_S``."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(function, args)
+        return pool.apply_async(function, args).get(BARE_TIMEOUT_S)

@@ -175,6 +175,11 @@ def stop(stack: Stack) -> None:
     from django.db import connections
 
     connections.close_all()
+    import redis
+
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    for key in client.scan_iter(match=f"{stack.env['REDIS_PREFIX']}*", count=1000):
+        client.delete(key)  # the breakers', the limiter's and the broker's keys of this run
     with psycopg.connect(with_db(stack.pg_server, "postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{stack.db_name}" WITH (FORCE)')
 
@@ -321,11 +326,11 @@ def start_profile(pid: int, out: Path, duration_s: int) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def summarize(collapsed: Path, top: int = 16) -> list[str]:
-    """Where a py-spy collapsed-stack file's busy samples went: the functions in most samples
-    (inclusive: once per sample they are anywhere in; wrappers present in nearly every sample
-    left out), then the samples' own frames (the leaf: where the CPU was) by package."""
-    inclusive: Counter[str] = Counter()
+def summarize(collapsed: Path, top: int = 12) -> list[str]:
+    """Where a py-spy collapsed-stack file's samples went: by the project's line that was
+    running (the deepest ``routing_app`` frame of each sample: which query, which call), then by
+    the package of the sample's own frame (the leaf: where the CPU was)."""
+    sites: Counter[str] = Counter()
     own: Counter[str] = Counter()
     total = 0
     for line in collapsed.read_text(errors="replace").splitlines():
@@ -333,20 +338,20 @@ def summarize(collapsed: Path, top: int = 16) -> list[str]:
         if not count.isdigit():
             continue
         frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
         n = int(count)
         total += n
-        keys = set()
-        for frame in frames:
-            name, _, where = frame.partition(" (")
-            keys.add(f"{name} ({where.split(':')[0]})")
-        for key in keys:
-            inclusive[key] += n
-        where = frames[-1].partition(" (")[2].split(":")[0] if frames else "?"
-        package = where.split("/")[0] if "/" in where else where
-        own[package] += n
+        ours = [f for f in frames if "routing_app/" in f]
+        if ours:
+            name, _, where = ours[-1].partition(" (")
+            sites[f"{name} ({where.rstrip(')').split('routing_app/')[-1]})"] += n
+        else:
+            sites[f"outside the project: {frames[-1].partition(' (')[0]}"] += n
+        where = frames[-1].partition(" (")[2].split(":")[0]
+        own[where.split("/")[0] if "/" in where else where] += n
     if not total:
-        return ["(no busy samples)"]
-    rows = [(k, n) for k, n in inclusive.most_common() if n < 0.97 * total][:top]
-    lines = [f"{100 * n / total:5.1f} %  {name}" for name, n in rows]
+        return ["(no samples)"]
+    lines = [f"{100 * n / total:5.1f} %  {site}" for site, n in sites.most_common(top)]
     packages = ", ".join(f"{name} {100 * n / total:.0f} %" for name, n in own.most_common(10))
     return [*lines, f"own time by package: {packages}"]
