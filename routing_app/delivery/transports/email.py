@@ -12,9 +12,11 @@ Provider URLs:
   arguments, e.g. ``{"sender_domain": "mg.example.com"}``. https://anymail.dev/en/stable/esps/
 - ``console://``: the rendered email goes to the log (INFO, logger ``routing_app.delivery.email``).
 
-One backend per provider and process, kept between sends (an SMTP connection is reused while it
+Backends are kept between sends, per provider and process (an SMTP connection is reused while it
 was used within ``SMTP_IDLE_S``; an ESP's HTTP session always). A backend is used by one send at
-a time (its lock): an SMTP connection is one conversation.
+a time, since an SMTP connection is one conversation: concurrent sends to one provider each take
+an idle backend or open another (one connection per provider and process serialized a worker's
+email threads: bench/delivery.py).
 
 Subject, text and HTML come from ``templates/notify/email/<event>.subject.txt``, ``.txt`` and
 ``.html`` (else ``default.*``); see ``rendering``.
@@ -33,7 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from django.conf import settings
@@ -227,18 +229,21 @@ def parse_smtp_url(url: str) -> SMTPTarget:
 @dataclass
 class _Kept:
     backend: object
-    lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = 0.0  # time.monotonic() of the last successful send
+    dropped: bool = False  # closed after a failure: not put back
 
 
-_kept: dict[tuple, _Kept] = {}
+# Idle backends per provider key (see ``_borrowed``). A busy backend is in no list: each send has
+# one to itself (an SMTP connection is one conversation), so a provider has at most as many as
+# sends run at once in this process (DELIVERY_THREADS).
+_idle: dict[tuple, list[_Kept]] = {}
 _kept_lock = threading.Lock()
 
 
 def _forget_after_fork() -> None:
     # A child must not talk on the parent's SMTP sockets; the objects are dropped, not closed.
     global _kept_lock
-    _kept.clear()
+    _idle.clear()
     _kept_lock = threading.Lock()
 
 
@@ -291,20 +296,33 @@ def _anymail_backend(provider, timeout_s: float):
     return backend
 
 
-def _kept_for(provider, timeout_s: float) -> _Kept:
+@contextlib.contextmanager
+def _borrowed(provider, timeout_s: float, *, fresh: bool = False) -> Iterator[_Kept]:
+    """A backend of ``provider`` for one send: an idle kept one (unless ``fresh``), else a new
+    one; put back afterwards unless it was dropped. A changed URL, options or secret retires
+    the provider's older backends (idle ones at once, busy ones when they come back)."""
     secret_marker = provider_secret(provider)  # a changed secret builds a new backend
     key = (provider.pk, provider.url, repr(provider.options), hash(secret_marker))
     with _kept_lock:
-        kept = _kept.get(key)
-        if kept is not None:
-            return kept
+        for old in [k for k in _idle if k[0] == provider.pk and k != key]:
+            for retired in _idle.pop(old):
+                _close_quietly(retired.backend)
+        shelf = _idle.setdefault(key, [])
+        kept = shelf.pop() if shelf and not fresh else None
+    if kept is None:
         build = _smtp_backend if provider.url.startswith(("smtp://", "smtps://")) else None
-        backend = (build or _anymail_backend)(provider, timeout_s)
-        # One backend per provider: an older one (URL or secret changed) goes.
-        for old in [k for k in _kept if k[0] == provider.pk]:
-            _close_quietly(_kept.pop(old).backend)
-        kept = _kept[key] = _Kept(backend)
-        return kept
+        kept = _Kept((build or _anymail_backend)(provider, timeout_s))
+    try:
+        yield kept
+    finally:
+        with _kept_lock:
+            shelf = _idle.get(key)
+            if kept.dropped:
+                pass
+            elif shelf is None:  # retired while it was busy
+                _close_quietly(kept.backend)
+            else:
+                shelf.append(kept)
 
 
 def _close_quietly(backend) -> None:
@@ -315,10 +333,8 @@ def _close_quietly(backend) -> None:
         backend.connection = None
 
 
-def _drop(provider, kept: _Kept) -> None:
-    with _kept_lock:
-        for key in [k for k, v in _kept.items() if v is kept]:
-            del _kept[key]
+def _drop(kept: _Kept) -> None:
+    kept.dropped = True
     _close_quietly(kept.backend)
 
 
@@ -327,9 +343,9 @@ def _drop(provider, kept: _Kept) -> None:
 
 def _send_smtp(provider, message, timeout_s: float) -> Receipt:
     what = f"SMTP provider {provider.name!r}"
-    for _ in range(2):  # a second time only when a kept connection turned out to be dropped
-        kept = _kept_for(provider, timeout_s)
-        with kept.lock:
+    for again in (False, True):  # again only when a kept connection turned out to be dropped
+        # Again on a new connection: the other idle ones may have been dropped too.
+        with _borrowed(provider, timeout_s, fresh=again) as kept:
             backend = kept.backend
             backend.timeout = timeout_s
             reused = backend.connection is not None
@@ -342,13 +358,13 @@ def _send_smtp(provider, message, timeout_s: float) -> Receipt:
                 backend.open()
                 backend.send_messages([message])
             except smtplib.SMTPServerDisconnected as exc:
-                _drop(provider, kept)
+                _drop(kept)
                 if reused:
                     logger.info("%s: the kept connection was closed by the server, reopening", what)
                     continue
                 raise _smtp_error(exc, what, provider) from exc
             except OSError as exc:  # smtplib's errors are OSErrors too
-                _drop(provider, kept)
+                _drop(kept)
                 raise _smtp_error(exc, what, provider) from exc
             kept.last_used = time.monotonic()
             return Receipt(provider_message_id=message.extra_headers["Message-ID"])
@@ -359,8 +375,7 @@ def _send_anymail(provider, message, timeout_s: float) -> Receipt:
     from anymail.exceptions import AnymailError
 
     what = f"email provider {provider.name!r}"
-    kept = _kept_for(provider, timeout_s)
-    with kept.lock:
+    with _borrowed(provider, timeout_s) as kept:
         backend = kept.backend
         if hasattr(backend, "timeout"):  # the requests-based ESPs
             backend.timeout = timeout_s
