@@ -94,7 +94,7 @@ def stack(tmp_path_factory):
             NotifyServer(env, directory / "server.log") as server,
             CeleryWorker(env, directory / "worker.log", beat=True) as worker,
         ):
-            yield {
+            stack = {
                 "env": env,
                 "dir": directory,
                 "server": server,
@@ -104,6 +104,9 @@ def stack(tmp_path_factory):
                 "gateway": gateway,
                 "hooks": hooks,
             }
+            yield stack
+            if stack["worker"] is not worker:  # a test replaced it: that one is ours to stop
+                stack["worker"].stop()
 
 
 def deliveries(stack, **query) -> list[dict]:
