@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from channels_app import socket_auth, tokens
+from channels_app import edge_metrics, socket_auth, tokens
 from channels_app.hub import hub
 from channels_app.presence import get_presence
 from channels_app.routing import websocket_application
@@ -48,7 +48,9 @@ Samples = list[tuple[str, dict[str, str], float]]
 
 
 def local_samples() -> Samples:
-    """Every sample this host's processes of the test role recorded (this process's included)."""
+    """Every sample this host's processes of the test role recorded (this process's included,
+    its pending fanout figures flushed first)."""
+    edge_metrics.flush()
     return [(s.name, s.labels, s.value) for fam in HostCollector().collect() for s in fam.samples]
 
 
@@ -180,6 +182,40 @@ def test_merge_sums_the_hosts_of_one_interval():
     # host-b did not publish in the second interval: its last snapshot still counts
     assert second.hosts == 2 and second.total("notify_notifications_ingested_total") == 21
     assert figures.rate(first, second, "notify_notifications_ingested_total") == 6 / step
+
+
+def test_fanout_figures_summed_locally_write_what_direct_observations_write():
+    registry = CollectorRegistry()
+    direct = Histogram(
+        "notify_test_direct_seconds", "d", buckets=LATENCY_BUCKETS, registry=registry
+    )
+    summed = Histogram(
+        "notify_test_summed_seconds", "s", buckets=LATENCY_BUCKETS, registry=registry
+    )
+
+    def increases(before: Samples, after: Samples, name: str) -> dict:
+        return {
+            (sample.removeprefix(name), labels.get("le")): value - total(before, sample, **labels)
+            for sample, labels, value in after
+            if sample.startswith(name) and not sample.endswith("_created")
+        }
+
+    def read() -> Samples:
+        return [(s.name, s.labels, s.value) for f in registry.collect() for s in f.samples]
+
+    before = read()
+    local = edge_metrics.LocalHistogram(summed)
+    for value in [*latencies(500), 0.1, 0.0005, 60.0, 61.0]:  # bounds themselves, and above all
+        direct.observe(value)
+        local.observe(value)
+    local.flush()
+    local.flush()  # nothing pending: writes nothing
+    after = read()
+    got = increases(before, after, "notify_test_summed_seconds")
+    want = increases(before, after, "notify_test_direct_seconds")
+    assert got.keys() == want.keys()
+    for k, value in want.items():
+        assert got[k] == pytest.approx(value), k
 
 
 # --- /metrics' protection ------------------------------------------------------------------------
@@ -621,11 +657,17 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
 
         ws = {"transport": "websocket"}
         sent = {"channel": "hook", "provider": "hook-1", "outcome": "sent"}
-        samples = await sync_to_async(scrape_until)(
-            a,
-            "the worker's delivery attempt",
-            lambda s: total(s, "notify_delivery_attempts_total", **sent) >= 1,
-        )
+        websocket_latency = {"channel": "websocket"}
+
+        def complete(s: Samples) -> bool:
+            # the worker's attempt, and the fanout figures (flushed once a second)
+            return (
+                total(s, "notify_delivery_attempts_total", **sent) >= 1
+                and total(s, "notify_messages_sent_total", **ws) >= 3 * (n + m)
+                and total(s, "notify_delivery_duration_seconds_count", **websocket_latency) >= 6
+            )
+
+        samples = await sync_to_async(scrape_until)(a, "every process's figures", complete)
         assert total(samples, "notify_connections_active", **ws) == n + m
         assert total(samples, "notify_connections_accepted_total", **ws) == n + m
         subs = {**ws, "topic_namespace": "alerts"}
@@ -635,7 +677,11 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
         assert total(samples, "notify_notifications_ingested_total") == len(posts)
         assert total(samples, "notify_messages_sent_total", **ws) == 3 * (n + m)
         # the latency once per message per transport in each process that has subscribers
-        assert total(samples, "notify_delivery_duration_seconds_count", channel="websocket") == 6
+        assert total(samples, "notify_delivery_duration_seconds_count", **websocket_latency) == 6
+        reasons = {
+            lb["reason"] for name, lb, _ in samples if name.startswith("notify_connections_c")
+        }
+        assert reasons <= edge_metrics.CLOSE_REASONS
         roles = {
             labels["role"] for name, labels, _ in samples if name.startswith("notify_process_")
         }
