@@ -607,8 +607,8 @@ def deployment(tmp_path_factory):
                 server.stop()
 
 
-class Socket:
-    """A plain-protocol client: live once ``subscribed``, counts notifications, ends on close."""
+class Reader:
+    """A realtime client: live once ``subscribed``, counts notifications, ends on close."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -617,21 +617,49 @@ class Socket:
         self.got = asyncio.Condition()
         self.task: asyncio.Task | None = None
 
+    def start(self) -> Reader:
+        self.task = asyncio.create_task(self.run())
+        return self
+
     async def run(self) -> None:
-        with contextlib.suppress(ConnectionClosed, OSError):
-            async with ws_connect(self.url, open_timeout=WAIT_S) as ws:
-                async for raw in ws:
-                    frame = json.loads(raw)
-                    if frame["type"] == "subscribed":
-                        self.live.set()
-                    elif frame["type"] == "notification":
-                        async with self.got:
-                            self.seqs.append(frame["seq"])
-                            self.got.notify_all()
+        raise NotImplementedError
+
+    async def on(self, data: dict) -> None:
+        if data["type"] == "subscribed":
+            self.live.set()
+        elif data["type"] == "notification":
+            async with self.got:
+                self.seqs.append(data["seq"])
+                self.got.notify_all()
 
     async def wait_for(self, count: int) -> None:
         async with self.got:
             await asyncio.wait_for(self.got.wait_for(lambda: len(self.seqs) >= count), WAIT_S)
+
+
+class Socket(Reader):
+    """The plain WebSocket protocol."""
+
+    async def run(self) -> None:
+        with contextlib.suppress(ConnectionClosed, OSError):
+            async with ws_connect(self.url, open_timeout=WAIT_S) as ws:
+                async for raw in ws:
+                    await self.on(json.loads(raw))
+
+
+class Stream(Reader):
+    """An SSE stream (``data`` is one line of JSON)."""
+
+    async def run(self) -> None:
+        timeout = httpx.Timeout(WAIT_S, read=None)
+        async with (
+            httpx.AsyncClient(timeout=timeout) as http,
+            http.stream("GET", self.url, headers={"Accept": "text/event-stream"}) as response,
+        ):
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    await self.on(json.loads(line[5:]))
 
 
 @pytest.mark.timeout(240)
@@ -643,16 +671,18 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
     def url(server: NotifyServer) -> str:
         return f"ws://127.0.0.1:{server.port}/ws/{topic}/?token={deployment['token']}"
 
-    sockets = [Socket(url(a)) for _ in range(n)] + [Socket(url(b)) for _ in range(m)]
-    for sock in sockets:
-        sock.task = asyncio.create_task(sock.run())
+    sockets = [Socket(url(a)).start() for _ in range(n)] + [
+        Socket(url(b)).start() for _ in range(m)
+    ]
+    stream = Stream(f"{a.base}/events/{topic}/?token={deployment['token']}").start()
+    readers = [*sockets, stream]
     try:
-        await asyncio.wait_for(asyncio.gather(*(s.live.wait() for s in sockets)), WAIT_S)
+        await asyncio.wait_for(asyncio.gather(*(r.live.wait() for r in readers)), WAIT_S)
         posts = [(a, topic), (b, topic), (a, topic), (a, "ops.deploys")]
         for server, to in posts:
             await sync_to_async(server.post)(deployment["key"], to, "metrics.tick", {"to": to})
-        for sock in sockets:
-            await sock.wait_for(3)
+        for reader in readers:
+            await reader.wait_for(3)
         await sync_to_async(deployment["hooks"].wait_for)(1)
 
         ws = {"transport": "websocket"}
@@ -665,6 +695,7 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
                 total(s, "notify_delivery_attempts_total", **sent) >= 1
                 and total(s, "notify_messages_sent_total", **ws) >= 3 * (n + m)
                 and total(s, "notify_delivery_duration_seconds_count", **websocket_latency) >= 6
+                and total(s, "notify_messages_sent_total", transport="sse") >= 3
             )
 
         samples = await sync_to_async(scrape_until)(a, "every process's figures", complete)
@@ -678,6 +709,11 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
         assert total(samples, "notify_messages_sent_total", **ws) == 3 * (n + m)
         # the latency once per message per transport in each process that has subscribers
         assert total(samples, "notify_delivery_duration_seconds_count", **websocket_latency) == 6
+        sse = {"transport": "sse"}
+        assert total(samples, "notify_connections_active", **sse) == 1
+        assert total(samples, "notify_subscriptions_active", **sse, topic_namespace="alerts") == 1
+        assert total(samples, "notify_messages_sent_total", **sse) == 3
+        assert total(samples, "notify_delivery_duration_seconds_count", channel="sse") == 3
         reasons = {
             lb["reason"] for name, lb, _ in samples if name.startswith("notify_connections_c")
         }
@@ -695,10 +731,11 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
         await asyncio.wait_for(asyncio.gather(*(s.task for s in sockets[n:])), WAIT_S)
         samples = await sync_to_async(scrape)(a)
         assert total(samples, "notify_connections_active", **ws) == n
+        assert total(samples, "notify_connections_active", **sse) == 1  # A's stream is still open
         assert total(samples, "notify_subscriptions_active", **subs) == n
         assert total(samples, "notify_connections_accepted_total", **ws) == n + m  # counters stay
         assert total(samples, "notify_notifications_ingested_total") == len(posts)
     finally:
-        for sock in sockets:
-            sock.task.cancel()
-        await asyncio.gather(*(s.task for s in sockets), return_exceptions=True)
+        for reader in readers:
+            reader.task.cancel()
+        await asyncio.gather(*(r.task for r in readers), return_exceptions=True)
