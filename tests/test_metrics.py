@@ -696,6 +696,7 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
                 and total(s, "notify_messages_sent_total", **ws) >= 3 * (n + m)
                 and total(s, "notify_delivery_duration_seconds_count", **websocket_latency) >= 6
                 and total(s, "notify_messages_sent_total", transport="sse") >= 3
+                and total(s, "notify_presence_users", topic_namespace="alerts") >= n + m + 1
             )
 
         samples = await sync_to_async(scrape_until)(a, "every process's figures", complete)
@@ -714,6 +715,8 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
         assert total(samples, "notify_subscriptions_active", **sse, topic_namespace="alerts") == 1
         assert total(samples, "notify_messages_sent_total", **sse) == 3
         assert total(samples, "notify_delivery_duration_seconds_count", channel="sse") == 3
+        # sam, logged in by token, is present once per socket and stream
+        assert total(samples, "notify_presence_users", topic_namespace="alerts") == n + m + 1
         reasons = {
             lb["reason"] for name, lb, _ in samples if name.startswith("notify_connections_c")
         }
@@ -732,6 +735,7 @@ async def test_one_scrape_sums_every_process_and_a_killed_ones_gauges_leave_it(d
         samples = await sync_to_async(scrape)(a)
         assert total(samples, "notify_connections_active", **ws) == n
         assert total(samples, "notify_connections_active", **sse) == 1  # A's stream is still open
+        assert total(samples, "notify_presence_users", topic_namespace="alerts") == n + 1
         assert total(samples, "notify_subscriptions_active", **subs) == n
         assert total(samples, "notify_connections_accepted_total", **ws) == n + m  # counters stay
         assert total(samples, "notify_notifications_ingested_total") == len(posts)
