@@ -49,7 +49,7 @@ from django.db import DatabaseError
 from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
-from . import frames, handlers
+from . import edge_metrics, frames, handlers
 from .authz import READ, Principal, adecide
 from .close_codes import CloseCode
 from .hub import HubUnavailable, Message, Unsubscribed, hub
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL = "phoenix"
 SOCKET_TOPIC = "phoenix"  # the socket's own topic: heartbeats
 MAX_TOPICS_PER_SOCKET = 100  # joins beyond this are refused: one socket is one client
+TRANSPORT = "phoenix"  # in the metrics
 
 
 def encode(join_ref: str | None, ref: str | None, topic: str, event: str, payload) -> str:
@@ -166,16 +167,23 @@ class PhoenixConnection:
         accepted = await self.handshake()
         if not accepted:
             return
+        connection = edge_metrics.ConnectionCount(TRANSPORT)
+        reason = edge_metrics.ERROR
         self._arm_heartbeat_timer(settings.HEARTBEAT_TIMEOUT_S)
         try:
             while True:
                 message = await self.receive()
                 if message["type"] == "websocket.disconnect":
+                    reason = edge_metrics.close_reason(self.sender.close_code, message.get("code"))
                     break
                 if message["type"] == "websocket.receive":
                     self.last_seen = time.monotonic()
                     await self.on_frame(message.get("text"), message.get("bytes"))
+        except asyncio.CancelledError:
+            reason = edge_metrics.NORMAL  # the server is shutting down
+            raise
         finally:
+            connection.closed(reason)
             if self._timer is not None:
                 self._timer.cancel()
             for topic in list(self.channels):
@@ -353,6 +361,7 @@ class PhoenixConnection:
             self.write(encode(join_ref, join_ref, topic, "phx_error", {}))
             return
         joined.subscribed = True
+        edge_metrics.subscribed(TRANSPORT, topic)
         if result.reset:
             reset = frames.reset_payload(topic, since, result.oldest_seq, result.last_seq)
             self.push(join_ref, topic, "reset", reset)
@@ -391,6 +400,8 @@ class PhoenixConnection:
         joined = self.channels.pop(topic, None)
         if joined is None:
             return
+        if joined.subscribed:
+            edge_metrics.unsubscribed(TRANSPORT, topic)  # first: what follows may be cancelled
         presence = get_presence()
         if joined.watching:
             presence.unwatch(topic, joined.on_presence_diff)

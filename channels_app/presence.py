@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from routing_app.metrics.instruments import presence_users, topic_namespace
+
 log = logging.getLogger(__name__)
 
 HUB_CHANNEL = "presence"  # the hub's generic pub/sub channel the diffs travel on
@@ -206,6 +208,7 @@ class Presence:
         full = {"online_at": int(time.time()), **meta, "phx_ref": meta.get("phx_ref") or new_ref()}
         tracked = Tracked(topic, key, full)
         await self._put(tracked)
+        presence_users(topic_namespace(topic)).inc()
         self._publish(topic, diff(joins=one(key, full)))
         return tracked
 
@@ -213,6 +216,7 @@ class Presence:
         """Remove the presence and broadcast its leave; a presence already gone is no error.
         Never raises: an entry Redis could not remove is retried on this process's next beat
         (the dead-process sweep would never take it: the process is alive)."""
+        presence_users(topic_namespace(tracked.topic)).dec()  # no connection holds it any more
         try:
             removed = await self._remove(tracked)
         except PresenceUnavailable as exc:

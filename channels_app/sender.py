@@ -118,6 +118,7 @@ class ConnectionSender:
         "_abort_timer",
         "closed",
         "close_sent",
+        "close_code",
         "_raw",
         "_prebuilt",
     )
@@ -132,6 +133,7 @@ class ConnectionSender:
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False  # no more frames accepted (closing, overflowed or send failed)
         self.close_sent = False
+        self.close_code: int | None = None  # the code of the server's close, once queued
         self._raw = None  # uvicorn's protocol, when writes may go straight to its transport
         self._prebuilt = False  # and the connection is uncompressed: prebuilt frames fit it
 
@@ -282,6 +284,7 @@ class ConnectionSender:
         if self.close_sent:
             return
         self.close_sent = True
+        self.close_code = code
         self.closed = True
         event = {"type": "websocket.close", "code": code, "reason": reason}
         self.push_final(event)

@@ -65,7 +65,7 @@ from django_eventstream.utils import parse_last_event_id, sse_encode_event
 from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
-from . import frames
+from . import edge_metrics, frames
 from .authz import READ, Principal, adecide, decide
 from .frames import ErrorCode
 from .hub import HubUnavailable, Message, Unsubscribed, hub
@@ -77,6 +77,7 @@ from .tokens import TokenError
 log = logging.getLogger(__name__)
 
 ENCODING = "sse"
+TRANSPORT = "sse"  # in the metrics
 UNAVAILABLE_RETRY_MS = 5000  # EventSource waits this long before reconnecting after trouble
 OPEN_CHUNK = b": open\n\n"
 KEEPALIVE_CHUNK = b": keep-alive\n\n"
@@ -189,13 +190,14 @@ class EventStream:
     immediate writes, bounded backlog, then ``overflow``)."""
 
     encoding = ENCODING
-    __slots__ = ("topic", "sender", "finished", "presence", "_keepalive")
+    __slots__ = ("topic", "sender", "finished", "presence", "subscribed", "_keepalive")
 
     def __init__(self, topic: str, send, principal: Principal) -> None:
         self.topic = topic
         self.presence = ConnectionPresence(topic, principal, "sse")
         self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.overflow)
         self.finished = asyncio.get_running_loop().create_future()
+        self.subscribed = False  # counted in the subscriptions gauge
         self._keepalive: asyncio.TimerHandle | None = None
 
     def deliver(self, frame: bytes, message: Message) -> None:
@@ -328,6 +330,7 @@ async def _stream(
     }
     events.sender.push(start)
     events.push(OPEN_CHUNK)
+    connection = edge_metrics.ConnectionCount(TRANSPORT)
     disconnected = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         subscribe = asyncio.ensure_future(_subscribe(events, topic, since))
@@ -344,7 +347,13 @@ async def _stream(
             _report_unavailable(events, topic, subscribe.exception())
         if events.finished.done():
             await events.sender.flushed()  # the last event reaches the reader (or is aborted)
+    except asyncio.CancelledError:
+        connection.closed(edge_metrics.NORMAL)  # the server is shutting down
+        raise
     finally:
+        connection.closed(_end_reason(events))
+        if events.subscribed:
+            edge_metrics.unsubscribed(TRANSPORT, topic)  # first: the awaits below may be cancelled
         disconnected.cancel()
         events.stop()
         await events.presence.untrack()  # also when the client left while the track ran
@@ -360,6 +369,8 @@ async def _subscribe(events: EventStream, topic: str, since: int | None) -> None
             events.push(_event("reset", data, event_id=last_seq))
             since = last_seq
     result = await hub.subscribe(topic, events, since)
+    events.subscribed = True
+    edge_metrics.subscribed(TRANSPORT, topic)
     if result.reset:  # retention ran between our check and the hub's: say so, late
         data = frames.reset(topic, since, result.oldest_seq, result.last_seq)
         events.push(_event("reset", data, event_id=result.last_seq))
@@ -368,6 +379,14 @@ async def _subscribe(events: EventStream, topic: str, since: int | None) -> None
     # the replay and it. A client leaving meanwhile cancels this task; _stream's finally still
     # undoes the track (ConnectionPresence).
     await events.presence.track()
+
+
+def _end_reason(events: EventStream) -> str:
+    """Why a stream ended, for the metrics: the server's ``stream-error`` code (as the socket's
+    close code's name), else the client left."""
+    if events.finished.done():
+        return edge_metrics.SSE_END_REASONS.get(events.finished.result(), edge_metrics.NORMAL)
+    return edge_metrics.CLIENT
 
 
 def _report_unavailable(events: EventStream, topic: str, exc: BaseException) -> None:

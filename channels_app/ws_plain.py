@@ -30,7 +30,7 @@ from django.db import DatabaseError
 
 from routing_app.topics import is_valid_topic
 
-from . import frames, socket_auth
+from . import edge_metrics, frames, socket_auth
 from .authz import PUBLISH, READ, adecide
 from .close_codes import CloseCode
 from .frames import ErrorCode
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # Client frames per second a socket may send (bucket refills at this rate, holds twice as much):
 # a flood gets error frames, not a stalled server.
 CLIENT_FRAMES_PER_S = 50
+TRANSPORT = "websocket"  # in the metrics
 
 
 def _dumps(obj: dict) -> str:
@@ -63,6 +64,7 @@ class PlainSocket:
         "budget",
         "budget_at",
         "presence",
+        "subscribed",
         "__weakref__",
     )
 
@@ -75,6 +77,7 @@ class PlainSocket:
         self.budget = 2.0 * CLIENT_FRAMES_PER_S
         self.budget_at = self.last_seen
         self.presence = ConnectionPresence(topic, principal, "websocket")
+        self.subscribed = False  # counted in the subscriptions gauge (once, resumes included)
 
     # --- hub Subscriber ---------------------------------------------------------------------
 
@@ -174,6 +177,9 @@ async def _subscribe(sock: PlainSocket, since: int | None) -> bool:
     if result.reset:
         sock.send_json(frames.reset(sock.topic, since, result.oldest_seq, result.last_seq))
     sock.send_json(frames.subscribed(sock.topic, result.last_seq))
+    if not sock.subscribed:
+        sock.subscribed = True
+        edge_metrics.subscribed(TRANSPORT, sock.topic)
     return True
 
 
@@ -183,16 +189,30 @@ async def plain_socket_app(scope, receive, send) -> None:
     if event["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
+    connection = edge_metrics.ConnectionCount(TRANSPORT)
+    reason = edge_metrics.ERROR
+    try:
+        reason = await _serve(scope, receive, send)
+    except asyncio.CancelledError:
+        reason = edge_metrics.NORMAL  # the server is shutting down
+        raise
+    finally:
+        connection.closed(reason)
+
+
+async def _serve(scope, receive, send) -> str:
+    """An accepted socket, until it is closed; returns why it closed (``edge_metrics``)."""
     limit_kernel_buffer(send)
     topic = scope.get("url_route", {}).get("kwargs", {}).get("topic", "")
     code, reason, principal, since = await _admit(scope, topic)
     if code:
         await send({"type": "websocket.close", "code": code, "reason": reason})
         await _wait_disconnect(receive)
-        return
+        return edge_metrics.close_reason(code)
     sock = PlainSocket(topic, principal, send)
     sock.sender.enable_prebuilt_frames()
     loop = asyncio.get_running_loop()
+    disconnect_code = None
     try:
         if await _subscribe(sock, since):
             sock.start_heartbeat(loop)
@@ -208,11 +228,15 @@ async def plain_socket_app(scope, receive, send) -> None:
                 if not sock.sender.closed:
                     await _on_frame(sock, event)
             elif kind == "websocket.disconnect":
+                disconnect_code = event.get("code")
                 break
     finally:
+        if sock.subscribed:
+            edge_metrics.unsubscribed(TRANSPORT, topic)  # first: the awaits below may be cancelled
         await sock.presence.untrack()
         await hub.unsubscribe(topic, sock)
         sock.stop()
+    return edge_metrics.close_reason(sock.sender.close_code, disconnect_code)
 
 
 async def _wait_disconnect(receive) -> None:

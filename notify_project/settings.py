@@ -302,6 +302,9 @@ def _process_role(argv: list[str]) -> str:
     return "cli"
 
 
+# Off: every recording site is a no-op (instruments.py's stand-ins); /metrics still answers with
+# the gauges read at collection (state.py). For measuring what recording costs (bench/).
+METRICS_ENABLED = env_bool("METRICS_ENABLED", True)
 # Bearer token that /metrics accepts (a staff session works too); unset = staff only.
 METRICS_TOKEN = env_str("METRICS_TOKEN")
 METRICS_ROLE = env_str("NOTIFY_ROLE") or _process_role(sys.argv)

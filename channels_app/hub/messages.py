@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 JSON_SEPARATORS = (",", ":")
@@ -19,7 +20,7 @@ JSON_SEPARATORS = (",", ":")
 class Message:
     """One published notification, decoded once per process; frames cached per encoding."""
 
-    __slots__ = ("topic", "seq", "envelope", "_raw", "_frames")
+    __slots__ = ("topic", "seq", "envelope", "_raw", "_frames", "_ingested_at")
 
     def __init__(self, topic: str, seq: int, envelope: dict, raw: str | bytes | None = None):
         self.topic = topic
@@ -27,6 +28,19 @@ class Message:
         self.envelope = envelope  # Notification.envelope(); treat as read-only: it is shared
         self._raw = raw  # the compact JSON as published, when it came over the bus
         self._frames: dict[str, str | bytes] = {}
+        self._ingested_at: float | None = -1.0  # -1: not read yet
+
+    def ingested_at(self) -> float | None:
+        """The epoch time of the envelope's ``ts`` (the notification's creation at ingest),
+        parsed once; None without a readable one."""
+        at = self._ingested_at
+        if at == -1.0:
+            try:
+                at = datetime.fromisoformat(self.envelope["ts"]).timestamp()
+            except (KeyError, TypeError, ValueError):
+                at = None
+            self._ingested_at = at
+        return at
 
     def encoded(self, encoding: str) -> str | bytes:
         """The frame for ``encoding``, computed on first use and cached for every subscriber."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from routing_app import stream_reads
 
+from .. import edge_metrics
 from .messages import Message
 from .sequencer import REPLAY_PAGE, Topic
 from .subscribers import Subscriber, SubscribeResult, Unsubscribed, wait_live
@@ -93,6 +94,8 @@ async def _deliver_rows(topic: Topic, sub: Subscriber, rows: list[dict]) -> None
             # big notifications would otherwise overflow the bounded send queue of a
             # reader that keeps up, since the replay writes it all in one go.
             await drained()
+    if edge_metrics.ENABLED:
+        edge_metrics.replayed(encoding, len(rows))
 
 
 def _go_live(topic: Topic, sub: Subscriber, join: Join, cursor: int) -> int:
@@ -100,10 +103,14 @@ def _go_live(topic: Topic, sub: Subscriber, join: Join, cursor: int) -> int:
     last seq it has."""
     encoding = sub.encoding
     topic.flush()
+    buffered = 0
     for message in join.buffer:
         if message.seq > cursor:
             sub.deliver(message.encoded(encoding), message)
             cursor = message.seq
+            buffered += 1
+    if buffered and edge_metrics.ENABLED:
+        edge_metrics.replayed(encoding, buffered)
     del topic.joining[sub]
     topic.members.setdefault(encoding, {})[sub] = None
     return cursor

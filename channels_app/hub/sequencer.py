@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from routing_app import stream_reads
 
+from .. import edge_metrics
 from . import wire
 from .messages import Batch, Message
 
@@ -249,15 +250,18 @@ class Topic:
             return
         self.outbox = []
         self.outbox_bytes = 0
+        record = edge_metrics.FanoutRecord(messages) if edge_metrics.ENABLED else None
         if len(messages) == 1:
-            self._deliver_one(messages[0])
+            self._deliver_one(messages[0], record)
         else:
-            self._deliver_batch(messages)
+            self._deliver_batch(messages, record)
+        if record is not None:
+            record.done()
         for join in self.joining.values():
             for message in messages:
                 join.offer(message)
 
-    def _deliver_one(self, message: Message) -> None:
+    def _deliver_one(self, message: Message, record: edge_metrics.FanoutRecord | None) -> None:
         for encoding, subs in tuple(self.members.items()):
             frame = message.encoded(encoding)
             for sub in tuple(subs):
@@ -266,10 +270,14 @@ class Topic:
                 except Exception:  # one broken edge must not stop the fanout to the others
                     log.exception("deliver failed on %s; subscriber dropped", self.name)
                     self.remove_member(sub)
+            if record is not None:
+                record.handed(encoding, len(subs))
 
-    def _deliver_batch(self, messages: list[Message]) -> None:
+    def _deliver_batch(
+        self, messages: list[Message], record: edge_metrics.FanoutRecord | None
+    ) -> None:
         batch = Batch(messages)
-        for _encoding, subs in tuple(self.members.items()):
+        for encoding, subs in tuple(self.members.items()):
             for sub in tuple(subs):
                 try:
                     deliver_batch = getattr(sub, "deliver_batch", None)
@@ -281,6 +289,8 @@ class Topic:
                 except Exception:
                     log.exception("deliver failed on %s; subscriber dropped", self.name)
                     self.remove_member(sub)
+            if record is not None:
+                record.handed(encoding, len(subs))
 
     def deliver_event(self, event: str, payload: dict) -> None:
         """An ephemeral event of this topic, to its members and joiners."""

@@ -2,7 +2,9 @@
 
 - ``files``: the per-role directories of multiprocess files (wiped when a new run starts) and
   the collector that sums them for ``/metrics``, skipping the live gauges of dead processes;
-- ``instruments``: every metric we record, with label children bound once for the hot paths;
+- ``instruments``: every metric we record, with label children bound once for the hot paths
+  (no-op stand-ins when ``METRICS_ENABLED`` is false); the realtime edge's recording sites are
+  in ``channels_app/edge_metrics.py``;
 - ``state``: gauges read when collected (deliveries by status, breakers, providers' health,
   Celery queues, memory and CPU per role, alerts, build);
 - ``exposition``: the ``/metrics`` view (bearer ``METRICS_TOKEN`` or a staff session);

@@ -3,6 +3,10 @@ multiprocess files (``files.prepare``), so no value is written to a directory ab
 
 Hot paths use children bound once (``ingested["api"].inc()``), never ``.labels(...)`` per
 observation: a label lookup hashes the label values and takes a lock each time.
+
+With ``METRICS_ENABLED`` false every name below is ``OFF``, a stand-in with the same interface
+that records nothing (no file is written); a site that computes something only to record it
+(a timestamp, a duration) checks ``ENABLED`` first and skips the work.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from django.conf import settings
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import files
+
+ENABLED: bool = settings.METRICS_ENABLED
 
 files.prepare()
 
@@ -40,67 +47,6 @@ LATENCY_BUCKETS = (
 REALTIME_TRANSPORTS = ("websocket", "phoenix", "sse")
 SOURCES = ("k8s", "alertmanager", "workflow", "user", "api", "system")
 
-CONNECTIONS_ACTIVE = Gauge(
-    "notify_connections_active",
-    "Open realtime connections.",
-    ["transport"],
-    multiprocess_mode="livesum",
-)
-CONNECTIONS_ACCEPTED = Counter(
-    "notify_connections_accepted_total", "Realtime connections accepted.", ["transport"]
-)
-CONNECTIONS_CLOSED = Counter(
-    "notify_connections_closed_total",
-    "Realtime connections closed, by reason (a close code's name or 'client').",
-    ["transport", "reason"],
-)
-SUBSCRIPTIONS_ACTIVE = Gauge(
-    "notify_subscriptions_active",
-    "Topic subscriptions of open connections.",
-    ["transport", "topic_namespace"],
-    multiprocess_mode="livesum",
-)
-PRESENCE_USERS = Gauge(
-    "notify_presence_users",
-    "Presence entries (a user on a topic) held by this host's connections.",
-    ["topic_namespace"],
-    multiprocess_mode="livesum",
-)
-INGESTED = Counter(
-    "notify_notifications_ingested_total", "Notifications stored (committed).", ["source"]
-)
-INGEST_DURATION = Histogram(
-    "notify_ingest_duration_seconds",
-    "Time of an ingest request, from its first byte read to its answer.",
-    buckets=LATENCY_BUCKETS,
-)
-MESSAGES_SENT = Counter(
-    "notify_messages_sent_total", "Notifications handed to realtime clients.", ["transport"]
-)
-FANOUT_DURATION = Histogram(
-    "notify_fanout_duration_seconds",
-    "Time to hand one published batch to every local subscriber of its topic.",
-    buckets=LATENCY_BUCKETS,
-)
-DELIVERY_DURATION = Histogram(
-    "notify_delivery_duration_seconds",
-    "From ingest to the client (realtime: handed to the socket) or to the provider's acceptance "
-    "(email, SMS, webhook).",
-    ["channel"],
-    buckets=LATENCY_BUCKETS,
-)
-DELIVERY_ATTEMPTS = Counter(
-    "notify_delivery_attempts_total",
-    "Provider calls (and refusals to call) of outbound deliveries.",
-    ["channel", "provider", "outcome"],
-)
-
-ingested = {source: INGESTED.labels(source=source) for source in SOURCES}
-connections_active = {t: CONNECTIONS_ACTIVE.labels(transport=t) for t in REALTIME_TRANSPORTS}
-connections_accepted = {t: CONNECTIONS_ACCEPTED.labels(transport=t) for t in REALTIME_TRANSPORTS}
-messages_sent = {t: MESSAGES_SENT.labels(transport=t) for t in REALTIME_TRANSPORTS}
-realtime_delivery = {t: DELIVERY_DURATION.labels(channel=t) for t in REALTIME_TRANSPORTS}
-
 _NAMESPACE_END = re.compile(r"[.:]")
 
 
@@ -124,18 +70,126 @@ class BoundCache:
         return child
 
 
-subscriptions_active = BoundCache(
-    lambda transport, namespace: SUBSCRIPTIONS_ACTIVE.labels(
-        transport=transport, topic_namespace=namespace
+class Off:
+    """What every metric and child is with ``METRICS_ENABLED`` false: records nothing."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def labels(self, *_values: str, **_labels: str) -> Off:
+        return self
+
+
+OFF = Off()
+
+
+def _off_cache(*_key: str) -> Off:
+    return OFF
+
+
+OFF_CACHE = _off_cache
+
+
+if ENABLED:
+    CONNECTIONS_ACTIVE = Gauge(
+        "notify_connections_active",
+        "Open realtime connections.",
+        ["transport"],
+        multiprocess_mode="livesum",
     )
-)
-presence_users = BoundCache(lambda namespace: PRESENCE_USERS.labels(topic_namespace=namespace))
-connections_closed = BoundCache(
-    lambda transport, reason: CONNECTIONS_CLOSED.labels(transport=transport, reason=reason)
-)
-delivery_duration = BoundCache(lambda channel: DELIVERY_DURATION.labels(channel=channel))
-delivery_attempts = BoundCache(
-    lambda channel, provider, outcome: DELIVERY_ATTEMPTS.labels(
-        channel=channel, provider=provider, outcome=outcome
+    CONNECTIONS_ACCEPTED = Counter(
+        "notify_connections_accepted_total", "Realtime connections accepted.", ["transport"]
     )
-)
+    CONNECTIONS_CLOSED = Counter(
+        "notify_connections_closed_total",
+        "Realtime connections closed, by reason: the server's close code's name (too_slow, "
+        "try_later, ...), 'client' when the client closed, 'normal' when the server shut down.",
+        ["transport", "reason"],
+    )
+    SUBSCRIPTIONS_ACTIVE = Gauge(
+        "notify_subscriptions_active",
+        "Topic subscriptions of open connections.",
+        ["transport", "topic_namespace"],
+        multiprocess_mode="livesum",
+    )
+    PRESENCE_USERS = Gauge(
+        "notify_presence_users",
+        "Presence entries (a user on a topic) held by this host's connections.",
+        ["topic_namespace"],
+        multiprocess_mode="livesum",
+    )
+    INGESTED = Counter(
+        "notify_notifications_ingested_total", "Notifications stored (committed).", ["source"]
+    )
+    INGEST_DURATION = Histogram(
+        "notify_ingest_duration_seconds",
+        "Time of an ingest request, from its first byte read to its answer.",
+        buckets=LATENCY_BUCKETS,
+    )
+    MESSAGES_SENT = Counter(
+        "notify_messages_sent_total", "Notifications handed to realtime clients.", ["transport"]
+    )
+    FANOUT_DURATION = Histogram(
+        "notify_fanout_duration_seconds",
+        "Time to hand one published batch to every local subscriber of its topic.",
+        buckets=LATENCY_BUCKETS,
+    )
+    DELIVERY_DURATION = Histogram(
+        "notify_delivery_duration_seconds",
+        "From ingest to the client (realtime: handed to a transport's sockets, once per live "
+        "message per transport and process) or to the provider's acceptance (email, SMS, "
+        "webhook).",
+        ["channel"],
+        buckets=LATENCY_BUCKETS,
+    )
+    DELIVERY_ATTEMPTS = Counter(
+        "notify_delivery_attempts_total",
+        "Provider calls (and refusals to call) of outbound deliveries.",
+        ["channel", "provider", "outcome"],
+    )
+
+    ingested = {source: INGESTED.labels(source=source) for source in SOURCES}
+    connections_active = {t: CONNECTIONS_ACTIVE.labels(transport=t) for t in REALTIME_TRANSPORTS}
+    connections_accepted = {
+        t: CONNECTIONS_ACCEPTED.labels(transport=t) for t in REALTIME_TRANSPORTS
+    }
+    messages_sent = {t: MESSAGES_SENT.labels(transport=t) for t in REALTIME_TRANSPORTS}
+    realtime_delivery = {t: DELIVERY_DURATION.labels(channel=t) for t in REALTIME_TRANSPORTS}
+
+    subscriptions_active = BoundCache(
+        lambda transport, namespace: SUBSCRIPTIONS_ACTIVE.labels(
+            transport=transport, topic_namespace=namespace
+        )
+    )
+    presence_users = BoundCache(lambda namespace: PRESENCE_USERS.labels(topic_namespace=namespace))
+    connections_closed = BoundCache(
+        lambda transport, reason: CONNECTIONS_CLOSED.labels(transport=transport, reason=reason)
+    )
+    delivery_duration = BoundCache(lambda channel: DELIVERY_DURATION.labels(channel=channel))
+    delivery_attempts = BoundCache(
+        lambda channel, provider, outcome: DELIVERY_ATTEMPTS.labels(
+            channel=channel, provider=provider, outcome=outcome
+        )
+    )
+else:
+    CONNECTIONS_ACTIVE = CONNECTIONS_ACCEPTED = CONNECTIONS_CLOSED = OFF
+    SUBSCRIPTIONS_ACTIVE = PRESENCE_USERS = INGESTED = INGEST_DURATION = OFF
+    MESSAGES_SENT = FANOUT_DURATION = DELIVERY_DURATION = DELIVERY_ATTEMPTS = OFF
+    ingested = dict.fromkeys(SOURCES, OFF)
+    connections_active = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
+    connections_accepted = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
+    messages_sent = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
+    realtime_delivery = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
+    subscriptions_active = presence_users = connections_closed = OFF_CACHE
+    delivery_duration = delivery_attempts = OFF_CACHE
