@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from ..models import Delivery, Provider
 from . import service, transitions
@@ -155,13 +155,12 @@ class BreakerStateAdmin(admin.ModelAdmin):
     def transition_log(self, obj: BreakerState):
         if not obj.transitions:
             return "none yet"
-        return format_html(
-            "<ul>{}</ul>",
-            format_html(
-                "".join("<li>{} {} → {}: {}</li>" for _ in obj.transitions),
-                *[v for t in obj.transitions for v in (t["at"], t["from"], t["to"], t["reason"])],
-            ),
+        items = format_html_join(
+            "",
+            "<li>{} {} → {}: {}</li>",
+            ((t["at"], t["from"], t["to"], t["reason"]) for t in obj.transitions),
         )
+        return format_html("<ul>{}</ul>", items)
 
     @admin.action(description="Reset (closed, window cleared)")
     def reset(self, request: HttpRequest, queryset) -> None:

@@ -24,13 +24,20 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 MARKER = ".run"
 
 
-def _start_time(pid: int) -> str:
-    """The start time of ``pid`` (clock ticks since boot), or '' when it is gone."""
+def stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (the first is the state, so
+    field N of proc(5) is index N - 3); [] when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]
+            return stat.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _start_time(pid: int) -> str:
+    """The start time of ``pid`` (clock ticks since boot), or '' when it is gone."""
+    fields = stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def prepare() -> str:

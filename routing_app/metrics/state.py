@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db.models import Count
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .files import live_pids, role_directories
+from .files import live_pids, role_directories, stat_fields
 
 log = logging.getLogger(__name__)
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -139,9 +139,8 @@ def process_usage(pid: int) -> tuple[int, float]:
     try:
         with open(f"/proc/{pid}/statm") as statm:
             resident = int(statm.read().split()[1]) * PAGE_BYTES
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return resident, (int(fields[11]) + int(fields[12])) / CLK_TCK
+        fields = stat_fields(pid)
+        return resident, (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
     except (OSError, IndexError, ValueError):
         return 0, 0.0
 
