@@ -10,7 +10,10 @@ JSON path of the bad field in the request body (``["query", name]`` for query pa
 ``error_response`` builds it, here and in notify_project/api.py's error handlers):
 400 bad input, 401 no/invalid/revoked key, 403 key lacks the scope, source or topic, 413 body too
 large, 415 not JSON, 422 idempotency key reused with another body, 429 over the key's rate
-(``Retry-After``), 503 database or rate limiter unreachable (``Retry-After``).
+(``Retry-After``), 503 database unreachable or not answering within ``INGEST_DEADLINE_S``: nothing
+stored (``Retry-After``), 504 the commit was sent but not confirmed by the deadline: it may be
+stored, a retry with the same ``idempotency_key`` tells (``Retry-After``). While the rate
+limiter's Redis is away, each process counts its share of the key's rate (apikeys.py).
 
 Order of checks: body size and content type, then the key (401/403), then the body's shape (400),
 then the key's rights on what it posts (403), then, on a database thread, the rate (429) and the
@@ -45,6 +48,7 @@ from .ingest import (
     check,
     persist,
 )
+from .ingest_deadline import CommitWindow, NotStored, deadline_of, store_by_deadline
 from .models import SEVERITIES, SOURCES
 from .topics import is_valid_topic
 
@@ -145,7 +149,7 @@ class History(Schema):
     next_after: int = Field(description="pass as ?after= to read on")
 
 
-ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503)}
+ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503, 504)}
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -217,10 +221,14 @@ def _authorize(key: KeyInfo, items: list[NotificationIn]) -> None:
             raise AuthorizationError(403, f"this API key may not post to topic '{item.topic}'")
 
 
-def _ingest_as(key: KeyInfo, items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:
+def _ingest_as(
+    key: KeyInfo, items: list[NotificationIn], on_conflict: str, window: CommitWindow
+) -> list[IngestResult]:
+    if window.closed:  # its deadline passed while it waited for a database thread
+        raise NotStored()
     apikeys.check_rate(key)
     apikeys.touch(key)
-    return persist(items, on_conflict=on_conflict)
+    return persist(items, on_conflict=on_conflict, windows=[window])
 
 
 def _locate(exc: IngestError, loc_prefix: list | None) -> IngestError:
@@ -233,16 +241,22 @@ def _locate(exc: IngestError, loc_prefix: list | None) -> IngestError:
 
 
 async def _store(
-    key: KeyInfo, items: list[NotificationIn], on_conflict: str, loc_prefix: list | None = None
+    request: HttpRequest,
+    items: list[NotificationIn],
+    on_conflict: str,
+    loc_prefix: list | None = None,
 ) -> list[IngestResult]:
-    """Authorize, check and store ``items`` for ``key``: API posts (``REFUSE``) join the group
-    commit (group_commit.py); source posts, which keep the first of a reused key, go alone."""
+    """Authorize, check and store ``items`` for the request's key by the request's deadline
+    (ingest_deadline.py): API posts (``REFUSE``) join the group commit (group_commit.py); source
+    posts, which keep the first of a reused key, go alone."""
+    key, deadline = request.auth, deadline_of(request)
     _authorize(key, items)
     try:
         check(items)
         if on_conflict == REFUSE:
-            return await group_commit.submit(key, items)
-        return await db_threads.run(_ingest_as, key, items, on_conflict)
+            return await group_commit.submit(key, items, deadline)
+        store = functools.partial(_ingest_as, key, items, on_conflict)
+        return await store_by_deadline(deadline, store)
     except IngestError as exc:
         raise _locate(exc, loc_prefix) from None
 
@@ -264,7 +278,7 @@ def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpRes
 @decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
 async def post_notification(request: HttpRequest, payload: NotificationBody):
     """Store one notification; 202 with its topic seq once committed."""
-    [result] = await _store(request.auth, [payload.to_item()], REFUSE)
+    [result] = await _store(request, [payload.to_item()], REFUSE)
     response = json_response(request, result.answer(), 202)
     if not result.created:
         response["Idempotent-Replayed"] = "true"
@@ -282,7 +296,7 @@ async def post_batch(request: HttpRequest, payload: BatchBody):
     """All or nothing: one bad item (400, ``loc`` names it) stores none. ``results`` answers
     each item in order; ``replayed`` marks items an earlier request stored (same key)."""
     items = [n.to_item() for n in payload.notifications]
-    return _accepted_list(request, await _store(request.auth, items, REFUSE, ["notifications"]))
+    return _accepted_list(request, await _store(request, items, REFUSE, ["notifications"]))
 
 
 @router.post(
@@ -297,7 +311,7 @@ async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerW
     """Point an Alertmanager ``webhook_config`` here (with ``http_config.authorization``
     credentials = the API key). One notification per alert on ``alerts.<alertname>``."""
     items = sources.alertmanager_notifications(payload)
-    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+    return _accepted_list(request, await _store(request, items, KEEP_FIRST))
 
 
 @router.post(
@@ -311,7 +325,7 @@ async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerW
 async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent):
     """One notification on ``k8s.<namespace>.<kind>``."""
     items = sources.kubernetes_notifications(payload)
-    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+    return _accepted_list(request, await _store(request, items, KEEP_FIRST))
 
 
 @router.post(
@@ -325,7 +339,7 @@ async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent
 async def post_workflow(request: HttpRequest, payload: sources.WorkflowStep):
     """One notification on ``workflow.<workflow>``."""
     items = sources.workflow_notifications(payload)
-    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+    return _accepted_list(request, await _store(request, items, KEEP_FIRST))
 
 
 def _history(key: KeyInfo, topic: str, after: int, limit: int) -> stream_reads.HistoryPage:

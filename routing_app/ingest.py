@@ -24,6 +24,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from . import db_threads, router
+from .ingest_deadline import CommitWindow, claim_commit, settle
 from .models import SEVERITIES, SOURCES, Notification
 from .stream_writes import insert_notifications
 from .topics import is_valid_topic
@@ -185,10 +186,28 @@ def check(items: list[NotificationIn]) -> None:
         raise IngestError(errors)
 
 
-def persist(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
-    """Store ``items``, already ``check``-ed, in one transaction (see ``ingest``)."""
-    with transaction.atomic():
-        return _persist(items, on_conflict)
+def persist(
+    items: list[NotificationIn],
+    *,
+    on_conflict: str = REFUSE,
+    windows: list[CommitWindow] | None = None,
+) -> list[IngestResult]:
+    """Store ``items``, already ``check``-ed, in one transaction (see ``ingest``).
+
+    With ``windows`` (the requests' commit windows, ingest_deadline.py) the transaction commits
+    only if every window is still open and within its deadline; else it rolls back and NotStored
+    (503) is raised.
+    """
+    if windows is None:
+        with transaction.atomic():
+            return _persist(items, on_conflict)
+    try:
+        with transaction.atomic():
+            results = _persist(items, on_conflict)
+            claim_commit(windows)  # the last step before COMMIT: raising here rolls back
+        return results
+    finally:
+        settle(windows)
 
 
 def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:

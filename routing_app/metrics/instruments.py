@@ -159,6 +159,17 @@ if ENABLED:
         ["channel", "provider", "outcome"],
     )
 
+    LIMITER_FALLBACK = Gauge(
+        "notify_limiter_fallback",
+        "Processes counting API keys' ingest rates on their own (each its share of a key's "
+        "rate) because the rate limiter's Redis does not answer.",
+        multiprocess_mode="livesum",
+    )
+    LIMITER_FALLBACK_REQUESTS = Counter(
+        "notify_limiter_fallback_requests_total",
+        "Ingest requests counted by a process's own share of their key's rate (Redis away).",
+    )
+
     ingested = {source: INGESTED.labels(source=source) for source in SOURCES}
     connections_active = {t: CONNECTIONS_ACTIVE.labels(transport=t) for t in REALTIME_TRANSPORTS}
     connections_accepted = {
@@ -186,6 +197,7 @@ else:
     CONNECTIONS_ACTIVE = CONNECTIONS_ACCEPTED = CONNECTIONS_CLOSED = OFF
     SUBSCRIPTIONS_ACTIVE = PRESENCE_USERS = INGESTED = INGEST_DURATION = OFF
     MESSAGES_SENT = FANOUT_DURATION = DELIVERY_DURATION = DELIVERY_ATTEMPTS = OFF
+    LIMITER_FALLBACK = LIMITER_FALLBACK_REQUESTS = OFF
     ingested = dict.fromkeys(SOURCES, OFF)
     connections_active = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
     connections_accepted = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
