@@ -13,6 +13,7 @@ socket and on SSE.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,8 +29,10 @@ from tests.test_cross_process import ORIGIN, Received, plain_client, running, ss
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
-DEADLINE_S = 1  # INGEST_DEADLINE_S of the server under test (the default is 4 s)
-PAUSE_S = 3  # at least this long, and until every poster has been answered while paused
+# The bounded form; the long one (a 10 s pause under the default 4 s deadline) is
+# CHAOS_PG_PAUSE_S=10 CHAOS_INGEST_DEADLINE_S=4.
+DEADLINE_S = int(os.environ.get("CHAOS_INGEST_DEADLINE_S", "1"))  # the server's INGEST_DEADLINE_S
+PAUSE_S = float(os.environ.get("CHAOS_PG_PAUSE_S", "3"))  # and until each poster got a 503
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +65,20 @@ def committed(postgres: PostgresServer, topic: str) -> dict[str, int]:
     return dict(rows)
 
 
-def clients_of(base: str) -> list[Received]:
-    return [Received("socket"), Received("sse")]
+def subscribers(deployment: dict, topic: str) -> tuple[list[Received], list]:
+    """A plain socket and an SSE client of ``topic`` from its first seq, resuming with ``since``
+    / ``Last-Event-ID``: what each received, and the coroutines to run."""
+    base, token = deployment["server"].base, deployment["token"]
+    clients = [Received("socket"), Received("sse")]
+    coros = [plain_client(base, topic, token, clients[0], 0)]
+    coros.append(sse_client(base, topic, token, clients[1], 0))
+    return clients, coros
 
 
 async def test_postgres_paused_answers_503_by_the_deadline_and_loses_nothing(deployment):
     postgres, server = deployment["postgres"], deployment["server"]
     topic = "faults.pg-pause"
-    clients = clients_of(server.base)
-    coros = [
-        plain_client(server.base, topic, deployment["token"], clients[0], 0),
-        sse_client(server.base, topic, deployment["token"], clients[1], 0),
-    ]
+    clients, coros = subscribers(deployment, topic)
     async with running(*coros), httpx.AsyncClient() as http:
         await wait_live(*clients)
         posters = Posters(http, [server.base], deployment["api_key"], topic, count=8)
@@ -118,11 +123,7 @@ async def test_postgres_restarted_connections_come_back_without_a_server_restart
     postgres, server = deployment["postgres"], deployment["server"]
     topic = "faults.pg-restart"
     pid = server.pid
-    clients = clients_of(server.base)
-    coros = [
-        plain_client(server.base, topic, deployment["token"], clients[0], 0),
-        sse_client(server.base, topic, deployment["token"], clients[1], 0),
-    ]
+    clients, coros = subscribers(deployment, topic)
     async with running(*coros), httpx.AsyncClient() as http:
         await wait_live(*clients)
         posters = Posters(http, [server.base], deployment["api_key"], topic, count=8)
