@@ -149,7 +149,8 @@ class History(Schema):
     next_after: int = Field(description="pass as ?after= to read on")
 
 
-ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503, 504)}
+ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503)}
+INGEST_ERRORS: dict[int, type] = {**ERRORS, 504: ErrorOut}  # 504: a commit in doubt
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpRes
 
 @router.post(
     "/notifications",
-    response={202: Accepted, **ERRORS},
+    response={202: Accepted, **INGEST_ERRORS},
     auth=ingest_key,
     summary="Post one notification",
 )
@@ -287,7 +288,7 @@ async def post_notification(request: HttpRequest, payload: NotificationBody):
 
 @router.post(
     "/notifications/batch",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
     summary="Post up to 1000 notifications in one transaction",
 )
@@ -301,7 +302,7 @@ async def post_batch(request: HttpRequest, payload: BatchBody):
 
 @router.post(
     "/sources/alertmanager",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
     summary="Alertmanager webhook (v4)",
     tags=["sources"],
@@ -316,7 +317,7 @@ async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerW
 
 @router.post(
     "/sources/kubernetes",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
     summary="Kubernetes Event (core/v1, or kubernetes-event-exporter webhook)",
     tags=["sources"],
@@ -330,7 +331,7 @@ async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent
 
 @router.post(
     "/sources/workflow",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
     summary="Workflow step started/succeeded/failed/compensated",
     tags=["sources"],

@@ -20,11 +20,11 @@ import zlib
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from . import db_threads, router
-from .ingest_deadline import CommitWindow, claim_commit, settle
+from .ingest_deadline import CommitInDoubt, CommitWindow, claim_commit, settle
 from .models import SEVERITIES, SOURCES, Notification
 from .stream_writes import insert_notifications
 from .topics import is_valid_topic
@@ -196,16 +196,23 @@ def persist(
 
     With ``windows`` (the requests' commit windows, ingest_deadline.py) the transaction commits
     only if every window is still open and within its deadline; else it rolls back and NotStored
-    (503) is raised.
+    (503) is raised. A connection lost during the COMMIT itself raises CommitInDoubt (504): the
+    database may have committed before the connection went.
     """
     if windows is None:
         with transaction.atomic():
             return _persist(items, on_conflict)
+    claimed = False
     try:
         with transaction.atomic():
             results = _persist(items, on_conflict)
             claim_commit(windows)  # the last step before COMMIT: raising here rolls back
+            claimed = True
         return results
+    except (OperationalError, InterfaceError) as exc:
+        if claimed:
+            raise CommitInDoubt() from exc
+        raise
     finally:
         settle(windows)
 

@@ -14,8 +14,9 @@ import time
 
 import psycopg
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection, connections
 
+from routing_app.ingest import NotificationIn, check, persist
 from routing_app.ingest_deadline import (
     CLOSED,
     COMMITTING,
@@ -135,3 +136,18 @@ async def test_an_unclaimed_request_answers_503_at_the_deadline_and_its_outcome_
     with pytest.raises(NotStored):
         await answer_by_deadline(window, outcome)
     assert outcome.cancelled() and window.state == CLOSED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_lost_during_the_commit_itself_is_in_doubt(monkeypatch):
+    item = NotificationIn(topic="deadline.doubt", event="tick")
+    check([item])
+    window = CommitWindow(time.monotonic() + 60)
+
+    def connection_lost() -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(connections["default"], "commit", connection_lost)
+    with pytest.raises(CommitInDoubt):
+        persist([item], windows=[window])
+    assert window.expire() == "done"  # settled: the waiting side hears the 504, not a 503
