@@ -112,16 +112,18 @@ class PostgresServer(Started):
             cursor = conn.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
 
-    def _cluster_pids(self) -> list[int]:
-        """The postmaster, then its children (each backend is its own process group leader,
-        so a signal to the postmaster's group would miss them)."""
-        pids = [self.proc.pid]
+    def _backends(self) -> list[int]:
+        """The postmaster's children (each backend is its own process group leader, so a signal
+        to the postmaster's group would miss them)."""
+        pids = []
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             pids += [int(pid) for pid in (task / "children").read_text().split()]
         return pids
 
     def _signal_cluster(self, signum: signal.Signals) -> None:
-        for pid in self._cluster_pids():
+        """The postmaster first (once stopped it forks no new backend), then every child."""
+        os.kill(self.proc.pid, signum)
+        for pid in self._backends():
             with contextlib.suppress(ProcessLookupError):  # a backend that just exited
                 os.kill(pid, signum)
 
