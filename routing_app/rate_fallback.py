@@ -71,15 +71,23 @@ class RateFallback:
                 return
             self._since = time.monotonic()
         LIMITER_FALLBACK.set(1)
+        if settings.RATELIMIT_FAIL_OPEN:
+            admits = "every ingest request (RATELIMIT_FAIL_OPEN)"
+        else:
+            admits = (
+                f"1/{settings.INGEST_SERVER_PROCESSES} of each API key's ingest rate on its own "
+                "(INGEST_SERVER_PROCESSES)"
+            )
         log.warning(
-            "the rate limiter's store does not answer (%s): until it does, this process admits "
-            "1/%d of each API key's ingest rate on its own (INGEST_SERVER_PROCESSES)",
+            "the rate limiter's store does not answer (%s): until it does, this process admits %s",
             error,
-            settings.INGEST_SERVER_PROCESSES,
+            admits,
         )
 
     def store_answered(self) -> None:
         """The shared store answered: turn the fallback off (one warning, if it was on)."""
+        if self._since is None:  # the usual case, on every request: no lock
+            return
         with self._lock:
             since, self._since = self._since, None
         if since is None:
