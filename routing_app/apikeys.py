@@ -33,7 +33,13 @@ from ninja.errors import AuthenticationError, AuthorizationError, HttpError
 from ninja.security import HttpBearer
 
 from . import db_threads
-from .ingest_deadline import UNAVAILABLE_RETRY_AFTER_S, NotStored, deadline_of, remaining_s
+from .ingest_deadline import (
+    UNAVAILABLE_RETRY_AFTER_S,
+    NotStored,
+    deadline_of,
+    missed,
+    remaining_s,
+)
 from .models import RATE_RE, ApiKey
 from .rate_fallback import fallback
 from .topics import matches_any
@@ -154,6 +160,7 @@ async def authenticate_raw(raw_key: str, deadline: float) -> KeyInfo:
         try:
             info = await asyncio.wait_for(db_threads.run(load_key, prefix), remaining_s(deadline))
         except TimeoutError:
+            missed("not_stored")
             raise NotStored() from None
         if info is not None:  # unknown prefixes are not cached: a key created now works now
             _cache[prefix] = (time.monotonic(), info)

@@ -24,7 +24,7 @@ from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from . import db_threads, router
-from .ingest_deadline import CommitInDoubt, CommitWindow, claim_commit, settle
+from .ingest_deadline import CommitInDoubt, CommitWindow, claim_commit, missed, settle
 from .models import SEVERITIES, SOURCES, Notification
 from .stream_writes import insert_notifications
 from .topics import is_valid_topic
@@ -211,6 +211,7 @@ def persist(
         return results
     except (OperationalError, InterfaceError) as exc:
         if claimed:
+            missed("in_doubt", len(windows))
             raise CommitInDoubt() from exc
         raise
     finally:

@@ -23,11 +23,16 @@ decide its fate under one lock, so exactly one of them wins:
 In a group commit (group_commit.py) the transaction holds several requests; it commits only if
 every one of their windows is still open, so one request's deadline rolls the whole group back
 (the others answer 503 at once: their notifications were not stored either).
+
+Every miss counts in ``notify_ingest_deadline_missed_total`` (by outcome); the first miss after
+``MISS_QUIET_S`` without one logs a warning, so an outage says so once, not once per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -38,13 +43,36 @@ from django.http import HttpRequest
 from ninja.errors import HttpError
 
 from . import db_threads
+from .metrics.instruments import ingest_deadline_missed
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+MISS_QUIET_S = 60.0  # a miss after this long without one is a new outage: it is logged
 
 UNAVAILABLE_RETRY_AFTER_S = 5  # what 503 answers tell clients to wait
 OPEN, COMMITTING, CLOSED, DONE = "open", "committing", "closed", "done"
 _ATTRIBUTE = "_notify_ingest_deadline"
 _lock = threading.Lock()  # every window's state changes under it (a few per request)
+_last_miss = -math.inf  # time.monotonic() of the latest miss
+
+
+def missed(outcome: str, requests: int = 1) -> None:
+    """Count ``requests`` that missed their deadline (``not_stored`` or ``in_doubt``); warn on
+    the first miss of an outage (see the module docstring)."""
+    global _last_miss
+    ingest_deadline_missed[outcome].inc(requests)
+    now = time.monotonic()
+    quiet_s, _last_miss = now - _last_miss, now
+    if quiet_s > MISS_QUIET_S:
+        log.warning(
+            "ingest: the database did not commit a post within INGEST_DEADLINE_S (%s s); such "
+            "posts answer 503 (504 when their commit was sent but not confirmed), and are "
+            "counted in notify_ingest_deadline_missed_total, logged again only after %.0f s "
+            "without one",
+            settings.INGEST_DEADLINE_S,
+            MISS_QUIET_S,
+        )
 
 
 class NotStored(HttpError):
@@ -103,11 +131,17 @@ class CommitWindow:
     def expire(self) -> str:
         """The waiting side's deadline passed: close the window if the commit was not claimed.
         Returns the state it leaves: CLOSED (answer 503), COMMITTING (504) or DONE (the result is
-        on its way: wait for it)."""
+        on its way: wait for it). Counts the miss, unless the database side already did."""
         with _lock:
-            if self.state == OPEN:
+            closing = self.state == OPEN
+            if closing:
                 self.state = CLOSED
-            return self.state
+            state = self.state
+        if closing:
+            missed("not_stored")
+        elif state == COMMITTING:
+            missed("in_doubt")
+        return state
 
 
 def claim_commit(windows: list[CommitWindow]) -> None:
@@ -120,9 +154,13 @@ def claim_commit(windows: list[CommitWindow]) -> None:
             for window in windows:
                 window.state = COMMITTING
             return
+        closed_here = 0
         for window in windows:
             if window.state == OPEN:
                 window.state = CLOSED
+                closed_here += 1
+    if closed_here:  # those closed by their waiting side were counted there
+        missed("not_stored", closed_here)
     raise NotStored()
 
 

@@ -159,6 +159,12 @@ if ENABLED:
         ["channel", "provider", "outcome"],
     )
 
+    INGEST_DEADLINE_MISSED = Counter(
+        "notify_ingest_deadline_missed_total",
+        "Ingest requests not committed within INGEST_DEADLINE_S, by outcome: not_stored (503, "
+        "rolled back), in_doubt (504, the commit was sent and not confirmed).",
+        ["outcome"],
+    )
     LIMITER_FALLBACK = Gauge(
         "notify_limiter_fallback",
         "Processes counting API keys' ingest rates on their own (each its share of a key's "
@@ -171,6 +177,10 @@ if ENABLED:
     )
 
     ingested = {source: INGESTED.labels(source=source) for source in SOURCES}
+    ingest_deadline_missed = {
+        outcome: INGEST_DEADLINE_MISSED.labels(outcome=outcome)
+        for outcome in ("not_stored", "in_doubt")
+    }
     connections_active = {t: CONNECTIONS_ACTIVE.labels(transport=t) for t in REALTIME_TRANSPORTS}
     connections_accepted = {
         t: CONNECTIONS_ACCEPTED.labels(transport=t) for t in REALTIME_TRANSPORTS
@@ -197,7 +207,8 @@ else:
     CONNECTIONS_ACTIVE = CONNECTIONS_ACCEPTED = CONNECTIONS_CLOSED = OFF
     SUBSCRIPTIONS_ACTIVE = PRESENCE_USERS = INGESTED = INGEST_DURATION = OFF
     MESSAGES_SENT = FANOUT_DURATION = DELIVERY_DURATION = DELIVERY_ATTEMPTS = OFF
-    LIMITER_FALLBACK = LIMITER_FALLBACK_REQUESTS = OFF
+    LIMITER_FALLBACK = LIMITER_FALLBACK_REQUESTS = INGEST_DEADLINE_MISSED = OFF
+    ingest_deadline_missed = dict.fromkeys(("not_stored", "in_doubt"), OFF)
     ingested = dict.fromkeys(SOURCES, OFF)
     connections_active = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
     connections_accepted = dict.fromkeys(REALTIME_TRANSPORTS, OFF)

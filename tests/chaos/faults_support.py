@@ -15,9 +15,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_cross_process import Received
 
+METRICS_TOKEN = "chaos-metrics-token"  # the servers' METRICS_TOKEN: /metrics answers with it
 POSTER_PACE_S = 0.05  # a publisher's pause between two posts: load, not a flood, on 2 cores
 POST_TIMEOUT_S = 30  # far above any deadline: a post that gets no answer at all fails the test
 
@@ -158,3 +160,18 @@ def delivery_figures(
     for client in clients:
         assert client.seqs == seqs, f"{client.name} got {client.seqs[-10:]}, stored {seqs[-10:]}"
     return figures
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with ``labels`` on the server's ``/metrics`` (summed over
+    the host's processes; 0 when absent)."""
+    answer = httpx.get(
+        f"{base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )

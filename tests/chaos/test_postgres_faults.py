@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.chaos.faults_support import Posters, delivery_figures
+from tests.chaos.faults_support import METRICS_TOKEN, Posters, delivery_figures, metric
 from tests.chaos.pg_support import PostgresServer, own_environment
 from tests.chaos.report import record
 from tests.servers import NotifyServer, RedisServer, seed
@@ -45,6 +45,8 @@ def deployment(tmp_path_factory) -> Iterator[dict]:
             redis.url,
             INGEST_DEADLINE_S=str(DEADLINE_S),
             NOTIFY_ALLOWED_ORIGINS=ORIGIN,
+            METRICS_TOKEN=METRICS_TOKEN,
+            METRICS_DIR=str(directory / "metrics"),
         )
         setup = seed(env)
         with NotifyServer(env, directory / "server.log") as server:
@@ -107,6 +109,13 @@ async def test_postgres_paused_answers_503_by_the_deadline_and_loses_nothing(dep
     assert all(a.status is not None for a in answers), "a post got no HTTP answer"
     assert reconnects == [0, 0], "a client's connection dropped while Postgres was paused"
     figures = delivery_figures(answers, stored, clients)
+    missed = {
+        outcome: metric(server.base, "notify_ingest_deadline_missed_total", outcome=outcome)
+        for outcome in ("not_stored", "in_doubt")
+    }
+    assert missed == {"not_stored": figures["answered_503"], "in_doubt": figures["answered_504"]}
+    log = server.log.read_text(errors="replace")
+    assert log.count("did not commit a post within INGEST_DEADLINE_S") == 1, "once per outage"
     record(
         "postgres paused",
         faults_injected=1,

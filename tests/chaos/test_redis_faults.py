@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.chaos.faults_support import Posters, delivery_figures
+from tests.chaos.faults_support import METRICS_TOKEN, Posters, delivery_figures, metric
 from tests.chaos.report import record
 from tests.servers import NotifyServer, RedisServer, run_script, seed, server_environment
 from tests.test_cross_process import (
@@ -37,7 +36,6 @@ from tests.test_cross_process import (
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 OUTAGE_S = 5  # Redis stays away at least this long, and until every poster was answered meanwhile
-METRICS_TOKEN = "chaos-metrics-token"
 FALLBACK_ON = "the rate limiter's store does not answer"
 FALLBACK_OFF = "the rate limiter's store answers again"
 PRESENCE_TTL_S = 3  # the servers renew presence every 1 s: it comes back soon after Redis does
@@ -73,12 +71,7 @@ def deployment(tmp_path_factory) -> Iterator[dict]:
 
 
 def fallback_gauge(base: str) -> float:
-    answer = httpx.get(
-        f"{base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10
-    )
-    assert answer.status_code == 200, answer.text
-    found = re.search(r"^notify_limiter_fallback(?:\{[^}]*\})? (\S+)$", answer.text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return metric(base, "notify_limiter_fallback")
 
 
 async def presence_users(http: httpx.AsyncClient, base: str, topic: str, api_key: str) -> list:
