@@ -14,8 +14,10 @@ event with details that changed (annotations, counters), and the first stored on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -23,8 +25,16 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from . import db_threads, router
-from .ingest_deadline import CommitInDoubt, CommitWindow, claim_commit, missed, settle
+from . import router
+from .ingest_deadline import (
+    CommitInDoubt,
+    CommitWindow,
+    NotStored,
+    claim_commit,
+    missed,
+    settle,
+    store_by_deadline,
+)
 from .models import SEVERITIES, SOURCES, Notification
 from .stream_writes import insert_notifications
 from .topics import is_valid_topic
@@ -230,8 +240,20 @@ def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[In
 
 
 async def aingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
-    """``ingest`` for async code: runs on a database pool thread (see db_threads)."""
-    return await db_threads.run(ingest, items, on_conflict=on_conflict)
+    """``ingest`` for async code, on a database pool thread (see db_threads), by ingest's
+    deadline: also raises NotStored (not committed within INGEST_DEADLINE_S, rolled back) and
+    CommitInDoubt (the commit was sent and not confirmed by then), both DatabaseErrors."""
+    deadline = time.monotonic() + settings.INGEST_DEADLINE_S
+    return await store_by_deadline(deadline, functools.partial(_ingest_within, items, on_conflict))
+
+
+def _ingest_within(
+    items: list[NotificationIn], on_conflict: str, window: CommitWindow
+) -> list[IngestResult]:
+    if window.closed:  # its deadline passed while it waited for a database thread
+        raise NotStored()
+    check(items)
+    return persist(items, on_conflict=on_conflict, windows=[window])
 
 
 def _persist(items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:

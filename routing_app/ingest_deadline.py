@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest
 from ninja.errors import HttpError
 
@@ -75,8 +76,9 @@ def missed(outcome: str, requests: int = 1) -> None:
         )
 
 
-class NotStored(HttpError):
-    """503: the deadline passed before the commit; nothing was or will be stored."""
+class NotStored(HttpError, DatabaseError):
+    """503: the deadline passed before the commit; nothing was or will be stored. Also a
+    DatabaseError, as callers of ``aingest`` already expect when the database fails."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -87,7 +89,7 @@ class NotStored(HttpError):
         self.retry_after_s = UNAVAILABLE_RETRY_AFTER_S
 
 
-class CommitInDoubt(HttpError):
+class CommitInDoubt(HttpError, DatabaseError):
     """504: the commit was sent but not confirmed by the deadline; it may have been stored."""
 
     def __init__(self) -> None:

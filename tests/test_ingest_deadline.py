@@ -14,9 +14,9 @@ import time
 
 import psycopg
 import pytest
-from django.db import OperationalError, connection, connections
+from django.db import DatabaseError, OperationalError, connection, connections
 
-from routing_app.ingest import NotificationIn, check, persist
+from routing_app.ingest import NotificationIn, aingest, check, persist
 from routing_app.ingest_deadline import (
     CLOSED,
     COMMITTING,
@@ -95,6 +95,27 @@ async def test_a_post_the_database_does_not_answer_gets_503_and_never_commits_la
     # rolled back (a late commit would have taken seq 2 itself).
     after = await api.post(URL, json=body(2), headers=bearer(ingest_key))
     assert after.status_code == 202 and after.json()["seq"] == 2, after.text
+    assert await seqs() == [1, 2]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="holds a row lock from a second Postgres session"
+)
+async def test_aingest_the_database_does_not_answer_raises_not_stored_and_never_commits_late(
+    settings, topic_locked
+):
+    settings.INGEST_DEADLINE_S = 1
+    hold, release = topic_locked
+    [first] = await aingest([NotificationIn(topic=TOPIC, event="tick")])
+    await asyncio.to_thread(hold)
+    with pytest.raises(NotStored) as raised:
+        await aingest([NotificationIn(topic=TOPIC, event="tick")])
+    release()
+
+    assert isinstance(raised.value, DatabaseError)  # what callers (a socket's publish) catch
+    [after] = await aingest([NotificationIn(topic=TOPIC, event="tick")])
+    assert (first.seq, after.seq) == (1, 2)  # the held one rolled back
     assert await seqs() == [1, 2]
 
 
