@@ -55,7 +55,9 @@ UNAVAILABLE_RETRY_AFTER_S = 5  # what 503 answers tell clients to wait
 OPEN, COMMITTING, CLOSED, DONE = "open", "committing", "closed", "done"
 _ATTRIBUTE = "_notify_ingest_deadline"
 _lock = threading.Lock()  # every window's state changes under it (a few per request)
-_last_miss = -math.inf  # time.monotonic() of the latest miss
+# time.monotonic() of the latest miss. Read and written without a lock (by the loop and by
+# database threads): an accepted race, at worst two warnings when an outage starts.
+_last_miss = -math.inf
 
 
 def missed(outcome: str, requests: int = 1) -> None:
