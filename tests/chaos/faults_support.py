@@ -34,6 +34,7 @@ class Answer:
     status: int | None
     seq: int | None = None
     retry_after: str | None = None
+    replayed: bool = False  # a 202 answering with a notification stored before
 
 
 @dataclass
@@ -49,6 +50,13 @@ class Posters:
     answers: list[Answer] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def repost(self, answer: Answer) -> tuple[Answer, bool]:
+        """Post ``answer``'s notification again under its idempotency key (what a client does
+        after a 504); the new answer, and whether it was a replay of a stored one."""
+        n = int(answer.key.rsplit("-", 1)[1])
+        again = await self._post(self.bases[0], answer.key, n)
+        return again, again.status == 202 and again.replayed
 
     async def _post(self, base: str, key: str, n: int) -> Answer:
         body = {
@@ -69,6 +77,7 @@ class Posters:
         answer.retry_after = response.headers.get("Retry-After")
         if response.status_code == 202:
             answer.seq = response.json()["seq"]
+            answer.replayed = response.headers.get("Idempotent-Replayed") == "true"
         else:
             assert response.status_code in (503, 504), response.text
         return answer

@@ -98,6 +98,8 @@ async def test_postgres_paused_answers_503_by_the_deadline_and_loses_nothing(dep
             resumed_at = time.monotonic()
             await posters.each_answered(202, resumed_at)
         reconnects = [client.reconnects for client in clients]
+        # A 504 is in doubt: its client retries under the same key and learns which it was.
+        retried = [await posters.repost(a) for a in posters.answers if a.status == 504]
         stored = committed(postgres, topic)
         for client in clients:
             await client.wait_for(max(stored.values()))
@@ -108,6 +110,8 @@ async def test_postgres_paused_answers_503_by_the_deadline_and_loses_nothing(dep
     assert all(a.retry_after for a in answers if a.status in (503, 504))
     assert all(a.status is not None for a in answers), "a post got no HTTP answer"
     assert reconnects == [0, 0], "a client's connection dropped while Postgres was paused"
+    for again, _ in retried:
+        assert again.status == 202 and stored[again.key] == again.seq, again
     figures = delivery_figures(answers, stored, clients)
     missed = {
         outcome: metric(server.base, "notify_ingest_deadline_missed_total", outcome=outcome)
@@ -125,6 +129,8 @@ async def test_postgres_paused_answers_503_by_the_deadline_and_loses_nothing(dep
         longest_answer_while_paused_s=round(max(a.answered - a.started for a in during), 2),
         reconnects=sum(reconnects),
         **figures,
+        retried_504=len(retried),
+        retried_504_replayed=sum(replayed for _, replayed in retried),
     )
 
 
