@@ -41,7 +41,7 @@ FLUSHERS = 2  # groups stored at once: one waits on the database while the next 
 GROUP_MAX_ITEMS = 2000  # notifications per transaction; a group holds at least one request
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: leaving the queue is a cheap lookup
 class _Request:
     key: KeyInfo
     items: list[NotificationIn]
