@@ -278,13 +278,11 @@ async def test_after_a_redis_outage_the_hub_resubscribes_and_back_fills(clean_hu
     await hub.unsubscribe("hub.outage", recorder)
 
 
-async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_redis, monkeypatch):
+async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_redis, settings):
     import signal
 
-    from channels_app.hub import bus_redis as hub_module
-
-    monkeypatch.setattr(hub_module, "REDIS_PING_AFTER_S", 0.2)
-    monkeypatch.setattr(hub_module, "REDIS_SILENT_MAX_S", 0.5)
+    settings.REALTIME_BUS_PING_AFTER_S = 0.2
+    settings.REALTIME_BUS_SILENT_MAX_S = 0.5
     recorder = Recorder()
     await hub.subscribe("hub.silent", recorder)
     await store("hub.silent", 1)
