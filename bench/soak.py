@@ -113,6 +113,7 @@ class Publisher:
         self.last_seqs: dict[str, int] = {}
         self.errors: Counter = Counter()
         self.waited_for_poster = 0  # batches that found every connection busy (behind pace)
+        self.warmup_accepted = 0  # of ``accepted``, those of the warm-up
 
     async def one_batch(self) -> None:
         topics = [self.topics[(self.next_topic + k) % len(self.topics)] for k in range(self.batch)]
@@ -274,6 +275,7 @@ async def _publish(options: SoakOptions, ports, api_key, topics, servers, say, m
             await publisher.run(options.rate, options.warmup_s, lambda _elapsed: None)
             say(f"warmed up: {publisher.accepted} accepted in {options.warmup_s:.0f} s")
         publisher.waited_for_poster = 0
+        publisher.warmup_accepted = publisher.accepted
         rss_start = measure()
         await publisher.run(options.rate, options.duration_s, progress)
     finally:
@@ -292,6 +294,7 @@ def _figures(options, parts: list[dict], publisher: Publisher, rss_start, rss_en
         "options": asdict(options),
         "connections": sum(p["connected"] for p in parts),
         "published": publisher.accepted,
+        "published_in_warmup": publisher.warmup_accepted,
         "behind_pace": publisher.waited_for_poster,
         "delivered": sum(p["delivered"] for p in parts),
         "received_per_connection_min": min(p["received_min"] for p in parts),
@@ -318,7 +321,8 @@ def report(figures: dict) -> str:
         f"soak: {figures['connections']} connections over {o['servers']} server processes, "
         f"{o['topics']} topics, {o['rate']:.0f} notifications/s in batches of {o['batch']} "
         f"for {o['duration_s']:.0f} s (after {o['warmup_s']:.0f} s of warm-up)",
-        f"published {figures['published']}, delivered {figures['delivered']} "
+        f"published {figures['published']} ({figures['published_in_warmup']} of them in the "
+        f"warm-up), delivered {figures['delivered']} "
         f"(per connection {figures['received_per_connection_min']}-"
         f"{figures['received_per_connection_max']}), batches behind pace "
         f"{figures['behind_pace']}",
