@@ -27,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from routing_app.metrics.instruments import REALTIME_BUS_CONNECTED
+from routing_app.metrics.instruments import REALTIME_BUS_DISCONNECTED
 from routing_app.pubsub import sync_redis
 
 from .loop_tasks import cancel_all
@@ -228,10 +228,10 @@ class RedisBus:
             except Exception:  # a bug must not leave the process deaf: log it, reconnect
                 log.exception("hub: Redis reader failed; reconnecting")
             finally:
-                if self._pubsub is not None:
-                    self._lost()
+                was_connected = self._pubsub is not None
                 self._pubsub = None
                 await _release(client, pubsub)
+            self._lost(was_connected)  # not reached when cancelled (aclose)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_S[1])
 
@@ -246,7 +246,7 @@ class RedisBus:
             self._sub_waiters[channel] = deque([self._subscriptions.get(channel)])
         self._pubsub = pubsub
         self._cancel_outage_timer()
-        REALTIME_BUS_CONNECTED.set(1)
+        REALTIME_BUS_DISCONNECTED.set(0)
         if wanted:
             await pubsub.execute_command("SUBSCRIBE", *wanted)
         if reconnecting:
@@ -275,10 +275,11 @@ class RedisBus:
 
     # --- outages ---------------------------------------------------------------------------
 
-    def _lost(self) -> None:
-        """The pub/sub connection is gone: report an outage unless it is back in time."""
-        REALTIME_BUS_CONNECTED.set(0)
-        if self._on_outage is not None and self._outage_timer is None:
+    def _lost(self, was_connected: bool) -> None:
+        """No pub/sub connection (it broke, or could not be made): once one that was made is
+        gone, report an outage unless it is back in time."""
+        REALTIME_BUS_DISCONNECTED.set(1)
+        if was_connected and self._on_outage is not None and self._outage_timer is None:
             self._outage_timer = self._loop.call_later(
                 settings.REALTIME_BUS_OUTAGE_S, self._report_outage
             )

@@ -6,7 +6,7 @@ Server B runs on the host. The partition downs the Redis link alone: A's packets
 without a reset while its clients still reach it. Then:
 
 - A notices: its health counts (``GET /api/v1/realtime/hub``) say ``redis_connected: false`` and
-  its ``/metrics`` say ``notify_realtime_bus_connected 0``;
+  its ``/metrics`` say ``notify_realtime_bus_disconnected 1``;
 - A closes its realtime clients with 1013 (SSE: ends their streams with ``unavailable``), counted
   in its ``notify_connections_closed_total{reason="try_later"}``; they resume on B with ``since``;
 - notifications published through B meanwhile, and through A once the link is back, reach every
@@ -139,8 +139,8 @@ def _metrics(server: NotifyServer) -> dict[tuple[str, tuple], float]:
     }
 
 
-def _bus_connected(metrics: dict) -> float:
-    return metrics[("notify_realtime_bus_connected", ())]
+def _bus_disconnected(metrics: dict) -> float:
+    return metrics[("notify_realtime_bus_disconnected", ())]
 
 
 def _closed_try_later(metrics: dict) -> int:
@@ -194,7 +194,9 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
         await publish(b, BEFORE)
         for got in clients["a"]:  # A's clients are live on A, mid-stream
             await got.wait_for(published[-1])
-        closed_before = _closed_try_later(await asyncio.to_thread(_metrics, a))
+        before = await asyncio.to_thread(_metrics, a)
+        assert _bus_disconnected(before) == 0
+        closed_before = _closed_try_later(before)
 
         await asyncio.to_thread(namespace.cut)
         cut_at = time.monotonic()
@@ -207,7 +209,8 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
         def cut_off_metrics() -> dict | None:
             metrics = _metrics(a)
             closed = _closed_try_later(metrics) - closed_before
-            return metrics if _bus_connected(metrics) == 0 and closed >= len(clients["a"]) else None
+            down = _bus_disconnected(metrics) == 1
+            return metrics if down and closed >= len(clients["a"]) else None
 
         health = await _until("A's health says Redis is unreachable", cut_off_health)
         noticed_s = time.monotonic() - cut_at
@@ -225,7 +228,7 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
             return health["redis_connected"] and health["reconnects"] >= 1
 
         await _until("A reconnects to Redis once the partition heals", reconnected)
-        assert _bus_connected(await asyncio.to_thread(_metrics, a)) == 1
+        assert _bus_disconnected(await asyncio.to_thread(_metrics, a)) == 0
         await publish(a, AFTER)  # A serves ingest again
         for got in everyone:
             await got.wait_for(published[-1])
