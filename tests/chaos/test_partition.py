@@ -9,6 +9,8 @@ without a reset while its clients still reach it. Then:
   its ``/metrics`` say ``notify_realtime_bus_disconnected 1``;
 - A closes its realtime clients with 1013 (SSE: ends their streams with ``unavailable``), counted
   in its ``notify_connections_closed_total{reason="try_later"}``; they resume on B with ``since``;
+- ingest on A still answers (202, or 503 with Retry-After while its rate limiter cannot reach
+  Redis), never hangs;
 - notifications published through B meanwhile, and through A once the link is back, reach every
   client exactly once, in order: nothing is lost when the partition heals.
 """
@@ -49,6 +51,7 @@ from tests.test_cross_process import (
 CLIENTS_PER_KIND = 2  # on each server, of each protocol
 BEFORE, DURING, AFTER = 20, 30, 20  # notifications published before, during and after the cut
 NOTICE_TIMEOUT_S = 60  # upper bound for the cut-off process to notice, close and recover
+INGEST_ANSWER_TIMEOUT_S = 60  # upper bound for an answer of the cut-off process's ingest
 METRICS_TOKEN = "partition-metrics-token"
 # The bus's timings, short so that the partition is noticed within seconds here.
 BUS_TIMINGS = {
@@ -219,6 +222,19 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
             cut_off_metrics,
         )
         await during
+        # Ingest on the cut-off process answers (Postgres is the truth: 202, or 503 with
+        # Retry-After while its limiter cannot reach Redis), never hangs.
+        probe_started = time.monotonic()
+        probe = await http.post(
+            f"{a.base}/api/v1/notifications",
+            json={"topic": "faults.partition-probe", "event": "probe", "data": {}},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=INGEST_ANSWER_TIMEOUT_S,
+        )
+        probe_s = time.monotonic() - probe_started
+        assert probe.status_code == 202 or (
+            probe.status_code == 503 and probe.headers.get("retry-after")
+        ), probe.text
         for got in clients["a"]:  # resumed on B: every seq published meanwhile arrived
             await got.wait_for(published[-1])
         await asyncio.to_thread(namespace.heal)
@@ -239,6 +255,8 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
         clients=len(everyone),
         **figures,
         noticed_after_s=round(noticed_s, 1),
+        ingest_on_cut_off_process=probe.status_code,
+        ingest_answered_after_s=round(probe_s, 1),
         closed_with_1013=_closed_try_later(metrics) - closed_before,
         reconnects_of_cut_off_clients=sum(got.reconnects for got in clients["a"]),
     )
