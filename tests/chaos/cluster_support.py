@@ -188,6 +188,13 @@ class Namespace:
         self.delete()
 
 
+def postgres_socket_missing(url: str) -> str | None:
+    """Why the Postgres of ``url`` cannot be reached by its Unix socket (None when it can)."""
+    port = urlparse(url).port or 5432
+    path = Path(POSTGRES_SOCKET_DIR) / f".s.PGSQL.{port}"
+    return None if path.exists() else f"no Postgres Unix socket at {path}"
+
+
 def unix_socket_database_url(url: str) -> str:
     """``url`` (a Postgres URL on 127.0.0.1) through the server's Unix socket instead, which a
     process in another network namespace still reaches."""

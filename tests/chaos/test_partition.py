@@ -32,6 +32,7 @@ from tests.chaos.cluster_support import (
     NamespacedServer,
     netns_unusable,
     phoenix_client,
+    postgres_socket_missing,
     spawned,
     tally,
     unix_socket_database_url,
@@ -61,6 +62,12 @@ BUS_TIMINGS = {
 }
 
 _unusable = netns_unusable()
+_database_url = os.environ.get("DATABASE_URL", "")
+_no_socket = (
+    postgres_socket_missing(_database_url)
+    if _database_url.startswith(("postgres://", "postgresql://"))
+    else "DATABASE_URL is not a Postgres URL"
+)
 pytestmark = [
     pytest.mark.skipif(
         not settings.REDIS_URL,
@@ -71,9 +78,9 @@ pytestmark = [
         reason=f"network namespaces are not usable here ({_unusable}); run as root",
     ),
     pytest.mark.skipif(
-        not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"),
+        _no_socket is not None,
         reason="the process in its own network namespace reaches Postgres by its Unix socket: "
-        "set DATABASE_URL to a Postgres on this host",
+        f"set DATABASE_URL to a Postgres on this host ({_no_socket})",
     ),
     pytest.mark.timeout(240),
 ]
