@@ -228,6 +228,9 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
             "A's /metrics say the bus is down and A closed its clients with 1013",
             cut_off_metrics,
         )
+        # Only the cut-off process says so: B's host still holds its bus.
+        assert _bus_disconnected(await asyncio.to_thread(_metrics, b)) == 0
+        assert (await asyncio.to_thread(_health, b, api_key))["redis_connected"]
         await during
         # Ingest on the cut-off process answers (Postgres is the truth: 202, or 503 with
         # Retry-After while its limiter cannot reach Redis), never hangs.
@@ -266,6 +269,7 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
         ingest_answered_after_s=round(probe_s, 1),
         closed_with_1013=_closed_try_later(metrics) - closed_before,
         reconnects_of_cut_off_clients=sum(got.reconnects for got in clients["a"]),
+        reconnects_of_other_clients=sum(got.reconnects for got in clients["b"]),
     )
     assert health["redis_connected"] is False
     assert published == list(range(1, BEFORE + DURING + AFTER + 1))

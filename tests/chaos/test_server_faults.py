@@ -112,6 +112,7 @@ async def test_kill_9_of_one_server_every_client_ends_with_every_seq_once_in_ord
         clients=len(everyone),
         **figures,
         reconnects_of_victims_clients=sum(got.reconnects for got in clients["a"]),
+        reconnects_of_survivors_clients=sum(got.reconnects for got in clients["b"]),
     )
     assert published == list(range(1, TOTAL + 1))
     for got in everyone:
