@@ -225,12 +225,8 @@ def _soak(options: SoakOptions, servers, setup: dict, topics: list[str], say) ->
     try:
         t0 = time.monotonic()
         connected = 0
-        for _, pipe in clients:
-            if not pipe.poll(READY_TIMEOUT_S):
-                raise RuntimeError(
-                    f"a client process did not open its connections in {READY_TIMEOUT_S} s"
-                )
-            connected += pipe.recv()[1]["connected"]
+        for proc, pipe in clients:
+            connected += _answer(proc, pipe, READY_TIMEOUT_S, "open its connections")["connected"]
         took = time.monotonic() - t0
         say(f"{connected} of {options.connections} connections open in {took:.0f} s")
 
@@ -247,15 +243,24 @@ def _soak(options: SoakOptions, servers, setup: dict, topics: list[str], say) ->
             pipe.send(("finish", publisher.last_seqs, options.drain_s))
         parts = []
         for proc, pipe in clients:
-            if not pipe.poll(options.drain_s + 120):
-                raise RuntimeError("a client process did not report its figures")
-            parts.append(pipe.recv()[1])
+            parts.append(_answer(proc, pipe, options.drain_s + 120, "report its figures"))
             proc.join(30)
     finally:
         for proc, _ in clients:
             if proc.is_alive():
                 proc.kill()
     return _figures(options, parts, publisher, rss_start, rss_end)
+
+
+def _answer(proc, pipe, timeout_s: float, what: str) -> dict:
+    """The next report of a client process; RuntimeError if it exits or ``timeout_s`` pass."""
+    deadline = time.monotonic() + timeout_s
+    while not pipe.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"a client process exited ({proc.exitcode}) before it could {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a client process did not {what} in {timeout_s:.0f} s")
+    return pipe.recv()[1]
 
 
 async def _publish(options: SoakOptions, ports, api_key, topics, servers, say, measure):
