@@ -121,6 +121,9 @@ class ChannelJoin:
     def overflow(self) -> None:
         self.connection.too_slow()
 
+    def unavailable(self) -> None:
+        self.connection.try_later()
+
     async def drained(self) -> None:
         """Replay waits here between pages instead of overflowing the send queue."""
         await self.connection.sender.drained()
@@ -239,6 +242,11 @@ class PhoenixConnection:
     def too_slow(self) -> None:
         """The send queue is full: close (the client reconnects, rejoins with since, catches up)."""
         self.sender.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
+
+    def try_later(self) -> None:
+        """This process lost the realtime bus: close (the client reconnects, perhaps to another
+        process, and rejoins with since)."""
+        self.sender.close(CloseCode.TRY_LATER, "this server lost the realtime bus; reconnect")
 
     def reply(self, join_ref, ref, topic: str, status: str, response: dict) -> None:
         self.write(

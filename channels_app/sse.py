@@ -222,6 +222,16 @@ class EventStream:
             "the stream fell too far behind and was closed; reconnect with Last-Event-ID",
         )
 
+    def unavailable(self) -> None:
+        """This process lost the realtime bus: end the stream; the client reconnects (perhaps
+        to another process) with Last-Event-ID."""
+        hub.detach(self.topic, self)
+        self.end(
+            ErrorCode.UNAVAILABLE,
+            "this server lost the realtime bus; reconnect with Last-Event-ID",
+            retry_ms=UNAVAILABLE_RETRY_MS,
+        )
+
     def end(self, code: ErrorCode, message: str, retry_ms: int | None = None) -> None:
         """Send a last ``stream-error`` and end the response (also past a full backlog)."""
         if self.finished.done():

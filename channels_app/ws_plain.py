@@ -94,6 +94,10 @@ class PlainSocket:
         hub.detach(self.topic, self)
         self.sender.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
 
+    def unavailable(self) -> None:
+        hub.detach(self.topic, self)
+        self.sender.close(CloseCode.TRY_LATER, "this server lost the realtime bus; reconnect")
+
     async def drained(self) -> None:
         await self.sender.drained()
 

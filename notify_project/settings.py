@@ -263,6 +263,18 @@ HEARTBEAT_TIMEOUT_S = env_int("HEARTBEAT_TIMEOUT_S", 2 * HEARTBEAT_INTERVAL_S)
 if HEARTBEAT_TIMEOUT_S <= HEARTBEAT_INTERVAL_S:
     raise ImproperlyConfigured("HEARTBEAT_TIMEOUT_S must be longer than HEARTBEAT_INTERVAL_S")
 SOCKET_SEND_QUEUE = env_int("SOCKET_SEND_QUEUE", 256)  # frames buffered per slow socket
+# The hub's Redis pub/sub connection: pinged after this many seconds without a message, and
+# replaced when the ping has no answer within REALTIME_BUS_SILENT_MAX_S (a partition or a frozen
+# host sends no reset, so a silent connection is the only sign). A process that cannot reach Redis
+# for REALTIME_BUS_OUTAGE_S closes its realtime clients with 1013: they resume on another process.
+REALTIME_BUS_PING_AFTER_S = env_int("REALTIME_BUS_PING_AFTER_S", 5)
+REALTIME_BUS_SILENT_MAX_S = env_int("REALTIME_BUS_SILENT_MAX_S", 5)
+REALTIME_BUS_OUTAGE_S = env_int("REALTIME_BUS_OUTAGE_S", 3)
+if min(REALTIME_BUS_PING_AFTER_S, REALTIME_BUS_SILENT_MAX_S, REALTIME_BUS_OUTAGE_S) < 1:
+    raise ImproperlyConfigured(
+        "REALTIME_BUS_PING_AFTER_S, REALTIME_BUS_SILENT_MAX_S and REALTIME_BUS_OUTAGE_S must each "
+        "be at least 1 second"
+    )
 # SSE comment every this many seconds: proxies and load balancers cut idle streams at ~30-60 s.
 SSE_KEEPALIVE_S = env_int("SSE_KEEPALIVE_S", 15)
 if SSE_KEEPALIVE_S < 1:
