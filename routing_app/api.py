@@ -56,6 +56,7 @@ SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
 # would otherwise refuse first, with a 400.
 BATCH_BODY_MAX_BYTES = 2 * 1024 * 1024
 HISTORY_MAX_LIMIT = 1000
+RECIPIENT_MAX_LENGTH = 500  # a delivery's recipient column
 
 # The project's API renders with this one too (notify_project/api.py passes it to NinjaAPI), so
 # an answer built here, past ninja's response validation, is rendered as ninja renders the others.
@@ -104,13 +105,13 @@ def storable_text(min_length: int = 0, max_length: int | None = None, **field: A
     characters (stated in the schema too)."""
     return Annotated[
         str,
-        AfterValidator(_storable),
         Field(
             min_length=min_length,
             max_length=max_length,
             json_schema_extra={"pattern": STORABLE_TEXT_PATTERN},
             **field,
         ),
+        AfterValidator(_storable),  # after the length: a 50 MB name is not scanned
     ]
 
 
@@ -137,7 +138,7 @@ class NotificationBody(BaseModel):
         description="retries with it store once",
         json_schema_extra=text_schema(1, IDEMPOTENCY_KEY_MAX_LENGTH),
     )
-    recipients: list[Annotated[str, Field(json_schema_extra=text_schema())]] = Field(
+    recipients: list[storable_text(0, RECIPIENT_MAX_LENGTH)] = Field(  # type: ignore[valid-type]
         default_factory=list, description="extra addresses: email, +E.164, URL"
     )
 
