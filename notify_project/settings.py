@@ -71,7 +71,13 @@ def local_secret_key(path: Path) -> str:
         key = ""
     if key:
         return key
-    fd, draft = tempfile.mkstemp(prefix=f"{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        fd, draft = tempfile.mkstemp(prefix=f"{path.name}.", dir=path.parent)  # mode 0600
+    except OSError as exc:
+        raise ImproperlyConfigured(
+            f"cannot keep a signing key in {path} ({exc.strerror}): set SECRET_KEY, or "
+            "SECRET_KEY_FILE to a file in a writable directory"
+        ) from None
     try:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_urlsafe(50) + "\n")

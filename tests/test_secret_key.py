@@ -87,3 +87,9 @@ def test_debug_off_without_secret_key_refuses_to_start_and_says_how_to_fix_it(tm
     assert done.returncode != 0
     assert "SECRET_KEY is not set and DEBUG is off: set SECRET_KEY" in done.stderr
     assert not key_file.exists(), "production never falls back to a local key"
+
+
+def test_an_unwritable_key_file_place_is_refused_with_how_to_fix_it(tmp_path):
+    done = settings_process(DEBUG="true", SECRET_KEY_FILE=str(tmp_path / "missing" / "key"))
+    assert done.returncode != 0
+    assert "cannot keep a signing key in" in done.stderr and "set SECRET_KEY" in done.stderr
