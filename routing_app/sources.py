@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from .ingest import IngestError, NotificationIn
+from .ingest import IDEMPOTENCY_KEY_MAX_LENGTH, IngestError, NotificationIn
 from .topics import TOPIC_MAX_LENGTH
 
 # labels.severity values seen in the wild (lowercased) -> our severity
@@ -91,6 +91,16 @@ def topic_segment(value: str) -> str:
 
 def _topic(prefix: str, *segments: str) -> str:
     return ".".join([prefix, *segments])[:TOPIC_MAX_LENGTH]
+
+
+def _idempotency_key(text: str) -> str:
+    """``text`` as an idempotency key: itself when it fits, else its start and its SHA-256, so
+    long sender fields (a fingerprint, a timestamp, a run id) never make a valid payload a 400
+    and two long keys that share a start stay apart."""
+    if len(text) <= IDEMPOTENCY_KEY_MAX_LENGTH:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[: IDEMPOTENCY_KEY_MAX_LENGTH - len(digest) - 1]}:{digest}"
 
 
 def _validate(model: type[BaseModel], payload: Any) -> Any:
@@ -164,7 +174,7 @@ def alertmanager_notifications(hook: AlertmanagerWebhook) -> list[NotificationIn
                 event=f"alert.{alert.status}",
                 severity=severity,
                 source="alertmanager",
-                idempotency_key=f"{fingerprint}:{alert.status}:{alert.startsAt}",
+                idempotency_key=_idempotency_key(f"{fingerprint}:{alert.status}:{alert.startsAt}"),
                 data={
                     "alertname": alertname,
                     "status": alert.status,
@@ -249,7 +259,7 @@ def kubernetes_notifications(event: KubernetesEvent) -> list[NotificationIn]:
             event=f"{kind}.{topic_segment(event.reason) or 'event'}"[:100],
             severity="warning" if event.type == "Warning" else "info",
             source="k8s",
-            idempotency_key=f"{uid}:{event.reason}:{count}"[:200] if uid else None,
+            idempotency_key=_idempotency_key(f"{uid}:{event.reason}:{count}") if uid else None,
             data={
                 "cluster": event.clusterName,
                 "namespace": namespace,
@@ -316,7 +326,7 @@ def workflow_notifications(step: WorkflowStep) -> list[NotificationIn]:
             event=f"step.{step.status}",
             severity=WORKFLOW_SEVERITIES[step.status],
             source="workflow",
-            idempotency_key=key[:200] if key else None,
+            idempotency_key=_idempotency_key(key) if key else None,
             data={
                 "workflow": step.workflow,
                 "step": step.step,
