@@ -235,6 +235,12 @@ def _accepted_links(pointer: str) -> dict:
             "read the topic the notification was stored on",
             topic=f"$response.body#{pointer}/topic",
         ),
+        "later": link(
+            HISTORY_OPERATION,
+            "what the topic stored after this notification",
+            topic=f"$response.body#{pointer}/topic",
+            after=f"$response.body#{pointer}/seq",
+        ),
         "deliveries": link(
             NOTIFICATION_DETAIL_OPERATION,
             "the notification with its deliveries",

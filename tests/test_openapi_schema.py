@@ -62,6 +62,10 @@ def test_ingest_answers_link_to_the_history_and_the_delivery_detail(schema):
     }
     single = schema["paths"]["/api/v1/notifications"]["post"]["responses"]["202"]["links"]
     assert single["history"]["parameters"] == {"topic": "$response.body#/topic"}
+    assert single["later"]["parameters"] == {
+        "topic": "$response.body#/topic",
+        "after": "$response.body#/seq",
+    }
     assert single["deliveries"]["parameters"] == {"notification_id": "$response.body#/id"}
     batch = schema["paths"]["/api/v1/notifications/batch"]["post"]["responses"]["202"]["links"]
     assert batch["history"]["parameters"] == {"topic": "$response.body#/results/0/topic"}
