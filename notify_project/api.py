@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.db import DataError, InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
@@ -96,6 +96,18 @@ def _on_data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
     return error_response(
         request, 400, f"a value of the request cannot be stored or looked up: {exc}".strip()
     )
+
+
+@api.exception_handler(SuspiciousOperation)
+def _on_suspicious_request(request: HttpRequest, exc: SuspiciousOperation) -> HttpResponse:
+    # What Django itself answers 400 to (a Host not in ALLOWED_HOSTS, a malformed multipart body).
+    log.warning("suspicious request %s %s: %s", request.method, request.path, exc)
+    return error_response(request, 400, f"the request was refused: {exc}")
+
+
+@api.exception_handler(PermissionDenied)
+def _on_permission_denied(request: HttpRequest, exc: PermissionDenied) -> HttpResponse:
+    return error_response(request, 403, str(exc) or "permission denied")
 
 
 @api.exception_handler(Exception)

@@ -436,3 +436,14 @@ async def test_a_form_body_over_the_upload_limit_gets_413_in_json(api):
     )
     assert answer.status_code == 413, answer.text
     assert "limit" in answer.json()["detail"]
+
+
+async def test_a_form_with_too_many_fields_gets_400_in_json(api):
+    form = "&".join(f"f{n}=x" for n in range(1001))  # over DATA_UPLOAD_MAX_NUMBER_FIELDS
+    answer = await api.post(
+        "/api/v1/providers/1/receipts",
+        content=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in answer.json()["detail"]
