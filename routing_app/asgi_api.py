@@ -37,7 +37,7 @@ from .metrics.instruments import INGEST_DURATION
 
 # The ingest endpoints of routing_app.api (nothing else under /api/v1/ takes this path).
 INGEST_PATH = re.compile(
-    r"^/api/v1/(?:notifications(?:/batch)?|sources/[a-z]+|topics/[^/]+/notifications)/?$"
+    r"^/api/v1/(?:notifications(?:/batch)?|sources/[a-z]+|topics/[^/]+/notifications)/?\Z"
 )
 
 

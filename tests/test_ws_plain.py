@@ -346,6 +346,12 @@ async def test_bad_topic_name_is_refused_with_4400(rules, subscriber):
     await comm.disconnect()
 
 
+async def test_topic_with_a_trailing_newline_is_refused_with_4400(rules, subscriber):
+    comm = await connect(f"/ws/alerts.k8s%0A/?token={token_for(subscriber)}")
+    assert await close_code(comm) == 4400
+    await comm.disconnect()
+
+
 async def test_session_cookie_authenticates_the_socket(rules, subscriber):
     from django.test import Client
 
