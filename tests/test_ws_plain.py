@@ -417,17 +417,66 @@ async def test_page_of_another_origin_cannot_open_a_socket(rules, subscriber):
     assert not connected
 
 
+def over(scheme: str):
+    """The websocket application as a server speaking ``scheme`` (ws or wss) would call it."""
+
+    async def app(scope, receive, send):
+        return await websocket_application(dict(scope, scheme=scheme), receive, send)
+
+    return app
+
+
 async def test_allowed_origin_and_same_host_may_open_a_socket(rules, subscriber):
-    for origin, host in (
-        (settings.NOTIFY_ALLOWED_ORIGINS[0], "api.example"),
-        ("https://notify.example", "notify.example"),
+    for origin, host, scheme in (
+        (settings.NOTIFY_ALLOWED_ORIGINS[0], "api.example", "ws"),
+        ("http://notify.example", "notify.example", "ws"),
+        ("https://notify.example", "notify.example", "wss"),
     ):
-        comm = await connect(
+        comm = WebsocketCommunicator(
+            over(scheme),
             f"/ws/alerts.k8s/?token={token_for(subscriber)}",
             headers=[(b"origin", origin.encode()), (b"host", host.encode())],
         )
+        connected, _ = await comm.connect(timeout=WAIT_S)
+        assert connected, (origin, scheme)
         await subscribed(comm)
         await comm.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("origin", "scheme"),
+    [("https://notify.example", "ws"), ("http://notify.example", "wss")],
+    ids=["https-page-to-ws", "http-page-to-wss"],
+)
+async def test_same_host_page_of_the_other_scheme_cannot_open_a_socket(
+    rules, subscriber, origin, scheme
+):
+    comm = WebsocketCommunicator(
+        over(scheme),
+        f"/ws/alerts.k8s/?token={token_for(subscriber)}",
+        headers=[(b"origin", origin.encode()), (b"host", b"notify.example")],
+    )
+    connected, code = await comm.connect(timeout=WAIT_S)
+    assert (connected, code) == (False, 4403)
+
+
+async def test_proxy_ssl_header_makes_the_connection_secure_for_the_origin_check(
+    rules, subscriber, settings
+):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    comm = WebsocketCommunicator(
+        over("ws"),
+        f"/ws/alerts.k8s/?token={token_for(subscriber)}",
+        headers=[
+            (b"origin", b"https://notify.example"),
+            (b"host", b"notify.example"),
+            (b"x-forwarded-proto", b"https"),
+        ],
+    )
+    connected, _ = await comm.connect(timeout=WAIT_S)
+    assert connected
+    await subscribed(comm)
+    await comm.disconnect()
 
 
 # --- publishing from the socket --------------------------------------------------------------
