@@ -16,6 +16,7 @@ second per frame, so every case is handled rather than refused for speed.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import itertools
 import json
@@ -401,3 +402,116 @@ async def test_fuzzed_phoenix_frames_get_an_error_or_a_documented_close(rules, s
         caplog,
     )
     report("phoenix", cases, tally, expected, received)
+
+
+# --- over the wire: a real uvicorn process --------------------------------------------------------
+
+WIRE_CASES = 30  # of the drawn cases per protocol, on top of the fixed ones; with their barriers
+# they stay under one socket's burst of frames (frame_limits), so none is refused for its rate
+WIRE_FIXED = [
+    ("text", '{"type": "bogus", "ref": "\\ud800"}'),
+    ("text", '[null, "\\udc00", "phoenix", "heartbeat", {}]'),
+    ("text", "[" * 10_000 + "]" * 10_000),
+    ("text", '{"type": "ping", "x": 1e999}'),
+    ("utf8", b'{"type": "ping", "x": "\xed\xa0\x80"}'),  # a surrogate as bytes: not UTF-8
+    ("bytes", b""),
+    ("bytes", bytes(LIMIT)),
+    ("bytes", bytes(LIMIT + 1)),
+    ("text", sized(LIMIT, "x", '{"type":"ping","pad":""}')),
+    ("text", sized(LIMIT + 1, "x", '{"type":"ping","pad":""}')),
+]
+# uvicorn (websockets) closes a text frame that is not UTF-8 with 1007 before the app sees it
+WIRE_CLOSE_CODES = ALLOWED_CLOSE_CODES | {1007}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from tests.servers import NotifyServer, seed, server_environment
+
+    tmp = tmp_path_factory.mktemp("fuzz-server")
+    with server_environment(tmp, "fuzzwire") as env:
+        seeded = seed(env)
+        server = NotifyServer(env, tmp / "uvicorn.log", log_level="info")
+        try:
+            server.start()
+            yield server, seeded
+        finally:
+            server.stop()
+
+
+async def wire_play(ws, case, barrier: str, barrier_done, tally: Tally) -> bool:
+    """``play`` over a real socket; False when the server closed it."""
+    from websockets.exceptions import ConnectionClosed
+
+    kind, body = case
+    try:
+        if kind == "text":
+            try:
+                body.encode()
+            except UnicodeEncodeError:  # raw surrogates cannot cross the wire as text
+                body = body.encode("utf-8", "surrogatepass")
+                kind = "utf8"
+        await ws.send(body, text=kind != "bytes")
+        await ws.send(barrier)
+        answered = False
+        while True:
+            answer = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+            if barrier_done(answer):
+                if not answered and not (isinstance(answer, dict) and plain_needs_no_answer(case)):
+                    tally.fail(case, "no answer")
+                return True
+            answered = True
+            tally.answers += 1
+    except ConnectionClosed as closed:
+        code = closed.rcvd.code if closed.rcvd else 1006
+        tally.closes[code] = tally.closes.get(code, 0) + 1
+        if code not in WIRE_CLOSE_CODES:
+            tally.fail(case, f"closed with undocumented code {code}")
+        return False
+
+
+@pytest.mark.parametrize("protocol", ["plain", "phoenix"])
+async def test_fuzzed_frames_over_the_wire_leave_the_server_and_neighbours_unharmed(protocol, live):
+    from websockets.asyncio.client import connect
+
+    server, seeded = live
+    token = seeded["tokens"]["sam"]
+    if protocol == "plain":
+        url = f"ws://127.0.0.1:{server.port}/ws/{TOPIC}/?token={token}"
+        drawn = draw_cases(plain_frames)[:WIRE_CASES]
+        barrier_of = lambda i: json.dumps({"type": f"barrier-{i}", "ref": f"b{i}"})  # noqa: E731
+        done_of = lambda i: lambda a: isinstance(a, dict) and a.get("ref") == f"b{i}"  # noqa: E731
+    else:
+        url = f"ws://127.0.0.1:{server.port}/socket/websocket?vsn=2.0.0&token={token}"
+        drawn = draw_cases(phoenix_frames)[:WIRE_CASES]
+        barrier_of = lambda i: json.dumps([None, f"b{i}", "phoenix", "heartbeat", {}])  # noqa: E731
+        done_of = lambda i: lambda a: isinstance(a, list) and a[1:2] == [f"b{i}"]  # noqa: E731
+    cases = WIRE_FIXED + drawn
+    tally = Tally()
+    async with connect(f"ws://127.0.0.1:{server.port}/ws/{TOPIC}/?token={token}") as neighbour:
+        while json.loads(await asyncio.wait_for(neighbour.recv(), WAIT_S))["type"] != "subscribed":
+            pass
+        ws = await connect(url, max_size=None)
+        for index, case in enumerate(cases):
+            if not await wire_play(ws, case, barrier_of(index), done_of(index), tally):
+                ws = await connect(url, max_size=None)
+        await ws.close()
+        seq = await asyncio.to_thread(server.post, seeded["api_key"], TOPIC, "fuzz", {})
+        while True:
+            frame = json.loads(await asyncio.wait_for(neighbour.recv(), WAIT_S))
+            if frame["type"] == "notification" and frame["seq"] == seq:
+                break
+    log = server.log.read_text(errors="replace")
+    for line in ("Traceback", "could not be sent", "Exception in ASGI application"):
+        if line in log:
+            tally.failures.append(f"server log has {line!r}")
+    record(
+        f"frame fuzz over the wire, {protocol} socket",
+        cases_tried=len(cases),
+        answers=tally.answers,
+        closes=dict(sorted(tally.closes.items())) or 0,
+        failures=len(tally.failures),
+        neighbour_published=1,
+        neighbour_received=1,
+    )
+    assert not tally.failures, "\n".join(tally.failures[:20])
