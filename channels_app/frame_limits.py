@@ -53,7 +53,7 @@ def loads(text: str):
     nested deeper than ``MAX_FRAME_DEPTH``, a number that is not finite (``NaN``, ``1e999``:
     nothing downstream could store or echo it as JSON) or a string holding a lone surrogate."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = _decoder.decode(text)
     except RecursionError:
         raise _too_deep() from None
     except FrameRejected:
@@ -78,6 +78,10 @@ def _finite_float(literal: str) -> float:
     if math.isinf(number):
         raise FrameRejected(f"number {literal[:40]} is out of range: numbers must be finite")
     return number
+
+
+# One decoder for every frame: json.loads with hooks would build a new one per call.
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _too_deep() -> FrameRejected:
