@@ -19,6 +19,10 @@ Every frame is ``[join_ref, ref, topic, event, payload]``. Client -> server:
 - ``request_update``: runs the handler registered for the topic's family (handlers.py), replies ok
   with its response and broadcasts its event (``reverse_flow_update``) to every joined client on
   every process.
+- Every frame is bounded by ``frame_limits`` as on the plain socket: over 64 KB closes with 1009;
+  nested too deep, a non-finite number or a lone surrogate is refused (nothing of it echoed); over
+  the frame rate, the frame gets an error reply ``rate_limited: ...`` instead of being handled. A
+  frame the server cannot send closes the socket with 1011.
 - Anything else: an error reply, never a silent drop. A frame that is not a V2 frame at all gets
   ``phx_error`` on topic ``phoenix`` (no channel has that topic, so clients only log it). A handler
   that fails sends ``phx_error`` for its channel, which makes the client rejoin.
