@@ -8,10 +8,10 @@ Protocol (docs/realtime-contract.md; RFC 6455 for close codes):
 - client -> server: ``ping``, ``pong``, ``publish``, ``resume``, ``presence``;
 - every client frame is bounded by ``frame_limits`` (size, nesting depth, finite numbers, no lone
   surrogates, frames per second), as on the Phoenix socket;
-- close codes (``close_codes.CloseCode``): 1009 frame over 64 KB, 1011 a frame the server could not
-  send, 4400 bad topic or since, 4401
-  missing/forged/expired token, 4403 topic not allowed, 4408 silent for two heartbeat intervals,
-  4429 too slow to read, 1013 realtime bus or database unavailable (retry later).
+- close codes (``close_codes.CloseCode``): 1009 frame over 64 KB, 1011 a frame the server could
+  not send, 4400 bad topic or since, 4401 missing/forged/expired token, 4403 topic not allowed,
+  4408 silent for two heartbeat intervals, 4429 too slow to read, 1013 realtime bus or database
+  unavailable (retry later).
 
 A raw ASGI app, not a Channels consumer: Channels' ``dispatch`` awaits a trip to the shared sync
 thread before every handler (``aclose_old_connections``), per message per socket, and the
