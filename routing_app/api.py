@@ -48,7 +48,7 @@ from .ingest import (
     persist,
 )
 from .models import SEVERITIES, SOURCES
-from .topics import TOPIC_MAX_LENGTH, is_valid_topic
+from .topics import TOPIC_MAX_LENGTH, TOPIC_SCHEMA_PATTERN, is_valid_topic
 
 # One notification's body: its data may be up to MAX_MESSAGE_BYTES, the envelope is small.
 SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
@@ -70,8 +70,8 @@ any_key = ApiKeyAuth()
 # --- schemas ----------------------------------------------------------------------------------
 
 # What the schema states of a topic name (ingest's validation and topics.TOPIC_RE enforce it, with
-# messages of their own): ECMA-262 syntax, where '$' is only the end of the text.
-TOPIC_SCHEMA = {"pattern": r"^[a-z0-9_-]+(?:[.:][a-z0-9_-]+)*$", "maxLength": TOPIC_MAX_LENGTH}
+# messages of their own).
+TOPIC_SCHEMA = {"pattern": TOPIC_SCHEMA_PATTERN, "maxLength": TOPIC_MAX_LENGTH}
 # Text the database can store: no NUL (Postgres refuses it in text; unpaired surrogates, which
 # UTF-8 cannot encode, cannot be stated in a pattern but are refused too).
 STORABLE_TEXT_PATTERN = "^[^\\u0000]*$"

@@ -26,6 +26,9 @@ TOPIC_MAX_LENGTH = 200
 _SEGMENT = r"[a-z0-9_-]+"
 # Anchored with \Z, not $: "$" also matches before a final newline ("alerts.k8s\n").
 TOPIC_RE = re.compile(rf"^{_SEGMENT}(?:[.:]{_SEGMENT})*\Z")
+# The same rule for the API schema, in ECMA-262 syntax (pydantic and OpenAPI), where "$" is only
+# the end of the text and "\Z" does not exist.
+TOPIC_SCHEMA_PATTERN = rf"^{_SEGMENT}(?:[.:]{_SEGMENT})*$"
 _PATTERN_SEGMENT = re.compile(r"^(?:[a-z0-9_-]+|\*|#|\{[a-z_][a-z0-9_]*\})\Z")
 _SPLIT = re.compile(r"[.:]")
 
