@@ -25,21 +25,23 @@ lean handler without Django's sync middleware (asgi_api.py).
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Path, Query, Router, Schema
 from ninja.decorators import decorate_view
 from ninja.errors import AuthorizationError
 from ninja.renderers import JSONRenderer
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from . import apikeys, db_threads, group_commit, sources, stream_reads
 from .apikeys import ApiKeyAuth, KeyInfo
 from .ingest import (
     BATCH_MAX_ITEMS,
+    EVENT_MAX_LENGTH,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
     KEEP_FIRST,
     REFUSE,
     IngestError,
@@ -50,7 +52,7 @@ from .ingest import (
 )
 from .ingest_deadline import CommitWindow, NotStored, deadline_of, store_by_deadline
 from .models import SEVERITIES, SOURCES
-from .topics import is_valid_topic
+from .topics import TOPIC_MAX_LENGTH, TOPIC_SCHEMA_PATTERN, is_valid_topic
 
 # One notification's body: its data may be up to MAX_MESSAGE_BYTES, the envelope is small.
 SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
@@ -58,6 +60,7 @@ SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
 # would otherwise refuse first, with a 400.
 BATCH_BODY_MAX_BYTES = 2 * 1024 * 1024
 HISTORY_MAX_LIMIT = 1000
+RECIPIENT_MAX_LENGTH = 500  # a delivery's recipient column
 
 # The project's API renders with this one too (notify_project/api.py passes it to NinjaAPI), so
 # an answer built here, past ninja's response validation, is rendered as ninja renders the others.
@@ -70,6 +73,51 @@ any_key = ApiKeyAuth()
 
 # --- schemas ----------------------------------------------------------------------------------
 
+# What the schema states of a topic name (ingest's validation and topics.TOPIC_RE enforce it, with
+# messages of their own).
+TOPIC_SCHEMA = {"pattern": TOPIC_SCHEMA_PATTERN, "maxLength": TOPIC_MAX_LENGTH}
+# Text the database can store: no NUL (Postgres refuses it in text; unpaired surrogates, which
+# UTF-8 cannot encode, cannot be stated in a pattern but are refused too).
+STORABLE_TEXT_PATTERN = "^[^\\u0000]*$"
+
+
+def text_schema(min_length: int | None = None, max_length: int | None = None) -> dict:
+    """The JSON Schema of a text field the database stores (``min_length``..``max_length``)."""
+    schema: dict[str, Any] = {"pattern": STORABLE_TEXT_PATTERN}
+    if min_length is not None:
+        schema["minLength"] = min_length
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    return schema
+
+
+def _storable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(
+            "must not contain the NUL character (\\u0000), which Postgres cannot store"
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must not contain unpaired surrogates (\\ud800-\\udfff)") from None
+    return value
+
+
+def storable_text(min_length: int = 0, max_length: int | None = None, **field: Any) -> Any:
+    """A request field of text the database can store: refused with 400 and a message saying
+    why when it holds NUL or an unpaired surrogate or has not ``min_length``..``max_length``
+    characters (stated in the schema too)."""
+    return Annotated[
+        str,
+        Field(
+            min_length=min_length,
+            max_length=max_length,
+            json_schema_extra={"pattern": STORABLE_TEXT_PATTERN},
+            **field,
+        ),
+        AfterValidator(_storable),  # after the length: a 50 MB name is not scanned
+    ]
+
 
 # Request bodies are plain pydantic models: ninja.Schema's per-object validator (for Django
 # attribute access, not needed on input) cost half the CPU of a 100-item batch (measured).
@@ -78,13 +126,23 @@ class NotificationBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not dropped
 
-    topic: str = Field(examples=["alerts.k8s"], description="lowercase segments, '.' or ':'")
-    event: str = Field(examples=["pod.crashloop"])
+    topic: str = Field(
+        examples=["alerts.k8s"],
+        description="lowercase segments, '.' or ':'",
+        json_schema_extra=TOPIC_SCHEMA,
+    )
+    event: str = Field(
+        examples=["pod.crashloop"], json_schema_extra=text_schema(1, EVENT_MAX_LENGTH)
+    )
     data: dict[str, Any] | None = Field(None, description="a JSON object, at most 64 KB encoded")
     severity: Literal[tuple(SEVERITIES)] = "info"  # type: ignore[valid-type]
     source: Literal[tuple(SOURCES)] = "api"  # type: ignore[valid-type]
-    idempotency_key: str | None = Field(None, description="retries with it store once")
-    recipients: list[str] = Field(
+    idempotency_key: str | None = Field(
+        None,
+        description="retries with it store once",
+        json_schema_extra=text_schema(1, IDEMPOTENCY_KEY_MAX_LENGTH),
+    )
+    recipients: list[storable_text(0, RECIPIENT_MAX_LENGTH)] = Field(  # type: ignore[valid-type]
         default_factory=list, description="extra addresses: email, +E.164, URL"
     )
 
@@ -151,6 +209,54 @@ class History(Schema):
 
 ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503)}
 INGEST_ERRORS: dict[int, type] = {**ERRORS, 504: ErrorOut}  # 504: a commit in doubt
+# What an operation that takes no body answers when it fails (no 413, 415, 422).
+READ_ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 429, 503)}
+TOPIC_PATH = Path(
+    description="a topic name",
+    pattern=TOPIC_SCHEMA["pattern"],
+    max_length=TOPIC_SCHEMA["maxLength"],
+)
+
+
+# --- OpenAPI links: where an answer's values are used next ----------------------------------------
+
+
+def link(operation_id: str, description: str, **parameters: str) -> dict:
+    """An OpenAPI link to ``operation_id`` filling its ``parameters`` with runtime expressions
+    (``$response.body#/topic``)."""
+    return {"operationId": operation_id, "parameters": parameters, "description": description}
+
+
+def links(status: int, **named: dict) -> dict:
+    """``openapi_extra`` giving the ``status`` answer of an operation its ``named`` links."""
+    return {"responses": {status: {"links": named}}}
+
+
+def _accepted_links(pointer: str) -> dict:
+    """The links of an ingest answer whose first notification is at JSON ``pointer``."""
+    return {
+        "history": link(
+            HISTORY_OPERATION,
+            "read the topic the notification was stored on",
+            topic=f"$response.body#{pointer}/topic",
+        ),
+        "later": link(
+            HISTORY_OPERATION,
+            "what the topic stored after this notification",
+            topic=f"$response.body#{pointer}/topic",
+            after=f"$response.body#{pointer}/seq",
+        ),
+        "deliveries": link(
+            NOTIFICATION_DETAIL_OPERATION,
+            "the notification with its deliveries",
+            notification_id=f"$response.body#{pointer}/id",
+        ),
+    }
+
+
+# django-ninja's operation ids: <module path>_<function name>
+HISTORY_OPERATION = "routing_app_api_topic_history"
+NOTIFICATION_DETAIL_OPERATION = "routing_app_delivery_api_notification_detail"
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -274,6 +380,7 @@ def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpRes
     "/notifications",
     response={202: Accepted, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("")),
     summary="Post one notification",
 )
 @decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
@@ -290,6 +397,7 @@ async def post_notification(request: HttpRequest, payload: NotificationBody):
     "/notifications/batch",
     response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Post up to 1000 notifications in one transaction",
 )
 @decorate_view(json_body(BATCH_BODY_MAX_BYTES))
@@ -304,6 +412,7 @@ async def post_batch(request: HttpRequest, payload: BatchBody):
     "/sources/alertmanager",
     response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Alertmanager webhook (v4)",
     tags=["sources"],
 )
@@ -319,6 +428,7 @@ async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerW
     "/sources/kubernetes",
     response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Kubernetes Event (core/v1, or kubernetes-event-exporter webhook)",
     tags=["sources"],
 )
@@ -333,6 +443,7 @@ async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent
     "/sources/workflow",
     response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Workflow step started/succeeded/failed/compensated",
     tags=["sources"],
 )
@@ -351,13 +462,13 @@ def _history(key: KeyInfo, topic: str, after: int, limit: int) -> stream_reads.H
 
 @router.get(
     "/topics/{topic}/notifications",
-    response={200: History, **ERRORS},
+    response={200: History, **READ_ERRORS},
     auth=any_key,
     summary="Read a topic's stored notifications after a seq",
 )
 async def topic_history(
     request: HttpRequest,
-    topic: str,
+    topic: str = TOPIC_PATH,
     after: int = Query(0, ge=0, description="return notifications with seq > after"),
     limit: int = Query(100, ge=1, le=HISTORY_MAX_LIMIT),
 ):

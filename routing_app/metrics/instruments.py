@@ -123,6 +123,13 @@ if ENABLED:
         ["transport", "topic_namespace"],
         multiprocess_mode="livesum",
     )
+    REALTIME_BUS_DISCONNECTED = Gauge(
+        "notify_realtime_bus_disconnected",
+        "1 while a server process of this host cannot reach Redis for its pub/sub connection "
+        "(the realtime bus; its clients are closed with 1013 after REALTIME_BUS_OUTAGE_S), 0 "
+        "while every process that needs it holds it.",
+        multiprocess_mode="livemax",
+    )
     PRESENCE_USERS = Gauge(
         "notify_presence_users",
         "Presence entries (a user on a topic) held by this host's connections.",
@@ -206,6 +213,7 @@ if ENABLED:
 else:
     CONNECTIONS_ACTIVE = CONNECTIONS_ACCEPTED = CONNECTIONS_CLOSED = OFF
     SUBSCRIPTIONS_ACTIVE = PRESENCE_USERS = INGESTED = INGEST_DURATION = OFF
+    REALTIME_BUS_DISCONNECTED = OFF
     MESSAGES_SENT = FANOUT_DURATION = DELIVERY_DURATION = DELIVERY_ATTEMPTS = OFF
     LIMITER_FALLBACK = LIMITER_FALLBACK_REQUESTS = INGEST_DEADLINE_MISSED = OFF
     ingest_deadline_missed = dict.fromkeys(("not_stored", "in_doubt"), OFF)

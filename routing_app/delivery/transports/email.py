@@ -64,7 +64,7 @@ ESP_SECRET_KWARG = {
     "amazon_ses": None,  # boto3's own credentials (AWS_* environment, instance role)
     "test": None,
 }
-ESP_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ESP_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 
 
 # --- the message ---------------------------------------------------------------------------
