@@ -8,7 +8,6 @@ from typing import Any
 from django.conf import settings
 from ninja import Field, Path, Router, Schema
 from ninja.decorators import decorate_view
-from pydantic import ConfigDict
 
 from routing_app.api import TOPIC_SCHEMA, ErrorOut, json_body, storable_text
 from routing_app.sources import JsonInt
@@ -258,10 +257,9 @@ def _hub_auth() -> list:
 
 
 class HubOut(Schema):
-    model_config = ConfigDict(extra="allow")  # counts added later are passed on
-
     topics: int
     subscribers: int
+    listeners: int
     redis_channels: int
     redis_connected: bool
     reconnects: int
@@ -271,7 +269,8 @@ class HubOut(Schema):
 @router.get("/realtime/hub", auth=_hub_auth(), response={200: HubOut, **errors(401, 403)})
 async def realtime_hub(request):
     """The answering server process's fanout hub, as counts (no topic names): ``topics``,
-    ``subscribers``, ``redis_channels`` it holds, ``redis_connected``, ``reconnects``, ``pending``.
+    ``subscribers``, ``listeners`` (the process's own named channels), ``redis_channels`` it
+    holds, ``redis_connected``, ``reconnects``, ``pending``.
     For operators and tests checking that nothing stays subscribed after clients leave.
     Staff session, or an API key with the ``tokens`` scope."""
     from .hub import hub
