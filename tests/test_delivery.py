@@ -140,6 +140,38 @@ def test_webhook_is_signed_so_that_standardwebhooks_verifies_it(clock, receiver,
     assert row.status == Status.SENT
 
 
+def test_a_batch_is_sent_in_the_same_statements_whatever_its_size(clock, receiver, monkeypatch):
+    """The rows of one batch go out together: their attempts and their sent rows are written in
+    a fixed number of statements (not one per row), each row and attempt with its own values."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    hook = channel("webhook")
+    receiving = provider(hook, "receiver", receiver.url + "/hook", credentials_env="HOOK_SECRET")
+    statements = []
+    batches = []
+    for size in (2, 7):
+        rows = [delivery(hook, "*") for _ in range(size)]
+        with CaptureQueriesContext(connection) as captured:
+            service.deliver([row.pk for row in rows])
+        statements.append(len(captured.captured_queries))
+        batches.append(rows)
+    assert statements[0] == statements[1]
+
+    received = receiver.wait_for(9)
+    assert sorted(int(r.headers["webhook-id"]) for r in received) == sorted(
+        row.pk for rows in batches for row in rows
+    )
+    for row in (row for rows in batches for row in rows):
+        row.refresh_from_db()
+        assert (row.status, row.attempts, row.provider_id) == (Status.SENT, 1, receiving.pk)
+        assert row.sent_at is not None and row.latency_ms is not None and row.last_error == ""
+        [attempt] = Attempt.objects.filter(delivery=row)
+        assert (attempt.number, attempt.outcome, attempt.http_status) == (1, Outcome.SENT, 200)
+        assert attempt.duration_ms is not None
+
+
 # --- failover, retries, dead letters ------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from . import dispatch, outcomes
 from .breaker import BreakerConfig
 from .failover import fail_over
 from .models import Attempt
+from .row_updates import update_each
 from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ def _first_calls(firsts: list) -> None:
         _guarded(t, t.settle, call)
         if t.result is not None and t.result.status == Status.SENT:
             sent.append((t.row, call))
-    Attempt.objects.bulk_update([call.attempt for _, call in firsts], ATTEMPT_RESULT_FIELDS)
-    if sent:
-        outcomes.finish_sent(sent)
+    with transaction.atomic():  # one commit for both
+        update_each(Attempt, [call.attempt for _, call in firsts], ATTEMPT_RESULT_FIELDS)
+        if sent:
+            outcomes.finish_sent(sent)
 
 
 def _guarded(t: Try, step, *args):
