@@ -35,11 +35,11 @@ from django.utils import timezone
 
 from ..models import Channel, Delivery
 from . import dispatch, outcomes
-from .breaker import BreakerConfig
+from .breaker import BreakerConfig, Reads, breakers_from_settings
 from .failover import fail_over
 from .models import Attempt
 from .row_updates import update_each
-from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult
+from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult, call_waits
 
 log = logging.getLogger(__name__)
 Status = Delivery.Status
@@ -58,17 +58,39 @@ def deliver(ids: list[int]) -> list[TryResult]:
         return []
     plans = _plans({row.channel_id for row in rows})
     numbers = _attempt_rows(rows)
-    tries = [Try(row, plans[row.channel_id], numbers.get(row.pk, 0)) for row in rows]
+    reads: Reads = {}  # the batch's first choices read each provider's breaker once
+    tries = [Try(row, plans[row.channel_id], numbers.get(row.pk, 0), reads=reads) for row in rows]
     firsts = []
-    for t in tries:
-        call = _guarded(t, t.next_call)
+    for t, picked in _first_picks(tries, plans, reads):
+        if t.result is not None:
+            continue
+        call = _guarded(t, t.next_call, picked)
         if call is not None:
             firsts.append((t, call))
+    for t in tries:
+        t.reads = None  # from here on, every look at a breaker reads it anew
     if firsts:
         _first_calls(firsts)
     rest = [t for t in tries if t.result is None]
     _each(rest, lambda t: _guarded(t, t.run))
     return [t.result or TryResult(Status.SENDING) for t in tries]
+
+
+def _first_picks(tries: list[Try], plans: dict, reads: Reads) -> list[tuple[Try, tuple | None]]:
+    """Each try's first provider and the limiter's wait for it, the limiter asked for the whole
+    batch at once (``tries.call_waits``); None for a try with no provider to call (its
+    ``next_call`` then ends it). Only while every breaker of the batch lets calls through
+    without writing (closed or disabled): otherwise (a half-open breaker hands out a few trials)
+    each try picks after the previous one acquired, and gets None here."""
+    breakers = breakers_from_settings()
+    providers = [p for plan in plans.values() for p in plan.providers]
+    if not all(breakers.passes_all(p.pk, reads=reads) for p in providers):
+        return [(t, None) for t in tries]
+    picks = [(t, _guarded(t, t.pick)) for t in tries]
+    picks = [(t, provider) for t, provider in picks if t.result is None]
+    chosen = [(t, provider) for t, provider in picks if provider is not None]
+    waits = dict(zip((id(t) for t, _ in chosen), call_waits(chosen), strict=True))
+    return [(t, (provider, waits[id(t)]) if provider else None) for t, provider in picks]
 
 
 def _first_calls(firsts: list) -> None:
