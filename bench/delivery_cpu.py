@@ -20,7 +20,10 @@ import cProfile
 import io
 import os
 import pstats
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from delivery_load import wait_received  # noqa: E402
 from delivery_peers import Peer  # noqa: E402
-from delivery_stack import channel, new_stack, stop  # noqa: E402
+from delivery_stack import channel, new_stack, stop, summarize  # noqa: E402
 from ingest import free_port  # noqa: E402
 
 
@@ -50,6 +53,14 @@ class RedisCounter:
                 return _original(*args, **kwargs)
 
             setattr(cls, name, counting)
+
+
+def spy_on(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy on this process alone (not the peers, its children), threads holding the GIL."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    argv = [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "-o", str(out)]
+    argv += ["--rate", "200", "--nonblocking", "--gil"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def ingest_batch(topic: str, n: int) -> list[int]:
@@ -75,7 +86,13 @@ def ingest_batch(topic: str, n: int) -> list[int]:
 
 
 def measure(
-    kind: str, topic: str, peer: Peer, n: int, profile: bool, show_sql: bool = False
+    kind: str,
+    topic: str,
+    peer: Peer,
+    n: int,
+    profile: bool,
+    show_sql: bool = False,
+    spy: Path | None = None,
 ) -> list[str]:
     from django.conf import settings
     from django.db import connection
@@ -96,6 +113,10 @@ def measure(
     queries = []
     cpu = 0.0
     begin = peer.count()
+    spying = None
+    if spy:
+        spying = spy_on(os.getpid(), spy)
+        time.sleep(1)  # py-spy attaches
     wall = time.perf_counter()
     for chunk in chunks:
         with CaptureQueriesContext(connection) as captured:
@@ -111,6 +132,9 @@ def measure(
             for q in captured.captured_queries:
                 print("   ", q["sql"][:160], flush=True)
     wall = time.perf_counter() - wall
+    if spying:
+        spying.send_signal(signal.SIGINT)
+        spying.wait(60)
     wait_received(peer, begin, n, 60)
     statuses = dict(
         Delivery.objects.filter(pk__in=ids).values_list("status").annotate(n=models_count())
@@ -122,6 +146,9 @@ def measure(
         f"{redis_counter.count / n:.2f} Redis round trips per delivery; {n / wall:,.0f}/s "
         f"wall; rows {statuses}"
     ]
+    if spy and spy.exists():
+        lines.append(f"py-spy --gil of the batches (collapsed stacks: {spy}), busy samples:")
+        lines += ["  " + line for line in summarize(spy, top=25)]
     if profiler:
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
@@ -143,6 +170,9 @@ def main() -> None:
     parser.add_argument("--kinds", default="email,webhook")
     parser.add_argument("--profile", action="store_true", help="cProfile of the batches")
     parser.add_argument("--sql", action="store_true", help="print the first batch's statements")
+    parser.add_argument(
+        "--py-spy", action="store_true", help="py-spy (every thread) of the batches"
+    )
     args = parser.parse_args()
     pg_server = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -170,8 +200,11 @@ def main() -> None:
                 )
             ],
         )
+        spy_dir = Path(tempfile.mkdtemp(prefix="notify-delivery-cpu-")) if args.py_spy else None
         for kind in args.kinds.split(","):
-            for line in measure(kind, f"bench.{kind}", peers[kind], args.n, args.profile, args.sql):
+            spy = spy_dir / f"{kind}.txt" if spy_dir else None
+            lines = measure(kind, f"bench.{kind}", peers[kind], args.n, args.profile, args.sql, spy)
+            for line in lines:
                 print(line, flush=True)
     finally:
         stop(stack)
