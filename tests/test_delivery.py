@@ -414,15 +414,28 @@ def test_over_the_provider_limit_a_delivery_waits_too(clock, receiver, scheduled
 
 
 class CountingStore(MemoryBreakerStore):
-    """A memory breaker store that counts its plain reads."""
+    """A memory breaker store that counts its plain reads and its counts of results."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loads = 0
+        self.counts = 0
 
     def load(self, provider_id, *, window=True):
         self.loads += 1
         return super().load(provider_id, window=window)
+
+    def add_calls(self, *args, **kwargs):
+        self.counts += 1
+        return super().add_calls(*args, **kwargs)
+
+    def add_call(self, *args, **kwargs):
+        self.counts += 1
+        return super().add_call(*args, **kwargs)
+
+
+def config_of(ch: Channel) -> breaker.BreakerConfig:
+    return breaker.BreakerConfig.for_channel(ch)
 
 
 def counted_hits(monkeypatch) -> list:
@@ -439,7 +452,9 @@ def counted_hits(monkeypatch) -> list:
     return hits
 
 
-def test_a_batch_reads_each_breaker_once_and_asks_each_window_once(clock, receiver, monkeypatch):
+def test_a_batch_reads_and_counts_each_breaker_once_and_asks_each_window_once(
+    clock, receiver, monkeypatch
+):
     store = CountingStore()
     monkeypatch.setattr(breaker, "_breakers", Breakers(store, clock=clock))
     hook = channel("webhook", rate_limit="100/m")
@@ -449,7 +464,9 @@ def test_a_batch_reads_each_breaker_once_and_asks_each_window_once(clock, receiv
 
     service.deliver([row.pk for row in rows])
 
-    assert store.loads == 1
+    assert (store.loads, store.counts) == (1, 1)
+    assert BreakerState.objects.filter(provider=receiving).count() == 0  # closed all along
+    assert breaker.breakers_from_settings().snapshot(receiving.pk, config_of(hook)).calls == 5
     assert hits == [(f"channel:{hook.pk}", 5), (f"provider:{receiving.pk}", 5)]
     assert len(receiver.wait_for(5)) == 5
     assert {r.status for r in Delivery.objects.filter(pk__in=[r.pk for r in rows])} == {Status.SENT}

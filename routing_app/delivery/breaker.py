@@ -45,10 +45,11 @@ that keeps losing the optimistic race (``REDIS_TRANSACTION_RETRIES`` times) rais
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from django.conf import settings
@@ -67,6 +68,7 @@ from .breaker_circuit import (
     generation,
     snapshot_of,
     trial_step,
+    window_counts,
 )
 
 __all__ = [
@@ -146,6 +148,21 @@ class BreakerStore:
         delivery); return the circuit right after it, window included."""
         raise NotImplementedError
 
+    def add_calls(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        results: list[tuple[bool, bool]],
+    ) -> Circuit:
+        """``add_call`` of each ``(failed, slow)`` in ``results`` at once; the circuit right
+        after the last one, window included."""
+        circuit = Circuit()
+        for failed, slow in results:
+            circuit = self.add_call(provider_id, gen, config, now, failed=failed, slow=slow)
+        return circuit
+
 
 class MemoryBreakerStore(BreakerStore):
     """One process holds every circuit (the embedded mode, and tests)."""
@@ -182,6 +199,22 @@ class MemoryBreakerStore(BreakerStore):
             if new is not old:
                 self._circuits[provider_id] = new
             return new
+
+    def add_calls(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        results: list[tuple[bool, bool]],
+    ) -> Circuit:
+        with self._lock:  # the batch at once, as the Redis store's one MULTI
+            old = circuit = self._circuits.get(provider_id, Circuit())
+            for failed, slow in results:
+                circuit = count_call(circuit, gen, config, now, failed=failed, slow=slow)
+            if circuit is not old:
+                self._circuits[provider_id] = circuit
+            return circuit
 
 
 # --- the interface ------------------------------------------------------------------------------
@@ -290,6 +323,42 @@ class Breakers:
         c, steps = self.store.update(pid, verdict)
         return self._transition(pid, c, steps, config, now)
 
+    def record_batch(
+        self, results: list[tuple[Permit, bool, float]], config: BreakerConfig
+    ) -> list[Transition]:
+        """``record`` of each ``(permit, success, duration_ms)`` in turn, in one count in the
+        store per provider and generation for the non-trial results (trial results go one by
+        one, as ``record``). The decision is the one ``record`` after each result would take:
+        the window is checked as it stood after each of the batch's results, in order, and
+        the first that reaches a threshold opens the breaker (if it still holds in the store's
+        transaction); results after it would have been ignored then, and counted in a window
+        that the new generation leaves behind now. Returns the transitions caused."""
+        now = self.clock()
+        transitions = []
+        groups: dict[tuple[int, int], list[tuple[bool, bool]]] = {}
+        for permit, success, duration_ms in results:
+            if permit.trial:
+                t = self.record(permit, config, success=success, duration_ms=duration_ms)
+                transitions += [t] if t else []
+                continue
+            key = (permit.provider_id, generation(permit.token))
+            groups.setdefault(key, []).append((not success, duration_ms > config.slow_call_ms))
+        for (pid, gen), outcomes in groups.items():
+            counted = self.store.add_calls(pid, gen, config, now, outcomes)
+            tripped = _first_trip(counted, gen, config, now, outcomes)
+            if tripped is None:
+                continue
+            later = outcomes[tripped + 1 :]
+
+            def verdict(c: Circuit, later=later, gen=gen):
+                new, steps = closed_verdict(_before(c, config, now, later), gen, config, now)
+                return (new, (new, steps)) if steps else (c, (c, steps))
+
+            c, steps = self.store.update(pid, verdict)
+            t = self._transition(pid, c, steps, config, now)
+            transitions += [t] if t else []
+        return transitions
+
     def _admin(
         self, provider_id: int, target: State, config: BreakerConfig | None
     ) -> Transition | None:
@@ -343,6 +412,31 @@ class Breakers:
         circuit = self._read(provider_id, reads)
         _, grant, _ = acquire_step(circuit, config, self.clock())
         return grant is not None
+
+
+def _before(
+    c: Circuit, config: BreakerConfig, now: float, later: list[tuple[bool, bool]]
+) -> Circuit:
+    """``c`` as its window stood before the results ``later`` were counted: the window's totals
+    as one bucket of this second (all that a closed verdict reads)."""
+    calls, failures, slow = window_counts(c, config, now)
+    calls -= len(later)
+    failures -= sum(failed for failed, _ in later)
+    slow -= sum(s for _, s in later)
+    return replace(c, buckets=((math.floor(now), calls, failures, slow),))
+
+
+def _first_trip(
+    counted: Circuit, gen: int, config: BreakerConfig, now: float, outcomes: list
+) -> int | None:
+    """The index of the first of ``outcomes`` (all counted in ``counted``) after which the
+    closed verdict opens the breaker; None when none does."""
+    if counted.state is not State.CLOSED or counted.gen != gen:
+        return None
+    for i in range(len(outcomes)):
+        if closed_verdict(_before(counted, config, now, outcomes[i + 1 :]), gen, config, now)[1]:
+            return i
+    return None
 
 
 _breakers: Breakers | None = None

@@ -39,7 +39,7 @@ from .breaker import BreakerConfig, Reads, breakers_from_settings
 from .failover import fail_over
 from .models import Attempt
 from .row_updates import update_each
-from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult, call_waits
+from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult, call_waits, record_batch
 
 log = logging.getLogger(__name__)
 Status = Delivery.Status
@@ -98,9 +98,15 @@ def _first_calls(firsts: list) -> None:
     out, calls in parallel, outcomes in one UPDATE each for the attempts and the sent rows."""
     Attempt.objects.bulk_create([call.attempt for _, call in firsts])
     _each(firsts, lambda pair: pair[0].send(pair[1]), database=False)
+    try:
+        record_batch(firsts)
+    except Exception:
+        # A bug in the counting must not cost the batch its outcomes: they are written below,
+        # uncounted by the breakers, as when the breaker store is down.
+        log.exception("the breakers could not count a batch of %d calls", len(firsts))
     sent = []
     for t, call in firsts:
-        _guarded(t, t.settle, call)
+        _guarded(t, t.settle, call, recorded=True)
         if t.result is not None and t.result.status == Status.SENT:
             sent.append((t.row, call))
     with transaction.atomic():  # one commit for both
@@ -109,9 +115,9 @@ def _first_calls(firsts: list) -> None:
             outcomes.finish_sent(sent)
 
 
-def _guarded(t: Try, step, *args):
+def _guarded(t: Try, step, *args, **kwargs):
     try:
-        return step(*args)
+        return step(*args, **kwargs)
     except Exception:
         # A bug or the database gone mid-try: the row stays ``sending`` and the sweeper puts it
         # back; say which row, once.

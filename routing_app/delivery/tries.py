@@ -184,13 +184,15 @@ class Try:
 
     # --- outcome --------------------------------------------------------------------------
 
-    def settle(self, call: Call) -> bool:
-        """Tell the breaker and the metrics, fill in the attempt (the caller saves it). Returns
+    def settle(self, call: Call, *, recorded: bool = False) -> bool:
+        """Tell the breaker (unless the caller did: ``recorded``, see ``record_batch``) and the
+        metrics, fill in the attempt (the caller saves it). Returns
         True when the try goes on (a transient failure: another provider may take it). Sent:
         ``result`` is set and the caller finishes the row (``outcomes.finish_sent``); permanent:
         the row is dead (and failed over) here."""
         error, attempt = call.error, call.attempt
-        self._record_breaker(call)
+        if not recorded:
+            self._record_breaker(call)
         attempt.duration_ms = round(call.duration_ms)
         if error is None:
             attempt.outcome = Outcome.SENT
@@ -273,3 +275,25 @@ def call_waits(picks: list[tuple[Try, Provider]]) -> list[float]:
     except Exception as exc:  # noqa: BLE001  (degrade: a limiter outage must not stop sends)
         log.warning("rate limiter unavailable, sending without it: %s", exc)
         return [0.0] * len(picks)
+
+
+def record_batch(calls: list[tuple[Try, Call]]) -> None:
+    """Tell the breakers the results of a batch's calls, in one count per provider
+    (``Breakers.record_batch``); then ``settle`` each with ``recorded=True``. A breaker store
+    that cannot be reached leaves the results uncounted, with one warning, as ``settle``."""
+    by_config: dict[BreakerConfig, list[tuple[Try, Call]]] = {}
+    for t, call in calls:
+        if call.permit is not None:
+            by_config.setdefault(t.plan.config, []).append((t, call))
+    where = {call.provider.pk: (call.provider, t.plan.channel) for t, call in calls}
+    breakers = breakers_from_settings()
+    for config, group in by_config.items():
+        results = [(c.permit, c.error is None, c.duration_ms) for _, c in group]
+        try:
+            transitions = breakers.record_batch(results, config)
+        except BreakerUnavailable as exc:
+            names = sorted({c.provider.name for _, c in group})
+            log.warning("breaker state unavailable, %s not counted: %s", ", ".join(names), exc)
+            continue
+        for transition in transitions:
+            on_transition(transition, *where[transition.provider_id])
