@@ -110,6 +110,29 @@ def test_email_arrives_with_rendered_subject_and_text_and_html_parts(smtp_server
     assert "<b>restarts</b>" not in html
 
 
+def test_email_boundary_never_appears_in_its_parts(smtp_server, monkeypatch):
+    """The MIME boundary is chosen when the message is built; one found in a part is drawn
+    again (here the first draw is written into the body on purpose)."""
+    from routing_app.delivery.transports import email as email_transport
+
+    taken = email_transport.BOUNDARY_FORMAT % 1
+    draws = iter([1, 2])
+    monkeypatch.setattr(email_transport.random, "randrange", lambda _: next(draws))
+    delivery, provider = make_delivery(
+        "email",
+        "sam@example.com",
+        f"smtp://127.0.0.1:{smtp_server.port}",
+        data={"note": f"--{taken}"},
+    )
+
+    transport_for("email").send(delivery, provider, timeout_s=5)
+
+    [message] = smtp_server.wait_for(1)
+    assert message.get_boundary() == email_transport.BOUNDARY_FORMAT % 2
+    assert f"note: --{taken}" in message.get_body(("plain",)).get_content()
+    assert taken in message.get_body(("html",)).get_content()
+
+
 def test_email_uses_the_event_template_when_there_is_one(smtp_server):
     delivery, provider = make_delivery(
         "email",
