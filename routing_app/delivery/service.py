@@ -29,7 +29,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connections, router, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
@@ -165,26 +165,47 @@ def claim(ids: list[int]) -> list[Delivery]:
     failed and its ``next_attempt_at`` has come; rows locked by another claimer are skipped, not
     waited for."""
     now = timezone.now()
-    with transaction.atomic():
-        rows = list(
-            Delivery.objects.select_for_update(skip_locked=True, of=("self",))
-            .filter(pk__in=ids, status__in=Delivery.DUE_STATUSES)
-            .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-            .select_related("notification__topic")
-        )
-        if rows:
-            Delivery.objects.filter(pk__in=[r.pk for r in rows]).update(
-                status=Status.SENDING, updated_at=now
+    connection = connections[router.db_for_write(Delivery)]
+    if connection.vendor == "postgresql":
+        claimed = _claim_in_one_statement(connection, ids, now)
+    else:
+        with transaction.atomic():
+            claimed = list(
+                Delivery.objects.select_for_update(skip_locked=True)
+                .filter(pk__in=ids, status__in=Delivery.DUE_STATUSES)
+                .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+                .values_list("pk", flat=True)
             )
+            Delivery.objects.filter(pk__in=claimed).update(status=Status.SENDING, updated_at=now)
+    if not claimed:
+        return []
+    rows = list(Delivery.objects.filter(pk__in=claimed).select_related("notification__topic"))
     # The batch's few channels in one query rather than joined into every row (loading a
     # channel per row was a tenth of the worker's CPU per webhook in bench/delivery_cpu.py).
     channels = Channel.objects.prefetch_related("providers").in_bulk(
         {row.channel_id for row in rows}
     )
     for row in rows:
-        row.status = Status.SENDING
         row.channel = channels[row.channel_id]
     return rows
+
+
+def _claim_in_one_statement(connection, ids: list[int], now) -> list[int]:
+    """The claim as one ``UPDATE ... RETURNING`` over a ``FOR UPDATE SKIP LOCKED`` selection
+    (atomic by itself: one round trip instead of a transaction of four, and the ORM's
+    compilation of both queries saved); returns the ids claimed."""
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    sql = (
+        f"WITH due AS (SELECT id FROM {table} WHERE id = ANY(%s) AND status = ANY(%s)"  # noqa: S608
+        " AND (next_attempt_at IS NULL OR next_attempt_at <= %s) FOR UPDATE SKIP LOCKED)"
+        f" UPDATE {table} AS d SET status = %s, updated_at = %s FROM due WHERE d.id = due.id"
+        " RETURNING d.id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql, [list(ids), [str(s) for s in Delivery.DUE_STATUSES], now, str(Status.SENDING), now]
+        )
+        return [pk for (pk,) in cursor.fetchall()]
 
 
 def _plans(rows: list[Delivery]) -> dict[int, ChannelPlan]:
