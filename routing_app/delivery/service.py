@@ -16,10 +16,13 @@ A row goes to the channel's backup channel (failover.py) when it is dead, or whe
 of its channel may be called at all. Rows claimed by a worker that then dies stay ``sending``:
 the sweeper (sweeper.py) puts them back.
 
-A batch runs its rows' first calls together: the choices on this thread, the attempt rows in one
-INSERT, the calls on a thread pool (they wait on the network), the results in one UPDATE each for
-the attempts and the sent rows. Rows that need another provider (or whose call failed for good)
-go on one by one.
+A batch runs its rows' first calls together: the choices on this thread (each provider's breaker
+read once for the batch, each rate window asked once with the batch's share), the attempt rows in
+one INSERT, the calls on a thread pool (they wait on the network), the breakers told in one count
+per provider, the results in one UPDATE each for the attempts and the sent rows (one commit).
+Rows that need another provider (or whose call failed for good) go on one by one. What a batch
+of 50 costs (bench/delivery_cpu.py): 12 SQL statements (claim 1, rows 1, channels 2, attempt
+counts 1, attempts INSERT 3, results 4) and 3 Redis round trips, whatever the batch's size.
 """
 
 from __future__ import annotations
