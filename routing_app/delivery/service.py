@@ -183,8 +183,9 @@ def claim(ids: list[int]) -> list[Delivery]:
     if not claimed:
         return []
     rows = list(Delivery.objects.filter(pk__in=claimed).select_related("notification__topic"))
-    # The batch's few channels in one query rather than joined into every row (loading a
-    # channel per row was a tenth of the worker's CPU per webhook in bench/delivery_cpu.py).
+    # The batch's few channels in one query rather than joined into every row: a channel row is
+    # wide (its breaker and retry settings), and 50 copies of it per batch showed in the worker's
+    # profile (bench/delivery_cpu.py --py-spy).
     channels = Channel.objects.prefetch_related("providers").in_bulk(
         {row.channel_id for row in rows}
     )
