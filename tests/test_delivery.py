@@ -553,6 +553,24 @@ def test_the_sweeper_puts_back_rows_a_dead_worker_left_sending(clock, scheduled)
     assert scheduled.ids() == [[row.pk]]  # due at once, enqueued once
 
 
+def test_a_row_whose_tries_all_stop_their_worker_ends_dead(clock, scheduled):
+    email = channel("email", breaker_call_timeout_ms=1000, max_attempts=2)
+    provider(email, "relay", closed_port_url("smtp"))
+    row = delivery(email, "sam@example.com")
+    long_ago = timezone.now() - timedelta(minutes=5)
+    for number in (1, 2):  # each try's worker dies mid-call, the sweeper puts the row back
+        assert [r.pk for r in service.claim([row.pk])] == [row.pk]
+        Attempt.objects.create(delivery=row, number=number)
+        Delivery.objects.filter(pk=row.pk).update(updated_at=long_ago)
+        assert sweeper.sweep().reset == 1
+        row.refresh_from_db()
+        assert row.attempts == number
+
+    assert row.status == Status.DEAD and "stopped" in row.last_error
+    assert scheduled.ids() == [[row.pk]]  # enqueued again after the first try only
+    assert sweeper.sweep().reset == 0
+
+
 def test_the_sweeper_enqueues_due_rows_whose_task_was_lost_once_per_grace_period(clock, scheduled):
     email = channel("email")
     fresh = delivery(email, "new@example.com")

@@ -3,7 +3,8 @@
 Run every few seconds (Celery beat, or the embedded loop), it
 
 - puts back rows stuck in ``sending`` past what a try can take (the worker died mid-try): their
-  open attempt rows are closed as ``timeout``, the row becomes ``failed`` and due at once;
+  open attempt rows are closed as ``timeout``, the try counts, and the row becomes ``failed`` and
+  due at once, or ``dead`` (then its backup channel) when that was its last try;
 - enqueues due rows (``pending`` or ``failed``, ``next_attempt_at`` come or unset) untouched for
   a grace period: their task may never have reached the broker (it was down at commit), been
   lost with it, or never been sent (a wait longer than a countdown may be). A row enqueued twice
@@ -19,11 +20,11 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from ..models import Channel, Delivery
-from . import dispatch
+from . import dispatch, outcomes
 from .models import Attempt
 
 log = logging.getLogger(__name__)
@@ -69,23 +70,35 @@ def sweep(limit: int | None = None) -> Sweep:
 
 
 def _reset_stuck(channel: Channel, cutoff, now) -> int:
+    """Rows left ``sending`` by a worker that died mid-try: the try counts (a row whose call kills
+    its worker every time must still end), so a row out of tries is dead, the others due again."""
     with transaction.atomic():
         stuck = list(
-            Delivery.objects.select_for_update(skip_locked=True)
-            .filter(channel=channel, status=Status.SENDING, updated_at__lt=cutoff)
-            .values_list("pk", flat=True)
+            Delivery.objects.select_for_update(skip_locked=True).filter(
+                channel=channel, status=Status.SENDING, updated_at__lt=cutoff
+            )
         )
         if not stuck:
             return 0
-        Attempt.objects.filter(delivery_id__in=stuck, outcome=Attempt.Outcome.STARTED).update(
+        ids = [row.pk for row in stuck]
+        Attempt.objects.filter(delivery_id__in=ids, outcome=Attempt.Outcome.STARTED).update(
             outcome=Attempt.Outcome.TIMEOUT, error="no result: the worker stopped mid-call"
         )
-        Delivery.objects.filter(pk__in=stuck, status=Status.SENDING).update(
+        again = []
+        for row in stuck:
+            row.attempts += 1
+            if row.attempts >= channel.max_attempts:
+                outcomes.finish_dead(row, f"{row.attempts} tries; the last one's worker stopped")
+            else:
+                again.append(row.pk)
+        Delivery.objects.filter(pk__in=again).update(
             status=Status.FAILED,
+            attempts=F("attempts") + 1,
             next_attempt_at=now,
             last_error="the worker stopped mid-try; tried again",
             updated_at=now,
         )
     log.warning("sweeper: %d delivery row(s) of %s were stuck in sending", len(stuck), channel)
-    dispatch.schedule(stuck)
+    if again:
+        dispatch.schedule(again)
     return len(stuck)
