@@ -191,7 +191,7 @@ class Poster:
         return await self.http.post(f"{base}/api/v1/notifications", json=body, headers=self.headers)
 
     async def post_until_accepted(self, base: str, topic: str, i: int) -> tuple[int, int]:
-        """Retry while Redis is down (the limiter answers 503); returns (seq, refusals)."""
+        """Retry until a 202 (a 503 or 429 says try again later); returns (seq, refusals)."""
         refused = 0
         deadline = time.monotonic() + EVENT_TIMEOUT_S
         while True:
