@@ -32,6 +32,7 @@ class Live:
     ids: dict[str, int]
     tokens: dict[str, str]
     sam_session: str
+    env: dict[str, str]
 
     @property
     def port(self) -> int:
@@ -56,6 +57,7 @@ def live_server(directory: Path, name: str, **extra: str) -> Iterator[Live]:
                 seeded["ids"],
                 seeded["tokens"],
                 seeded["sam_session"],
+                env,
             )
         finally:
             server.stop()
