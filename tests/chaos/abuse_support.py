@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import statistics
 import threading
@@ -19,6 +20,9 @@ from pathlib import Path
 import httpx
 
 from tests.servers import NotifyServer, seed, server_environment
+
+# One line per request of the normal client and the floods would bury a failure's output.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 ANSWER_WAIT_S = 45  # above every deadline of the front door (30 s for a body), on a busy machine
 

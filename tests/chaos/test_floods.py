@@ -6,18 +6,29 @@ without the flood, recorded as figures; notify_project/uvicorn_protocols.py has 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
+import json
 import socket
+import threading
 import time
+from collections import Counter
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from notify_project import uvicorn_protocols as limits
 from tests.chaos.abuse_support import (
     ANSWER_WAIT_S,
+    NormalClient,
     get_request,
     live_server,
+    measure_during,
     raw_exchange,
+    run_async,
     upgrade_request,
 )
 from tests.chaos.report import record
@@ -125,4 +136,209 @@ def test_half_sent_requests_are_answered_408_within_the_deadlines(live):
         head_deadline_s=limits.REQUEST_HEAD_TIMEOUT_S,
         body_deadline_s=limits.REQUEST_BODY_TIMEOUT_S,
         slowest_answer_s=round(max(a.elapsed_s for a in answers.values()), 2),
+    )
+
+
+# --- floods, each beside a normal client -------------------------------------------------------
+
+NORMAL_REQUESTS = 100  # the normal client's requests alone, then as many during the flood
+MAX_CONNECTS = 2000  # connection attempts at most (the flood also stops with the normal client)
+CONNECTING_TASKS = 4  # one client's connects in flight at once
+PUBLISH_FLOOD_FRAMES = 3000
+TOKEN_FLOOD_REQUESTS = 400
+TOKEN_FLOOD_CONCURRENCY = 8
+SLOWLORIS_CONNECTIONS = 150
+TRICKLE_PACE_S = 0.5  # one byte per connection this often
+
+
+def history_client(live) -> NormalClient:
+    """A normal API client reading a topic's history with its key."""
+    headers = {"Authorization": f"Bearer {live.api_key}"}
+    url = f"{live.base}/api/v1/topics/alerts.k8s/notifications?limit=10"
+    return NormalClient(
+        request=lambda client: client.get(url, headers=headers),
+        check=lambda answer: answer.status_code == 200 and "notifications" in answer.json(),
+    )
+
+
+def normal_figures(quiet: NormalClient, loud: NormalClient) -> dict[str, object]:
+    assert quiet.wrong == [] and loud.wrong == [], (quiet.wrong[:5], loud.wrong[:5])
+    assert len(loud.latencies_ms) == NORMAL_REQUESTS
+    alone, during = quiet.figures(), loud.figures()
+    return {
+        "normal_requests": 2 * NORMAL_REQUESTS,
+        "normal_wrong": 0,
+        "normal_p50_ms_alone": alone["p50_ms"],
+        "normal_p99_ms_alone": alone["p99_ms"],
+        "normal_p50_ms_during": during["p50_ms"],
+        "normal_p99_ms_during": during["p99_ms"],
+    }
+
+
+def test_connection_flood_is_answered_while_a_normal_client_is_served(live):
+    url = f"ws://127.0.0.1:{live.port}/ws/flood.connect/?token={live.tokens['sam']}"
+    outcomes: Counter[str] = Counter()
+
+    async def connect_repeatedly(done: threading.Event) -> None:
+        while not done.is_set() and outcomes.total() < MAX_CONNECTS:
+            try:
+                async with connect(url, open_timeout=ANSWER_WAIT_S) as ws:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), ANSWER_WAIT_S))
+                    outcomes[frame["type"]] += 1
+            except ConnectionClosed as closed:
+                outcomes[f"closed {closed.rcvd.code if closed.rcvd else 1006}"] += 1
+            except InvalidStatus as refused:
+                outcomes[f"http {refused.response.status_code}"] += 1
+            except (OSError, TimeoutError) as exc:
+                outcomes[f"no answer: {type(exc).__name__}"] += 1
+
+    async def flood(done: threading.Event) -> None:
+        await asyncio.gather(*(connect_repeatedly(done) for _ in range(CONNECTING_TASKS)))
+
+    quiet, loud = measure_during(lambda: history_client(live), NORMAL_REQUESTS, run_async(flood))
+    figures = normal_figures(quiet, loud)
+    unanswered = {k: v for k, v in outcomes.items() if k.startswith("no answer")}
+    assert unanswered == {}, outcomes
+    record(
+        "connection flood",
+        attempts=outcomes.total(),
+        subscribed=outcomes["subscribed"],
+        refused=outcomes.total() - outcomes["subscribed"],
+        **figures,
+    )
+
+
+def test_publish_flood_on_one_socket_gets_rate_limited_frames(live):
+    topic = "flood.publish"
+    url = f"ws://127.0.0.1:{live.port}/ws/{topic}/?token={live.tokens['oscar']}"
+    replies: Counter[str] = Counter()
+    close_code: list[int] = []
+
+    async def flood(done: threading.Event) -> None:
+        async with connect(url, open_timeout=ANSWER_WAIT_S, max_queue=None) as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            for n in range(PUBLISH_FLOOD_FRAMES):
+                frame = {"type": "publish", "event": "flood", "data": {"n": n}, "ref": str(n)}
+                await ws.send(json.dumps(frame))
+            try:
+                while sum(replies.values()) < PUBLISH_FLOOD_FRAMES:
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), ANSWER_WAIT_S))
+                    if reply["type"] in ("ack", "error"):  # one per publish frame
+                        replies[reply.get("code") or reply["type"]] += 1
+            except ConnectionClosed as closed:
+                close_code.append(closed.rcvd.code if closed.rcvd else 1006)
+
+    quiet, loud = measure_during(lambda: history_client(live), NORMAL_REQUESTS, run_async(flood))
+    figures = normal_figures(quiet, loud)
+    assert set(replies) <= {"ack", "rate_limited"}, replies
+    assert replies["rate_limited"] > 0 or close_code, replies
+    assert close_code in ([], [4429]), close_code  # 4429: the flooder did not read its answers
+    history = httpx.get(
+        f"{live.base}/api/v1/topics/{topic}/notifications?limit=1",
+        headers={"Authorization": f"Bearer {live.api_key}"},
+        timeout=ANSWER_WAIT_S,
+    ).json()
+    assert history["last_seq"] >= replies["ack"]  # every acknowledged publish is stored
+    record(
+        "publish flood on one socket",
+        frames_sent=PUBLISH_FLOOD_FRAMES,
+        acked=replies["ack"],
+        rate_limited=replies["rate_limited"],
+        closed_with=close_code[0] if close_code else "open",
+        stored=history["last_seq"],
+        **figures,
+    )
+
+
+def test_token_minting_flood_gets_429_with_retry_after(live):
+    answers: Counter[int] = Counter()
+    without_retry_after: list[int] = []
+
+    async def flood(done: threading.Event) -> None:
+        headers = {"Authorization": f"Bearer {live.api_key}"}
+        sent = 0
+        async with httpx.AsyncClient(base_url=live.base, timeout=ANSWER_WAIT_S) as client:
+
+            async def mint() -> None:
+                nonlocal sent
+                while sent < TOKEN_FLOOD_REQUESTS and not done.is_set():
+                    sent += 1
+                    answer = await client.post(
+                        "/api/v1/tokens", json={"user": "sam"}, headers=headers
+                    )
+                    answers[answer.status_code] += 1
+                    if answer.status_code == 429 and "retry-after" not in answer.headers:
+                        without_retry_after.append(answer.status_code)
+
+            await asyncio.gather(*(mint() for _ in range(TOKEN_FLOOD_CONCURRENCY)))
+
+    quiet, loud = measure_during(lambda: history_client(live), NORMAL_REQUESTS, run_async(flood))
+    figures = normal_figures(quiet, loud)
+    assert set(answers) <= {200, 429}, answers
+    assert without_retry_after == []
+    record(
+        "token minting flood",
+        requests=answers.total(),
+        minted=answers[200],
+        refused_429=answers[429],
+        **figures,
+    )
+
+
+def slowloris(port: int, request_head: bytes, count: int) -> Counter[str]:
+    """``count`` connections sending ``request_head`` and then one more header byte each
+    TRICKLE_PACE_S, until each is answered or closed (at most ANSWER_WAIT_S): what each got."""
+    outcomes: Counter[str] = Counter()
+    pending: set[socket.socket] = set()
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WAIT_S)
+        sock.sendall(request_head)
+        sock.setblocking(False)
+        pending.add(sock)
+    deadline = time.monotonic() + ANSWER_WAIT_S
+    while pending and time.monotonic() < deadline:
+        for sock in list(pending):
+            try:
+                received = sock.recv(4096)
+            except BlockingIOError:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    sock.send(b"X")
+                continue
+            except OSError:
+                received = b""
+            status = received.split(b" ", 2)[1].decode() if received.startswith(b"HTTP/") else ""
+            outcomes[status or "closed"] += 1
+            pending.discard(sock)
+            sock.close()
+        time.sleep(TRICKLE_PACE_S)  # the pace of the trickle, not a wait for an event
+    outcomes["unanswered"] = len(pending)
+    for sock in pending:
+        sock.close()
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    "kind, head",
+    [
+        ("HTTP", b"GET /api/v1/csrf HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "),
+        ("SSE", b"GET /events/alerts.k8s/?token=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "),
+    ],
+)
+def test_slowloris_connections_get_408_while_a_normal_client_is_served(live, kind, head):
+    if b"%s" in head:
+        head = head % live.tokens["sam"].encode()
+    outcomes: Counter[str] = Counter()
+
+    def flood(done: threading.Event) -> None:
+        outcomes.update(slowloris(live.port, head, SLOWLORIS_CONNECTIONS))
+
+    quiet, loud = measure_during(lambda: history_client(live), NORMAL_REQUESTS, flood)
+    figures = normal_figures(quiet, loud)
+    assert outcomes == Counter({"408": SLOWLORIS_CONNECTIONS, "unanswered": 0}), outcomes
+    record(
+        f"slowloris on {kind}",
+        connections=SLOWLORIS_CONNECTIONS,
+        answered_408=outcomes["408"],
+        head_deadline_s=limits.REQUEST_HEAD_TIMEOUT_S,
+        **figures,
     )
