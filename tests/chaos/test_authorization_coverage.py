@@ -459,3 +459,33 @@ def test_forged_and_out_of_scope_api_keys_are_refused_on_every_operation(live):
 
 def notification(topic: str) -> dict:
     return {"topic": topic, "event": "probe", "data": {}}
+
+
+def test_email_tracking_webhooks_need_the_webhook_secret(db, client, settings):
+    """In-process (the server's settings have no secret): no secret configured refuses everyone;
+    with one, only its basic auth passes on to django-anymail."""
+    path = "/anymail/postmark/tracking/"
+    settings.ANYMAIL_WEBHOOK_SECRET = ""
+    assert client.post(path, data="{}", content_type="application/json").status_code == 403
+    settings.ANYMAIL_WEBHOOK_SECRET = "hook:s3cret"
+    settings.ANYMAIL = {"WEBHOOK_SECRET": "hook:s3cret"}
+    wrong = base64.b64encode(b"hook:guess").decode()
+    right = base64.b64encode(b"hook:s3cret").decode()
+    answers = {
+        "none": client.post(path, data="{}", content_type="application/json"),
+        "wrong": client.post(
+            path, data="{}", content_type="application/json", HTTP_AUTHORIZATION=f"Basic {wrong}"
+        ),
+        "right": client.post(
+            path,
+            data=json.dumps({"RecordType": "Delivery", "MessageID": "m-1"}),
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Basic {right}",
+        ),
+    }
+    assert {name: answer.status_code for name, answer in answers.items()} == {
+        "none": 401,
+        "wrong": 401,
+        "right": 200,
+    }
+    assert not any(r.name.endswith("_inbound_webhook") for _, r in url_patterns() if r.name)
