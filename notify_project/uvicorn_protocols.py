@@ -101,6 +101,9 @@ class HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.response_complete or self.transport.is_closing():
             return
+        if self.flow.read_paused:  # the application is not reading yet: not the client's delay
+            self._arm(REQUEST_BODY_TIMEOUT_S, self._body_timed_out)
+            return
         reason = f"request body not received within {REQUEST_BODY_TIMEOUT_S} s"
         cycle.disconnected = True  # the application's receive() now says http.disconnect
         cycle.message_event.set()

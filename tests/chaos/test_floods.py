@@ -89,6 +89,28 @@ def test_requests_under_the_limits_still_pass(live):
     assert upgrade.status == 101
     plain = raw_exchange(live.port, get_request("/api/v1/csrf?pad=" + "y" * 7000))
     assert plain.status == 200
+    # a head just under the size and count limits (Host is one of the headers)
+    line = b"X-Fill-%d: " + b"f" * 4000 + b"\r\n"
+    big = b"".join(line % n for n in range(7))  # 28 KB
+    assert raw_exchange(live.port, get_request("/api/v1/csrf", extra_headers=big)).status == 200
+    most = b"".join(b"X-H%d: v\r\n" % n for n in range(limits.MAX_HEADER_COUNT - 1))
+    assert raw_exchange(live.port, get_request("/api/v1/csrf", extra_headers=most)).status == 200
+
+
+def test_pipelined_and_keep_alive_requests_are_all_answered(live):
+    request = get_request("/api/v1/csrf")
+    with socket.create_connection(("127.0.0.1", live.port), timeout=ANSWER_WAIT_S) as sock:
+        sock.sendall(request * 3)  # three at once: the second and third wait for the first
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 3:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {received.count(b'HTTP/1.1 200')} answers"
+            received += chunk
+        sock.sendall(request)  # and one more on the same connection afterwards
+        while received.count(b"HTTP/1.1 200") < 4:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the fourth answer"
+            received += chunk
 
 
 def _trickle_head(sock: socket.socket) -> None:
