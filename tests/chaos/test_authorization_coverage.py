@@ -177,22 +177,30 @@ def phoenix_auth_protocol(token: str) -> str:
     return PHOENIX_TOKEN_PREFIX + encoded
 
 
-RESTRICTED_KEY_SCRIPT = """
-from routing_app.models import ApiKey
+SETUP_SCRIPT = """
+from routing_app.models import ApiKey, Channel, Provider
 key = ApiKey(name="alerts-only", scopes=["ingest"], allowed_topics="alerts.#")
 raw = key.set_new_key()
 key.save()
+gateway = Provider.objects.create(
+    channel=Channel.objects.create(name="sms", kind="sms"),
+    name="twilio",
+    url="https://api.twilio.test/2010-04-01/Accounts/AC1/Messages.json",
+    credentials_env="TWILIO_TOKEN",
+)
 print("KEY " + raw)
+print("SMS " + str(gateway.pk))
 """
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    with live_server(tmp_path_factory.mktemp("authz"), "authz") as running:
-        out = run_script(running.env, RESTRICTED_KEY_SCRIPT)
-        running.restricted_key = next(
-            line.removeprefix("KEY ") for line in out.splitlines() if line.startswith("KEY ")
+    directory = tmp_path_factory.mktemp("authz")
+    with live_server(directory, "authz", TWILIO_TOKEN="the-gateway-secret") as running:
+        out = dict(
+            line.split(" ", 1) for line in run_script(running.env, SETUP_SCRIPT).split("\n") if line
         )
+        running.restricted_key, running.sms_provider = out["KEY"], int(out["SMS"])
         yield running
 
 
@@ -411,7 +419,7 @@ async def test_forged_expired_and_cross_user_tokens_are_refused_on_every_edge(li
     ] is None
     assert await phoenix_join(live, own_topic, good) == "ok"
     assert await phoenix_handshake(live, subprotocol_token=good) is None
-    record("client tokens", cases_tried=len(outcomes) + 3, refused=len(outcomes))
+    record("client tokens", bad_ones_tried=len(outcomes), refused=len(outcomes), good_ones_passed=3)
 
 
 def sse_status(live, topic: str, token: str) -> int:
@@ -489,3 +497,17 @@ def test_email_tracking_webhooks_need_the_webhook_secret(db, client, settings):
         "right": 200,
     }
     assert not any(r.name.endswith("_inbound_webhook") for _, r in url_patterns() if r.name)
+
+
+def test_sms_receipts_are_refused_without_the_providers_signature(live):
+    """The public receipts operation checks X-Twilio-Signature against the provider's secret."""
+    url = f"{live.base}/api/v1/providers/{live.sms_provider}/receipts"
+    form = {"MessageSid": "SM1", "MessageStatus": "delivered"}
+    answers = {
+        "unsigned": httpx.post(url, data=form, timeout=WAIT_S).status_code,
+        "forged": httpx.post(
+            url, data=form, headers={"X-Twilio-Signature": "Zm9yZ2Vk"}, timeout=WAIT_S
+        ).status_code,
+    }
+    assert answers == {"unsigned": 403, "forged": 403}
+    record("sms receipts", cases_tried=len(answers), refused=len(answers))
