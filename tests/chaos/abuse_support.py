@@ -91,7 +91,7 @@ def raw_exchange(
         try:
             while chunk := sock.recv(65536):
                 received += chunk
-                if b"\r\n\r\n" in received and not received.startswith(b"HTTP/1.1 101"):
+                if b"\r\n\r\n" in received:  # the head is all that is looked at
                     break
         except ConnectionResetError:
             pass
