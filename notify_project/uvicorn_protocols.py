@@ -208,7 +208,15 @@ class HttpProtocol(HttpToolsProtocol):
 
 class WebSocketsProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) protocol that writes the answer websockets prepares for an
-    upgrade request it refuses (414, 431, or a bare close for a malformed one)."""
+    upgrade request it refuses (414, 431, or a bare close for a malformed one), and that counts
+    an application's HTTP answer to an upgrade (``websocket.http.response``) as its end."""
+
+    async def send(self, message) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # uvicorn forgets that an HTTP answer completes the handshake, then logs an error and
+            # writes a 500 after it: an ERROR line per refused connection under a flood
+            self.handshake_complete = True
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

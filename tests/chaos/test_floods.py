@@ -20,6 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from channels_app import connect_rate
 from notify_project import uvicorn_protocols as limits
 from tests.chaos.abuse_support import (
     ANSWER_WAIT_S,
@@ -164,7 +165,8 @@ def test_half_sent_requests_are_answered_408_within_the_deadlines(live):
 # --- floods, each beside a normal client -------------------------------------------------------
 
 NORMAL_REQUESTS = 100  # the normal client's requests alone, then as many during the flood
-MAX_CONNECTS = 2000  # connection attempts at most (the flood also stops with the normal client)
+MAX_CONNECTS = 3000  # connection attempts at most (the flood also stops with the normal client)
+FLOOD_ADDRESS = "203.0.113.7"  # a documentation address (RFC 5737): not loopback, so limited
 CONNECTING_TASKS = 4  # one client's connects in flight at once
 PUBLISH_FLOOD_FRAMES = 3000
 TOKEN_FLOOD_REQUESTS = 400
@@ -197,20 +199,33 @@ def normal_figures(quiet: NormalClient, loud: NormalClient) -> dict[str, object]
     }
 
 
-def test_connection_flood_is_answered_while_a_normal_client_is_served(live):
+def test_connection_flood_gets_429_while_a_normal_client_is_served(live):
     url = f"ws://127.0.0.1:{live.port}/ws/flood.connect/?token={live.tokens['sam']}"
+    flooder = {"X-Forwarded-For": FLOOD_ADDRESS}  # as the proxy in front says who it is
     outcomes: Counter[str] = Counter()
+    deadline = time.monotonic() + ANSWER_WAIT_S
+
+    def more(done: threading.Event) -> bool:
+        if outcomes.total() >= MAX_CONNECTS or time.monotonic() > deadline:
+            return False
+        return not (done.is_set() and outcomes["http 429"])
 
     async def connect_repeatedly(done: threading.Event) -> None:
-        while not done.is_set() and outcomes.total() < MAX_CONNECTS:
+        while more(done):
             try:
-                async with connect(url, open_timeout=ANSWER_WAIT_S) as ws:
+                async with connect(
+                    url, additional_headers=flooder, open_timeout=ANSWER_WAIT_S
+                ) as ws:
                     frame = json.loads(await asyncio.wait_for(ws.recv(), ANSWER_WAIT_S))
                     outcomes[frame["type"]] += 1
             except ConnectionClosed as closed:
                 outcomes[f"closed {closed.rcvd.code if closed.rcvd else 1006}"] += 1
             except InvalidStatus as refused:
-                outcomes[f"http {refused.response.status_code}"] += 1
+                answer = refused.response
+                retry = "retry-after" in answer.headers
+                outcomes[
+                    f"http {answer.status_code}" + ("" if retry else " without Retry-After")
+                ] += 1
             except (OSError, TimeoutError) as exc:
                 outcomes[f"no answer: {type(exc).__name__}"] += 1
 
@@ -219,15 +234,24 @@ def test_connection_flood_is_answered_while_a_normal_client_is_served(live):
 
     quiet, loud = measure_during(lambda: history_client(live), NORMAL_REQUESTS, run_async(flood))
     figures = normal_figures(quiet, loud)
-    unanswered = {k: v for k, v in outcomes.items() if k.startswith("no answer")}
-    assert unanswered == {}, outcomes
+    assert set(outcomes) <= {"subscribed", "http 429"} and outcomes["http 429"], outcomes
+    # other addresses (and this machine's own) connect as usual
+    for others in ({"X-Forwarded-For": "198.51.100.2"}, {}):
+        assert asyncio.run(first_frame(url, others))["type"] == "subscribed"
     record(
         "connection flood",
         attempts=outcomes.total(),
         subscribed=outcomes["subscribed"],
-        refused=outcomes.total() - outcomes["subscribed"],
+        refused_429=outcomes["http 429"],
+        burst=connect_rate.CONNECT_BURST,
+        per_s=connect_rate.CONNECTS_PER_S,
         **figures,
     )
+
+
+async def first_frame(url: str, headers: dict[str, str]) -> dict:
+    async with connect(url, additional_headers=headers, open_timeout=ANSWER_WAIT_S) as ws:
+        return json.loads(await asyncio.wait_for(ws.recv(), ANSWER_WAIT_S))
 
 
 def test_publish_flood_on_one_socket_gets_rate_limited_frames(live):
@@ -364,3 +388,52 @@ def test_slowloris_connections_get_408_while_a_normal_client_is_served(live, kin
         head_deadline_s=limits.REQUEST_HEAD_TIMEOUT_S,
         **figures,
     )
+
+
+async def test_connect_limit_answers_sse_and_websocket_past_the_burst_with_429():
+    """In-process, with a burst of 2 and a refill too slow to matter: the third connection of an
+    address is refused, SSE and WebSocket sharing the bucket; other addresses and other paths
+    pass."""
+    passed: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        passed.append(f"{scope['type']} {scope['path']} {scope['client'][0]}")
+
+    limited = connect_rate.limit_connects(app, connect_rate.ConnectBuckets(0.001, 2))
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    def scope(kind: str, path: str, address: str) -> dict:
+        extensions = {"websocket.http.response": {}} if kind == "websocket" else {}
+        return {
+            "type": kind,
+            "path": path,
+            "method": "GET",
+            "client": (address, 5000),
+            "extensions": extensions,
+        }
+
+    for kind, path in [("http", "/events/t/"), ("websocket", "/ws/t/"), ("http", "/events/t/")]:
+        await limited(scope(kind, path, "203.0.113.8"), receive, send)
+    await limited(scope("websocket", "/ws/t/", "203.0.113.8"), receive, send)
+    await limited(scope("http", "/api/v1/csrf", "203.0.113.8"), receive, send)
+    await limited(scope("websocket", "/ws/t/", "198.51.100.3"), receive, send)
+    await limited(scope("websocket", "/ws/t/", "127.0.0.1"), receive, send)
+    assert passed == [
+        "http /events/t/ 203.0.113.8",
+        "websocket /ws/t/ 203.0.113.8",
+        "http /api/v1/csrf 203.0.113.8",
+        "websocket /ws/t/ 198.51.100.3",
+        "websocket /ws/t/ 127.0.0.1",
+    ]
+    starts = [m for m in sent if m["type"].endswith(".start")]
+    assert [(m["type"], m["status"]) for m in starts] == [
+        ("http.response.start", 429),
+        ("websocket.http.response.start", 429),
+    ]
+    assert all(dict(m["headers"])[b"retry-after"] for m in starts)
