@@ -176,7 +176,7 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._head_bytes = 0
-        if self.parser.should_upgrade():
+        if self.parser.should_upgrade() and self._should_upgrade():
             self._disarm()  # the WebSocket protocol takes over
         else:
             self._arm(REQUEST_BODY_TIMEOUT_S, self._body_timed_out)
