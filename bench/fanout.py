@@ -43,6 +43,9 @@ alternate in the same run on the same core):
   core, sharing Redis: the production shape) and client processes as the limit allows. Source
   addresses 127.0.0.2-9 spread the ephemeral ports.
 - sse: 500 SSE streams on /events/<topic>/, N=200 as in ws; events/s.
+- metrics: with ``--metrics both`` (the default) the ws plain/deflate, latency and sse parts also
+  run our server with ``METRICS_ENABLED=false`` in the same run and print on/off ratios of
+  throughput, server CPU per delivery and latency: what recording metrics costs.
 Per measured window it prints the CPU use of the server, Redis and the load generator, the server
 CPU per delivery, per-core busy time, steal, and CPU used by anything else on the machine (other
 jobs distort figures: ``--wait-quiet`` waits for a quiet machine before each run; judge a run by
@@ -99,7 +102,7 @@ def base_cfg(svc: Services, server: ServerProcess, target: str) -> dict:
         "port": server.port,
         "api_key": svc.api_key,
         "origin": BENCH_ORIGIN,
-        "pids": {"server": server.pid, "redis": svc.redis_pid if target == "ours" else 0},
+        "pids": {"server": server.pid, "redis": svc.redis_pid if target != "bare" else 0},
     }
 
 
@@ -157,6 +160,19 @@ def one_run(svc, args, target: str, part: str, cfg_extra: dict):
     return result
 
 
+METRICS_OFF = "ours-metrics-off"  # our server with METRICS_ENABLED=false (Services.start)
+SUFFIX = {"ours-1sub": "/1-subscriber", METRICS_OFF: "/metrics-off"}
+
+
+def metrics_ratio(pair: dict, what: str, *keys: str) -> None:
+    """What recording metrics costs: ours (metrics on) against the same part with them off."""
+    on, off = pair.get("ours", {}), pair.get(METRICS_OFF, {})
+    for key in keys or ("msgs_per_s", "server_us_per_delivery"):
+        if on.get(key) and off.get(key):
+            pair[f"metrics_on_off_{key}"] = ratio = round(on[key] / off[key], 3)
+            print(f"    metrics on/off {what} {key}: {ratio}")
+
+
 WS_VARIANTS = ("plain", "deflate", "paced")
 PACE_PER_S = 25  # paced variant: each message crosses the server alone (40 ms apart)
 
@@ -171,8 +187,10 @@ def run_ws(svc, args) -> dict:
             targets = list(args.targets)
             if variant == "paced" and "ours" in targets:
                 targets.append("ours-1sub")  # what the ingest path alone costs at that rate
+            elif args.metrics_off:
+                targets.append(METRICS_OFF)
             for target in targets:
-                server = "ours" if target.startswith("ours") else target
+                server = "ours" if target == "ours-1sub" else target
                 extra = {
                     "path": ws_path(svc, server, topic),
                     "topic": topic,
@@ -184,12 +202,13 @@ def run_ws(svc, args) -> dict:
                     "batch": 100,
                     "timeout_s": 120,
                 }
-                label = f"ws/{variant}" + ("/1-subscriber" if target == "ours-1sub" else "")
+                label = f"ws/{variant}" + SUFFIX.get(target, "")
                 pair[target] = one_run(svc, args, server, label, extra)
             ours, bare = pair.get("ours", {}), pair.get("bare", {})
             if ours.get("msgs_per_s") and bare.get("msgs_per_s") and variant != "paced":
                 pair["ratio"] = round(ours["msgs_per_s"] / bare["msgs_per_s"], 3)
                 print(f"    ratio ours/bare run {run + 1} {variant}: {pair['ratio']}")
+            metrics_ratio(pair, f"run {run + 1} ws {variant}")
             base = pair.get("ours-1sub", {})
             if ours.get("server_cpu_s") is not None and base.get("server_cpu_s") is not None:
                 extra_s = ours["server_cpu_s"] - base["server_cpu_s"]
@@ -208,7 +227,10 @@ def run_latency(svc, args) -> dict:
     out: dict = {"runs": []}
     for _ in range(args.runs):
         pair = {}
-        for target in [*args.targets, "ours-bus"] if "ours" in args.targets else args.targets:
+        targets = list(args.targets)
+        if "ours" in targets:
+            targets += ["ours-bus", METRICS_OFF] if args.metrics_off else ["ours-bus"]
+        for target in targets:
             bus = target == "ours-bus"
             server = "ours" if bus else target
             topic = TOPICS["bus" if bus else "latency"]
@@ -224,8 +246,9 @@ def run_latency(svc, args) -> dict:
                 "warmup": 20,
                 "timeout_s": 30,
             }
-            label = "latency/redis-publish-to-client" if bus else "latency"
+            label = "latency/redis-publish-to-client" if bus else "latency" + SUFFIX.get(target, "")
             pair[target] = one_run(svc, args, server, label, extra)
+        metrics_ratio(pair, "latency", "p50_ms", "p99_ms")
         out["runs"].append(pair)
     return out
 
@@ -361,7 +384,11 @@ def run_sse(svc, args) -> dict:
             "batch": 100,
             "timeout_s": 120,
         }
-        out["runs"].append({"ours": one_run(svc, args, "ours", "sse", extra)})
+        pair = {"ours": one_run(svc, args, "ours", "sse", extra)}
+        if args.metrics_off:
+            pair[METRICS_OFF] = one_run(svc, args, METRICS_OFF, "sse" + SUFFIX[METRICS_OFF], extra)
+            metrics_ratio(pair, "sse")
+        out["runs"].append(pair)
     return out
 
 
@@ -394,6 +421,12 @@ def parse_args(argv=None):
     parser.add_argument("--target", choices=("both", "ours", "bare"), default="both")
     parser.add_argument("--quick", action="store_true", help="smaller counts and one run")
     parser.add_argument(
+        "--metrics",
+        choices=("on", "both"),
+        default="both",
+        help="both: ws, latency and sse also run our server with metrics recording off",
+    )
+    parser.add_argument(
         "--runs", type=int, default=None, help="runs per part (default 2; 1 with --quick)"
     )
     parser.add_argument(
@@ -420,6 +453,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.parts = args.only or list(PART_NAMES)
     args.targets = ["bare", "ours"] if args.target == "both" else [args.target]
+    args.metrics_off = args.metrics == "both" and "ours" in args.targets
     q = args.quick
     args.runs = args.runs or (1 if q else 2)
     args.ws_subscribers = 1000

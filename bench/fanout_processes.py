@@ -220,7 +220,10 @@ print("BENCH_SETUP " + json.dumps({{"key": raw, "token": mint(user.pk, 24 * 3600
         argv = [sys.executable, "-m", "uvicorn", "notify_project.asgi:application"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
         argv += ["--log-level", "warning", "--backlog", "4096", "--lifespan", "off"]
-        return ServerProcess(argv, self.env, self.args.server_core, port, self.logdir, "ours")
+        env = self.env
+        if target == "ours-metrics-off":
+            env = {**env, "METRICS_ENABLED": "false"}
+        return ServerProcess(argv, env, self.args.server_core, port, self.logdir, target)
 
 
 # --- client processes -------------------------------------------------------------------------

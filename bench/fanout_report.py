@@ -94,6 +94,21 @@ def _check(label: str, values: list, aim: float, higher_is_better: bool) -> str:
     return f"  {label}: median {med:,.4g} vs aim {op} {aim:,} -> {'MET' if ok else 'NOT MET'}"
 
 
+def metrics_cost_lines(results: dict) -> list[str]:
+    """Ratios ours with metrics recording / ours without it, per part (``--metrics both``)."""
+    parts = [(f"ws {variant}", runs) for variant, runs in results.get("ws", {}).items()]
+    parts += [(part, results[part]["runs"]) for part in ("latency", "sse") if part in results]
+    lines = []
+    for label, runs in parts:
+        keys = sorted({key for run in runs for key in run if key.startswith("metrics_on_off_")})
+        for key in keys:
+            values = [run[key] for run in runs if key in run]
+            lines.append(
+                f"{label} metrics on/off {key.removeprefix('metrics_on_off_')}: {_fmt(values)}"
+            )
+    return lines
+
+
 def summarize(results: dict) -> None:
     print("\n=== summary (each value is one run) ===")
     checks = []
@@ -176,6 +191,8 @@ def summarize(results: dict) -> None:
             f"client CPU %: {_fmt(_values(runs, 'ours', 'client_cpu_pct'))}"
         )
         checks.append(_check("SSE events/s", vals, AIMS["sse_events_per_s"], True))
+    for line in metrics_cost_lines(results):
+        print(line)
     print("aims:")
     for line in checks:
         print(line)

@@ -17,7 +17,10 @@ on a machine shared with other work, compare with that rather than with absolute
 Prints the machine, versions, accepted notifications/s, p50/p95/p99 latency, the server's CPU use
 and RSS, and the load generator's CPU use (near 100 % means the figure is the generator's limit).
 Afterwards it checks that every accepted notification is stored and each topic's seqs are 1..N.
-Not part of the test suite. ``--profile`` records the server with py-spy during the single phase.
+``--metrics both`` (the default) measures notify twice, a server with metrics recording and one
+without (``METRICS_ENABLED``), and prints what recording costs in throughput and CPU per
+notification; ``on`` or ``off`` measures one of them. Not part of the test suite.
+``--profile`` records the server with py-spy during the single phase.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ class Phase:
     @property
     def accepted_per_s(self) -> float:
         return self.accepted_requests * self.items_per_request / self.window_s
+
+    @property
+    def cpu_us_per_item(self) -> float:
+        accepted = self.accepted_requests * self.items_per_request
+        return 1e6 * self.server_cpu_s / accepted if accepted else float("nan")
 
     def percentile_ms(self, q: float) -> float:
         if not self.latencies_s:
@@ -344,19 +352,84 @@ def check_stored(db_url: str) -> str:
     return f"{total} notifications stored in {len(rows)} topics; {verdict}"
 
 
-def report(phase: Phase) -> str:
+def report(phase: Phase, limit: Phase | None = None) -> str:
     others = f"; other statuses {phase.other_statuses}" if phase.other_statuses else ""
     if phase.transport_errors:
         others += f"; {phase.transport_errors} transport errors"
-    accepted = phase.accepted_requests * phase.items_per_request
-    cpu_us = 1e6 * phase.server_cpu_s / accepted if accepted else float("nan")
+    ratio = f" ({phase.accepted_per_s / limit.accepted_per_s:.2f}x the bare app)" if limit else ""
     return (
-        f"{phase.name}: {phase.accepted_per_s:,.0f} notifications/s accepted; latency "
+        f"{phase.name}: {phase.accepted_per_s:,.0f} notifications/s accepted{ratio}; latency "
         f"p50 {phase.percentile_ms(0.50):.1f} ms, p95 {phase.percentile_ms(0.95):.1f} ms, "
         f"p99 {phase.percentile_ms(0.99):.1f} ms\n    server CPU {phase.server_cpu_pct:.0f} % of "
-        f"a core = {cpu_us:,.0f} us per notification; peak RSS {phase.peak_rss_kb / 1024:.0f} MB;"
+        f"a core = {phase.cpu_us_per_item:,.0f} us per notification; "
+        f"peak RSS {phase.peak_rss_kb / 1024:.0f} MB;"
         f" load generator CPU {phase.client_cpu_pct:.0f} %{others}"
     )
+
+
+def ours(
+    args: argparse.Namespace, base: str, key: str, pid: int, label: str, profile: bool
+) -> tuple[Phase, Phase]:
+    """The single-post and the batch phase against one notify server."""
+    profiler = None
+    if args.profile and profile:
+        out = Path(f"/tmp/notify-ingest-profile-{os.getpid()}.svg")
+        profiler = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--subprocesses",
+                "-o",
+                str(out),
+                "--duration",
+                str(int(args.warmup + args.duration)),
+                "--rate",
+                "200",
+            ],
+        )
+    single = asyncio.run(
+        run_phase(
+            base,
+            key,
+            Phase(f"single posts x{args.clients}{label}", 1),
+            args.clients,
+            args.topics,
+            args.warmup,
+            args.duration,
+            pid,
+        )
+    )
+    if profiler:
+        profiler.wait()
+        print(f"py-spy flame graph: {out}")
+    batch = asyncio.run(
+        run_phase(
+            base,
+            key,
+            Phase(f"batches of {args.batch_size} x{args.batch_clients}{label}", args.batch_size),
+            args.batch_clients,
+            args.topics,
+            args.warmup,
+            args.duration,
+            pid,
+        )
+    )
+    return single, batch
+
+
+def metrics_cost(on: tuple[Phase, Phase], off: tuple[Phase, Phase]) -> str:
+    """What recording metrics costs, as throughput and CPU per notification with it vs without."""
+    parts = []
+    for with_metrics, without in zip(on, off, strict=True):
+        ratio = with_metrics.accepted_per_s / without.accepted_per_s
+        cpu = with_metrics.cpu_us_per_item / without.cpu_us_per_item
+        parts.append(
+            f"{without.name.split(' (')[0]}: throughput {ratio:.3f}x, CPU per notification "
+            f"{cpu:.3f}x"
+        )
+    return "metrics on vs off: " + "; ".join(parts)
 
 
 def main() -> None:
@@ -371,6 +444,12 @@ def main() -> None:
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="py-spy the single phase")
+    parser.add_argument(
+        "--metrics",
+        choices=("on", "off", "both"),
+        default="both",
+        help="metrics recording in the server; both = a server with and one without, in turn",
+    )
     args = parser.parse_args()
 
     pg_server = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -391,7 +470,6 @@ def main() -> None:
         "ALLOWED_HOSTS": "127.0.0.1",
         "LOG_LEVEL": "WARNING",
     }
-    server = None
     try:
         manage(env, "migrate", "--noinput", "-v0")
         key = manage(env, "apikey", "create", "bench", "--rate", "1000000/s").strip()
@@ -416,72 +494,40 @@ def main() -> None:
         finally:
             os.killpg(bare.pid, signal.SIGTERM)
             bare.wait(timeout=30)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        server = start_server(env, port, args.server_core, args.workers)
-        wait_ready(base, server)
         print(
             f"uvicorn ({args.workers} worker(s)) on core {args.server_core}, load generator on "
             f"core {args.client_core}; {args.topics} topics; {args.warmup:.0f} s warm-up + "
             f"{args.duration:.0f} s measured per phase"
         )
-
-        profiler = None
-        if args.profile:
-            out = Path(f"/tmp/notify-ingest-profile-{os.getpid()}.svg")
-            profiler = subprocess.Popen(
-                [
-                    "py-spy",
-                    "record",
-                    "--pid",
-                    str(server.pid),
-                    "--subprocesses",
-                    "-o",
-                    str(out),
-                    "--duration",
-                    str(int(args.warmup + args.duration)),
-                    "--rate",
-                    "200",
-                ],
-            )
-        single = asyncio.run(
-            run_phase(
-                base,
-                key,
-                Phase(f"single posts x{args.clients}", 1),
-                args.clients,
-                args.topics,
-                args.warmup,
-                args.duration,
-                server.pid,
-            )
-        )
-        if profiler:
-            profiler.wait()
-            print(f"py-spy flame graph: {out}")
-        batch = asyncio.run(
-            run_phase(
-                base,
-                key,
-                Phase(f"batches of {args.batch_size} x{args.batch_clients}", args.batch_size),
-                args.batch_clients,
-                args.topics,
-                args.warmup,
-                args.duration,
-                server.pid,
-            )
-        )
         print(report(limit))
-        print(report(single))
-        print(report(batch))
-        print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.metrics]
+        runs: dict[bool, tuple[Phase, Phase]] = {}
+        for recording in modes:
+            # Each mode gets a server of its own, so the one without metrics never pays for them.
+            mode_env = {
+                **env,
+                "METRICS_ENABLED": "true" if recording else "false",
+                "METRICS_DIR": f"/tmp/notify-bench-metrics-{os.getpid()}",
+            }
+            label = f" (metrics {'on' if recording else 'off'})" if len(modes) > 1 else ""
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            server = start_server(mode_env, port, args.server_core, args.workers)
+            try:
+                wait_ready(base, server)
+                runs[recording] = ours(args, base, key, server.pid, label, profile=not runs)
+                for phase in runs[recording]:
+                    print(report(phase, limit))
+                print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")
+            finally:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=30)
+        if len(runs) == 2:
+            print(metrics_cost(runs[True], runs[False]))
         load = Path("/proc/loadavg").read_text().split()[:3]
         print(f"load average now {' '.join(load)} (other processes share these cores)")
         print(check_stored(db_url))
     finally:
-        if server and server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
         with psycopg.connect(pg_server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
 

@@ -3,11 +3,27 @@ project's API (notify_project/api.py) mounts at ``/api/v1/``."""
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
-from ninja import Field, Router, Schema
+from django.conf import settings
+from ninja import Field, Path, Router, Schema
+from ninja.decorators import decorate_view
+
+from routing_app.api import TOPIC_SCHEMA, ErrorOut, json_body, storable_text
+from routing_app.sources import JsonInt
 
 router = Router(tags=["realtime"])
 log = logging.getLogger(__name__)
+
+# django.contrib.auth's username: at most 150 characters.
+USERNAME_MAX_LENGTH = 150
+# A token request is a user name and a lifetime: a few hundred bytes.
+TOKEN_BODY_MAX_BYTES = 4096
+
+
+def errors(*statuses: int) -> dict[int, type]:
+    """The error answers an operation documents, each the API's ``{"detail", "errors"}``."""
+    return dict.fromkeys(statuses, ErrorOut)
 
 
 # --- presence (GET /api/v1/topics/{topic}/presence) ------------------------------------------
@@ -29,8 +45,31 @@ def _presence_auth() -> list:
     return [_SessionUser(), ApiKeyAuth(scope="tokens")]
 
 
-@router.get("/topics/{topic}/presence", auth=_presence_auth())
-async def topic_presence(request, topic: str):
+class PresenceUser(Schema):
+    key: str
+    user_id: int | None
+    username: str
+    connections: int
+    online_at: float | None
+
+
+class PresenceOut(Schema):
+    topic: str
+    presences: dict[str, dict[str, list[dict[str, Any]]]] = Field(
+        description='phoenix Presence state: {key: {"metas": [meta, ...]}}'
+    )
+    users: list[PresenceUser]
+
+
+@router.get(
+    "/topics/{topic}/presence",
+    auth=_presence_auth(),
+    response={200: PresenceOut, **errors(400, 401, 403, 429, 503)},
+)
+async def topic_presence(
+    request,
+    topic: str = Path(pattern=TOPIC_SCHEMA["pattern"], max_length=TOPIC_SCHEMA["maxLength"]),
+):
     """Who is on ``topic`` now, on every server process: ``{"topic", "presences": {key: {"metas":
     [...]}}, "users": [{"key", "user_id", "username", "connections", "online_at"}]}``.
     A user needs the right to read the topic; an API key needs the ``tokens`` scope and the topic
@@ -64,9 +103,14 @@ async def topic_presence(request, topic: str):
 class TokenBody(Schema):
     model_config = {"extra": "forbid"}
 
-    user: str = Field(examples=["sam"], description="the username the token is for")
-    ttl: int | None = Field(
-        None, description="lifetime in seconds (default TOKEN_TTL_S, at most TOKEN_MAX_TTL_S)"
+    user: storable_text(1, USERNAME_MAX_LENGTH) = Field(  # type: ignore[valid-type]
+        examples=["sam"], description="the username the token is for"
+    )
+    # JSON's false is not 0 seconds. The range is checked in create_token (its message).
+    ttl: JsonInt | None = Field(
+        None,
+        description="lifetime in seconds (default TOKEN_TTL_S, at most TOKEN_MAX_TTL_S)",
+        json_schema_extra={"minimum": 1, "maximum": settings.TOKEN_MAX_TTL_S},
     )
 
 
@@ -105,7 +149,11 @@ class _TokenRequester:
         return user
 
 
-@router.get("/csrf", auth=None)
+class CsrfOut(Schema):
+    csrf_token: str
+
+
+@router.get("/csrf", auth=None, response=CsrfOut)
 def csrf_token(request):
     """``{"csrf_token"}`` (and the ``csrftoken`` cookie) for a browser app on another origin, which
     cannot read this origin's cookie but must echo it in ``X-CSRFToken`` on session POSTs. Only
@@ -152,7 +200,12 @@ def _limit_token_minting(who: str) -> None:
     raise RateLimited(max(1, usage["time_left"]), settings.TOKEN_RATE)
 
 
-@router.post("/tokens", auth=_TokenRequester(), response=TokenOut)
+@router.post(
+    "/tokens",
+    auth=_TokenRequester(),
+    response={200: TokenOut, **errors(400, 401, 403, 404, 413, 415, 429, 503)},
+)
+@decorate_view(json_body(TOKEN_BODY_MAX_BYTES))
 async def create_token(request, body: TokenBody):
     """A signed client token for sockets and SSE (``?token=``): ``{"token", "expires_at"}``.
 
@@ -203,10 +256,21 @@ def _hub_auth() -> list:
     return [_StaffSession(), ApiKeyAuth(scope="tokens")]
 
 
-@router.get("/realtime/hub", auth=_hub_auth())
+class HubOut(Schema):
+    topics: int
+    subscribers: int
+    listeners: int
+    redis_channels: int
+    redis_connected: bool
+    reconnects: int
+    pending: int
+
+
+@router.get("/realtime/hub", auth=_hub_auth(), response={200: HubOut, **errors(401, 403)})
 async def realtime_hub(request):
     """The answering server process's fanout hub, as counts (no topic names): ``topics``,
-    ``subscribers``, ``redis_channels`` it holds, ``redis_connected``, ``reconnects``, ``pending``.
+    ``subscribers``, ``listeners`` (the process's own named channels), ``redis_channels`` it
+    holds, ``redis_connected``, ``reconnects``, ``pending``.
     For operators and tests checking that nothing stays subscribed after clients leave.
     Staff session, or an API key with the ``tokens`` scope."""
     from .hub import hub

@@ -19,6 +19,10 @@ Every frame is ``[join_ref, ref, topic, event, payload]``. Client -> server:
 - ``request_update``: runs the handler registered for the topic's family (handlers.py), replies ok
   with its response and broadcasts its event (``reverse_flow_update``) to every joined client on
   every process.
+- Every frame is bounded by ``frame_limits`` as on the plain socket: over 64 KB closes with 1009;
+  nested too deep, a non-finite number or a lone surrogate is refused (nothing of it echoed); over
+  the frame rate, the frame gets an error reply ``rate_limited: ...`` instead of being handled. A
+  frame the server cannot send closes the socket with 1011.
 - Anything else: an error reply, never a silent drop. A frame that is not a V2 frame at all gets
   ``phx_error`` on topic ``phoenix`` (no channel has that topic, so clients only log it). A handler
   that fails sends ``phx_error`` for its channel, which makes the client rejoin.
@@ -49,7 +53,7 @@ from django.db import DatabaseError
 from routing_app import stream_reads
 from routing_app.topics import is_valid_topic
 
-from . import edge_metrics, frames, handlers
+from . import edge_metrics, frame_limits, frames, handlers
 from .authz import READ, Principal, adecide
 from .close_codes import CloseCode
 from .hub import HubUnavailable, Message, Unsubscribed, hub
@@ -121,6 +125,9 @@ class ChannelJoin:
     def overflow(self) -> None:
         self.connection.too_slow()
 
+    def unavailable(self) -> None:
+        self.connection.try_later()
+
     async def drained(self) -> None:
         """Replay waits here between pages instead of overflowing the send queue."""
         await self.connection.sender.drained()
@@ -140,7 +147,7 @@ class ChannelJoin:
             self.connection.write(frame)
 
 
-class FrameError(ValueError):
+class FrameError(frame_limits.FrameRejected):
     """The frame is not a Phoenix V2 frame; the message says why."""
 
 
@@ -151,11 +158,17 @@ class PhoenixConnection:
         self.scope = scope
         self.receive = receive
         self.send = send
-        self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.too_slow)
+        self.sender = ConnectionSender(
+            send, settings.SOCKET_SEND_QUEUE, self.too_slow, CloseCode.INTERNAL_ERROR
+        )
         self.channels: dict[str, ChannelJoin] = {}
         self.principal = Principal.anonymous()
         self.socket_id = secrets.token_urlsafe(8)
         self.last_seen = time.monotonic()
+        # The plain socket's frame rate; the bucket also holds a rejoin of every topic at once.
+        self.budget = frame_limits.FrameBudget(
+            2.0 * frame_limits.CLIENT_FRAMES_PER_S + MAX_TOPICS_PER_SOCKET
+        )
         self._timer: asyncio.TimerHandle | None = None
 
     # -- connection lifecycle -------------------------------------------------------------
@@ -240,6 +253,11 @@ class PhoenixConnection:
         """The send queue is full: close (the client reconnects, rejoins with since, catches up)."""
         self.sender.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
 
+    def try_later(self) -> None:
+        """This process lost the realtime bus: close (the client reconnects, perhaps to another
+        process, and rejoins with since)."""
+        self.sender.close(CloseCode.TRY_LATER, "this server lost the realtime bus; reconnect")
+
     def reply(self, join_ref, ref, topic: str, status: str, response: dict) -> None:
         self.write(
             encode(join_ref, ref, topic, "phx_reply", frames.phoenix_reply(status, response))
@@ -249,19 +267,22 @@ class PhoenixConnection:
         self.write(encode(join_ref, None, topic, event, payload))
 
     async def on_frame(self, text: str | None, data: bytes | None) -> None:
-        limit = settings.MAX_MESSAGE_BYTES
-        # at most 4 bytes per character: only long texts need encoding to be measured
-        if text is not None:
-            too_big = len(text) * 4 > limit and len(text.encode()) > limit
-        else:
-            too_big = len(data or b"") > limit
-        if too_big:
+        if frame_limits.too_big(text, data):
             self.sender.close(CloseCode.TOO_BIG, f"frame over {settings.MAX_MESSAGE_BYTES} bytes")
             return
+        value = problem = None
         try:
-            join_ref, ref, topic, event, payload = parse_frame(text)
-        except FrameError as exc:
-            self.on_malformed(text, str(exc))
+            if text is None:
+                raise FrameError("binary frames are not supported; send V2 JSON text frames")
+            value = frame_limits.loads(text)
+            join_ref, ref, topic, event, payload = parse_frame(value)
+        except frame_limits.FrameRejected as exc:
+            problem = f"malformed: {exc}"
+        # Counted after parsing, so that the refusal can answer the frame's own ref.
+        if not self.budget.take():
+            problem = f"rate_limited: {frame_limits.RATE_LIMITED_MESSAGE}"
+        if problem is not None:
+            self.refuse_frame(value, problem)
             return
         try:
             await self.dispatch(join_ref, ref, topic, event, payload)
@@ -278,15 +299,10 @@ class PhoenixConnection:
             else:
                 self.reply(join_ref, ref, topic, "error", frames.reason("internal error"))
 
-    def on_malformed(self, text: str | None, reason: str) -> None:
-        """Answer what can be answered: a reply when the frame has a ref and topic, else a
-        ``phx_error`` on the socket topic. The socket stays open."""
-        frame = None
-        if text is not None:
-            try:
-                frame = json.loads(text)
-            except ValueError:
-                frame = None
+    def refuse_frame(self, frame, reason: str) -> None:
+        """Answer a frame that is not handled (malformed, or over the rate): a reply when it has
+        a ref and topic, else a ``phx_error`` on the socket topic. The socket stays open. Only
+        text that passed ``frame_limits.loads`` is echoed, so every answer can be sent."""
         if (
             isinstance(frame, list)
             and len(frame) >= 3
@@ -294,9 +310,9 @@ class PhoenixConnection:
             and isinstance(frame[2], str)
         ):
             join_ref = frame[0] if isinstance(frame[0], str) else None
-            self.reply(join_ref, frame[1], frame[2], "error", frames.reason(f"malformed: {reason}"))
+            self.reply(join_ref, frame[1], frame[2], "error", frames.reason(reason))
         else:
-            self.push(None, SOCKET_TOPIC, "phx_error", frames.reason(f"malformed frame: {reason}"))
+            self.push(None, SOCKET_TOPIC, "phx_error", frames.reason(reason))
 
     async def dispatch(self, join_ref, ref, topic: str, event: str, payload) -> None:
         if topic == SOCKET_TOPIC:
@@ -425,14 +441,8 @@ class PhoenixConnection:
             hub.broadcast_event(joined.topic, registration.broadcast, response)
 
 
-def parse_frame(text: str | None) -> tuple:
-    """Return ``(join_ref, ref, topic, event, payload)``. Raises FrameError."""
-    if text is None:
-        raise FrameError("binary frames are not supported; send V2 JSON text frames")
-    try:
-        frame = json.loads(text)
-    except ValueError:
-        raise FrameError("not JSON") from None
+def parse_frame(frame) -> tuple:
+    """Return ``(join_ref, ref, topic, event, payload)`` of a decoded frame. Raises FrameError."""
     if not isinstance(frame, list) or len(frame) != 5:
         raise FrameError("expected [join_ref, ref, topic, event, payload]")
     join_ref, ref, topic, event, payload = frame

@@ -121,9 +121,16 @@ class ConnectionSender:
         "close_code",
         "_raw",
         "_prebuilt",
+        "_failure_close_code",
     )
 
-    def __init__(self, send: Send, limit: int, on_overflow: Callable[[], None]):
+    def __init__(
+        self,
+        send: Send,
+        limit: int,
+        on_overflow: Callable[[], None],
+        failure_close_code: int | None = None,
+    ):
         self._send = send
         self._backlog: deque[dict] | None = None  # None = nothing waiting: the fast path
         self._task: asyncio.Task | None = None
@@ -136,6 +143,8 @@ class ConnectionSender:
         self.close_code: int | None = None  # the code of the server's close, once queued
         self._raw = None  # uvicorn's protocol, when writes may go straight to its transport
         self._prebuilt = False  # and the connection is uncompressed: prebuilt frames fit it
+        # A WebSocket's close code after a send that raised (None: an HTTP response, not closed)
+        self._failure_close_code = failure_close_code
 
     def enable_prebuilt_frames(self) -> bool:
         """Let ``push_text``/``push_texts`` write straight to the transport (call after accept).
@@ -181,9 +190,8 @@ class ConnectionSender:
             waiting = coro.send(None)
         except StopIteration:
             return True
-        except Exception as exc:  # noqa: BLE001  (the peer is gone: ClientDisconnected, OSError)
-            log.debug("send failed, connection treated as closed: %r", exc)
-            self.closed = True
+        except Exception as exc:  # noqa: BLE001  (the peer is gone, or the frame was unsendable)
+            self._send_failed(exc)
             return False
         self._backlog = deque()
         self._task = asyncio.get_running_loop().create_task(self._drain(coro, waiting))
@@ -232,8 +240,13 @@ class ConnectionSender:
     def _write_texts(self, raw, texts) -> bool:
         conn = raw.conn
         try:
-            for text in texts:
-                conn.send_text(text.encode())
+            payloads = [text.encode() for text in texts]
+        except UnicodeEncodeError as exc:
+            self._send_failed(exc)
+            return False
+        try:
+            for payload in payloads:
+                conn.send_text(payload)
         except InvalidState:  # the closing handshake started under us: the peer is leaving
             self.closed = True
             return False
@@ -241,6 +254,7 @@ class ConnectionSender:
         return True
 
     async def _drain(self, coro, waiting) -> None:
+        failure = None
         try:
             await _resume(coro, waiting)
             while self._backlog:
@@ -248,13 +262,27 @@ class ConnectionSender:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001  (the peer went away while we waited)
-            log.debug("queued send failed, connection treated as closed: %r", exc)
-            self.closed = True
+            failure = exc
         finally:
             self._backlog = None
             self._task = None
             if self._drained is not None:
                 self._drained.set()
+        if failure is not None:
+            self._send_failed(failure)
+
+    def _send_failed(self, exc: Exception) -> None:
+        """A send raised: take no more frames, and close a WebSocket (``failure_close_code``)
+        so its client hears it and reconnects instead of waiting on a socket that stays open but
+        deaf. A gone peer is routine (nothing left to close); any other error means a frame the
+        server could not send, which is a bug worth a warning."""
+        self.closed = True
+        if isinstance(exc, OSError | InvalidState):  # uvicorn's ClientDisconnected is an OSError
+            log.debug("send failed, connection treated as closed: %r", exc)
+            return
+        log.warning("a frame could not be sent (%r): closing the connection", exc)
+        if self._failure_close_code is not None:
+            self.close(self._failure_close_code, "the server could not send a frame")
 
     async def drained(self) -> None:
         """Wait until nothing is queued (returns at once on the fast path or once closed)."""

@@ -62,12 +62,26 @@ def token_from_scope(scope: dict) -> str | None:
         return token
     for proto in scope.get("subprotocols", ()):
         if proto.startswith(PHOENIX_TOKEN_PREFIX):
-            encoded = proto[len(PHOENIX_TOKEN_PREFIX) :]
-            try:
-                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                raise TokenError("authToken subprotocol is not valid base64url") from None
+            return _phoenix_auth_token(proto[len(PHOENIX_TOKEN_PREFIX) :])
     return None
+
+
+def _phoenix_auth_token(encoded: str) -> str:
+    """The token in an ``authToken`` subprotocol: base64 without padding, in the URL-safe
+    alphabet or the standard one (phoenix.js uses ``btoa``). Raises TokenError for anything
+    else: a client that sends a token must hear that it is wrong, not be let in anonymously."""
+    try:
+        token = base64.b64decode(
+            encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True
+        ).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        token = ""
+    if not token:
+        raise TokenError(
+            "authToken subprotocol is not a token in base64: send "
+            f"'{PHOENIX_TOKEN_PREFIX}' followed by base64url(token)"
+        )
+    return token
 
 
 def forget_principals() -> None:
@@ -147,8 +161,14 @@ def origin_allowed(scope: dict) -> bool:
     """May a browser page at this Origin open a socket/stream here?
 
     Allowed: no Origin header (not a browser, so no victim's cookies to ride on), an origin in
-    ``NOTIFY_ALLOWED_ORIGINS`` (the Nuxt app), or the same host:port as the request's Host header.
-    This is the cross-site WebSocket hijacking guard; CORS does not apply to WebSockets.
+    ``NOTIFY_ALLOWED_ORIGINS`` (the Nuxt app; scheme, host and port compared), or the request's
+    own origin: the same host:port as its Host header *and* the same security, an ``https``
+    page for a ``wss``/``https`` connection and an ``http`` page for ``ws``/``http``, as
+    Django's CSRF origin check (``CsrfViewMiddleware._origin_verified``) decides. Behind a proxy
+    that ends TLS, the connection counts as secure when uvicorn was told so (``--proxy-headers``
+    sets the scope's scheme) or by ``settings.SECURE_PROXY_SSL_HEADER``, as for Django's
+    ``request.is_secure()``. This is the cross-site WebSocket hijacking guard; CORS does not
+    apply to WebSockets.
     """
     origin = header(scope, b"origin")
     if origin is None:
@@ -160,4 +180,19 @@ def origin_allowed(scope: dict) -> bool:
     if not host:
         return False
     parsed = urlparse(origin)
-    return parsed.netloc == host.strip().lower()
+    expected_scheme = "https" if connection_is_secure(scope) else "http"
+    return parsed.scheme == expected_scheme and parsed.netloc == host.strip().lower()
+
+
+def connection_is_secure(scope: dict) -> bool:
+    """Did the client connect over TLS (``wss``/``https``), as Django's ``is_secure`` decides?"""
+    if scope.get("scheme") in ("wss", "https"):
+        return True
+    proxy_header = settings.SECURE_PROXY_SSL_HEADER
+    if proxy_header:
+        name, secure_value = proxy_header  # e.g. ("HTTP_X_FORWARDED_PROTO", "https")
+        meta_name = name.removeprefix("HTTP_").lower().replace("_", "-").encode("latin-1")
+        value = header(scope, meta_name)
+        if value is not None and value.split(",", 1)[0].strip() == secure_value:
+            return True
+    return False

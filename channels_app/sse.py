@@ -28,8 +28,9 @@ no duplicate at the seam (the hub handles the seam). django-eventstream's ``<cha
 is accepted too. No id: live only.
 
 Refusals are plain HTTP answers with a JSON body ``{"detail": ...}`` and no stream: 400 bad topic
-name or Last-Event-ID, 401 forged/expired token (or anonymous on a topic that needs a login), 403
-topic not allowed or page origin not allowed, 405 method. EventSource treats a non-200 answer as
+name or Last-Event-ID, or a Host not in ``ALLOWED_HOSTS``; 401 forged/expired token (or anonymous
+on a topic that needs a login); 403 topic not allowed or page origin not allowed; 405 method.
+EventSource treats a non-200 answer as
 final (no reconnect loop). Transient trouble after acceptance (Redis or the database unreachable)
 is a ``stream-error`` with ``retry``, so EventSource tries again by itself.
 
@@ -63,6 +64,7 @@ from django_eventstream.storage import EventDoesNotExist, StorageBase
 from django_eventstream.utils import parse_last_event_id, sse_encode_event
 
 from routing_app import stream_reads
+from routing_app.allowed_hosts import host_allowed, refuse
 from routing_app.topics import is_valid_topic
 
 from . import edge_metrics, frames
@@ -220,6 +222,16 @@ class EventStream:
         self.end(
             ErrorCode.TOO_SLOW,
             "the stream fell too far behind and was closed; reconnect with Last-Event-ID",
+        )
+
+    def unavailable(self) -> None:
+        """This process lost the realtime bus: end the stream; the client reconnects (perhaps
+        to another process) with Last-Event-ID."""
+        hub.detach(self.topic, self)
+        self.end(
+            ErrorCode.UNAVAILABLE,
+            "this server lost the realtime bus; reconnect with Last-Event-ID",
+            retry_ms=UNAVAILABLE_RETRY_MS,
         )
 
     def end(self, code: ErrorCode, message: str, retry_ms: int | None = None) -> None:
@@ -415,6 +427,8 @@ def with_sse(http_app):
         if scope["path"].startswith("/events/"):
             match = pattern.match(scope["path"][1:])
             if match is not None:
+                if not host_allowed(scope):  # Django's middleware, which this path skips, would
+                    return await refuse(scope, receive, send)
                 scope = dict(scope, url_route={"args": match[1], "kwargs": match[2]})
                 return await sse_app(scope, receive, send)
         return await http_app(scope, receive, send)

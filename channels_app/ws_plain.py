@@ -6,9 +6,12 @@ Protocol (docs/realtime-contract.md; RFC 6455 for close codes):
   ``notification``, ``reset``, ``ping``/``pong``, ``ack``, ``presence``, ``event``, ``error``
   (the socket stays open);
 - client -> server: ``ping``, ``pong``, ``publish``, ``resume``, ``presence``;
-- close codes (``close_codes.CloseCode``): 1009 frame over 64 KB, 4400 bad topic or since, 4401
-  missing/forged/expired token, 4403 topic not allowed, 4408 silent for two heartbeat intervals,
-  4429 too slow to read, 1013 realtime bus or database unavailable (retry later).
+- every client frame is bounded by ``frame_limits`` (size, nesting depth, finite numbers, no lone
+  surrogates, frames per second), as on the Phoenix socket;
+- close codes (``close_codes.CloseCode``): 1009 frame over 64 KB, 1011 a frame the server could
+  not send, 4400 bad topic or since, 4401 missing/forged/expired token, 4403 topic not allowed,
+  4408 silent for two heartbeat intervals, 4429 too slow to read, 1013 realtime bus or database
+  unavailable (retry later).
 
 A raw ASGI app, not a Channels consumer: Channels' ``dispatch`` awaits a trip to the shared sync
 thread before every handler (``aclose_old_connections``), per message per socket, and the
@@ -30,7 +33,7 @@ from django.db import DatabaseError
 
 from routing_app.topics import is_valid_topic
 
-from . import edge_metrics, frames, socket_auth
+from . import edge_metrics, frame_limits, frames, socket_auth
 from .authz import PUBLISH, READ, adecide
 from .close_codes import CloseCode
 from .frames import ErrorCode
@@ -41,9 +44,6 @@ from .tokens import TokenError
 
 log = logging.getLogger(__name__)
 
-# Client frames per second a socket may send (bucket refills at this rate, holds twice as much):
-# a flood gets error frames, not a stalled server.
-CLIENT_FRAMES_PER_S = 50
 TRANSPORT = "websocket"  # in the metrics
 
 
@@ -62,7 +62,6 @@ class PlainSocket:
         "last_seen",
         "heartbeat",
         "budget",
-        "budget_at",
         "presence",
         "subscribed",
         "__weakref__",
@@ -71,11 +70,12 @@ class PlainSocket:
     def __init__(self, topic: str, principal, send):
         self.topic = topic
         self.principal = principal
-        self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.overflow)
+        self.sender = ConnectionSender(
+            send, settings.SOCKET_SEND_QUEUE, self.overflow, CloseCode.INTERNAL_ERROR
+        )
         self.last_seen = time.monotonic()
         self.heartbeat = None
-        self.budget = 2.0 * CLIENT_FRAMES_PER_S
-        self.budget_at = self.last_seen
+        self.budget = frame_limits.FrameBudget()
         self.presence = ConnectionPresence(topic, principal, "websocket")
         self.subscribed = False  # counted in the subscriptions gauge (once, resumes included)
 
@@ -93,6 +93,10 @@ class PlainSocket:
     def overflow(self) -> None:
         hub.detach(self.topic, self)
         self.sender.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
+
+    def unavailable(self) -> None:
+        hub.detach(self.topic, self)
+        self.sender.close(CloseCode.TRY_LATER, "this server lost the realtime bus; reconnect")
 
     async def drained(self) -> None:
         await self.sender.drained()
@@ -133,17 +137,6 @@ class PlainSocket:
             self.heartbeat.cancel()
             self.heartbeat = None
         self.sender.dispose()
-
-    def take_budget(self) -> bool:
-        now = time.monotonic()
-        self.budget = min(
-            2.0 * CLIENT_FRAMES_PER_S, self.budget + (now - self.budget_at) * CLIENT_FRAMES_PER_S
-        )
-        self.budget_at = now
-        if self.budget < 1.0:
-            return False
-        self.budget -= 1.0
-        return True
 
 
 def _parse_since(raw) -> int | None:
@@ -272,26 +265,23 @@ async def _admit(scope, topic: str):
 
 async def _on_frame(sock: PlainSocket, event: dict) -> None:
     text = event.get("text")
-    if text is None:
-        data = event.get("bytes") or b""
-        if len(data) > settings.MAX_MESSAGE_BYTES:
-            sock.close(CloseCode.TOO_BIG, "frame over 64 KB")
-            return
-        sock.error(ErrorCode.BINARY_UNSUPPORTED, "send JSON as text frames")
-        return
     # The server's own limit (uvicorn --ws-max-size) is a little higher; this is the exact one.
-    if len(text) > settings.MAX_MESSAGE_BYTES // 4 and len(text.encode()) > (
-        settings.MAX_MESSAGE_BYTES
-    ):
+    if frame_limits.too_big(text, event.get("bytes")):
         sock.close(CloseCode.TOO_BIG, "frame over 64 KB")
         return
-    if not sock.take_budget():
-        sock.error(ErrorCode.RATE_LIMITED, f"at most {CLIENT_FRAMES_PER_S} frames per second")
+    if text is None:
+        sock.error(ErrorCode.BINARY_UNSUPPORTED, "send JSON as text frames")
+        return
+    if not sock.budget.take():
+        sock.error(ErrorCode.RATE_LIMITED, frame_limits.RATE_LIMITED_MESSAGE)
         return
     try:
-        frame = json.loads(text)
-    except ValueError:
-        sock.error(ErrorCode.BAD_JSON, "frame is not valid JSON")
+        frame = frame_limits.loads(text)
+    except frame_limits.NotJSON as exc:
+        sock.error(ErrorCode.BAD_JSON, str(exc))
+        return
+    except frame_limits.FrameRejected as exc:
+        sock.error(ErrorCode.BAD_FRAME, str(exc))
         return
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         sock.error(ErrorCode.BAD_FRAME, 'a frame is a JSON object with a string "type"')

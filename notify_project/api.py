@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from django.db import InterfaceError, OperationalError
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
+from django.db import DataError, InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import HttpError, ValidationError
@@ -79,6 +81,44 @@ def _on_database_unreachable(request: HttpRequest, exc: Exception) -> HttpRespon
 
 api.add_exception_handler(OperationalError, _on_database_unreachable)
 api.add_exception_handler(InterfaceError, _on_database_unreachable)
+
+
+@api.exception_handler(RequestDataTooBig)
+def _on_body_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return error_response(request, 413, f"the body is larger than the limit of {limit} bytes")
+
+
+@api.exception_handler(DataError)
+def _on_data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
+    # The schemas refuse what the database cannot store; this answers what they still let by.
+    log.warning("the database refused a value of %s %s: %s", request.method, request.path, exc)
+    return error_response(
+        request, 400, f"a value of the request cannot be stored or looked up: {exc}".strip()
+    )
+
+
+@api.exception_handler(SuspiciousOperation)
+def _on_suspicious_request(request: HttpRequest, exc: SuspiciousOperation) -> HttpResponse:
+    # What Django itself answers 400 to (a Host not in ALLOWED_HOSTS, a malformed multipart body).
+    log.warning("suspicious request %s %s: %s", request.method, request.path, exc)
+    return error_response(request, 400, f"the request was refused: {exc}")
+
+
+@api.exception_handler(PermissionDenied)
+def _on_permission_denied(request: HttpRequest, exc: PermissionDenied) -> HttpResponse:
+    return error_response(request, 403, str(exc) or "permission denied")
+
+
+@api.exception_handler(Exception)
+def _on_unexpected_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """Any other error: logged with its traceback, answered in the API's JSON shape (never
+    Django's HTML page), whatever DEBUG says."""
+    log.error("%s %s failed", request.method, request.path, exc_info=exc)
+    return error_response(
+        request, 500, "the server failed to answer this request; the cause is in its log"
+    )
+
 
 api.add_router("", ingest_router)
 api.add_router("", realtime_router)

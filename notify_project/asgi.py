@@ -6,6 +6,8 @@ import os
 from django.conf import settings
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import SuspiciousFileOperation
+from django.http import Http404
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notify_project.settings")
 django_asgi_app = get_asgi_application()  # sets Django up before importing consumers
@@ -17,9 +19,23 @@ from channels_app.routing import websocket_application  # noqa: E402
 from channels_app.sse import with_sse  # noqa: E402
 from routing_app.asgi_api import with_ingest_api  # noqa: E402
 
+
+class StaticFiles(ASGIStaticFilesHandler):
+    """Django's static files handler, where a path that leaves the static directories
+    (``/static/../notify_project/settings.py``) is a 404, as any other missing file, not a 500
+    (Django's ``safe_join`` raises SuspiciousFileOperation, which only Http404 would turn into an
+    answer here)."""
+
+    def serve(self, request):
+        try:
+            return super().serve(request)
+        except SuspiciousFileOperation:
+            raise Http404("no such static file") from None
+
+
 # uvicorn serves no files: with DEBUG (the embedded mode) Django serves /static/ itself, so the
 # admin has its CSS; in production a proxy serves STATIC_ROOT (README).
-http_application = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
+http_application = StaticFiles(django_asgi_app) if settings.DEBUG else django_asgi_app
 # SSE streams (/events/<topic>/) are served before Django's handler, which would hold an OS thread
 # per open stream (docs/sse.md, pitfall (a)).
 # The ingest endpoints skip Django's sync middleware (routing_app/asgi_api.py: thread hops).

@@ -6,7 +6,9 @@ Every variable is listed with a comment in `.env.example`.
 """
 
 import os
+import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -55,16 +57,56 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 # --- core -----------------------------------------------------------------------------------
 
+
+def local_secret_key(path: Path) -> str:
+    """The signing key kept in ``path``, made (random, owner-only) on first use.
+
+    Every process of one checkout reads the same file, so tokens minted by one are accepted by the
+    others. Concurrent first starts are safe: the key is written to a file of its own, then linked
+    to ``path``, which fails when another process linked first; that one's key is then read.
+    """
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    if key:
+        return key
+    try:
+        fd, draft = tempfile.mkstemp(prefix=f"{path.name}.", dir=path.parent)  # mode 0600
+    except OSError as exc:
+        raise ImproperlyConfigured(
+            f"cannot keep a signing key in {path} ({exc.strerror}): set SECRET_KEY, or "
+            "SECRET_KEY_FILE to a file in a writable directory"
+        ) from None
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process made it first: its key is the key
+    finally:
+        os.unlink(draft)
+    key = path.read_text().strip()
+    if not key:
+        raise ImproperlyConfigured(
+            f"{path} is empty: delete it (a new key is made) or set SECRET_KEY"
+        )
+    return key
+
+
 TESTING = "pytest" in sys.modules or env_bool("NOTIFY_TESTING", False)
 DEBUG = env_bool("DEBUG", True)
 SECRET_KEY = env_str("SECRET_KEY")
+# Where the embedded default keeps the signing key it made (gitignored); never used with DEBUG off.
+SECRET_KEY_FILE = Path(env_str("SECRET_KEY_FILE") or BASE_DIR / ".secret-key")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
             "SECRET_KEY is not set and DEBUG is off: set SECRET_KEY to a long random string "
             "(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
         )
-    SECRET_KEY = "insecure-dev-only-key-do-not-use-in-production"  # noqa: S105  (DEBUG only)
+    SECRET_KEY = local_secret_key(SECRET_KEY_FILE)
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 # Origins of browser apps (the Nuxt app) allowed to call the API, open SSE streams and WebSockets.
@@ -270,6 +312,18 @@ UVICORN_WS_ARGS = (
     "--ws-per-message-deflate=true",
 )
 INGEST_RATE = env_str("INGEST_RATE", "6000/s")  # per API key; django-ratelimit syntax
+# A post not committed this many seconds after it arrived answers 503 (nothing stored) and its
+# transaction rolls back: a healthy commit takes under 0.1 s (bench/ingest.py, p99 under load),
+# and 4 s stays below the 5 s read timeouts of common HTTP clients, so they hear the 503.
+INGEST_DEADLINE_S = env_int("INGEST_DEADLINE_S", 4)
+if INGEST_DEADLINE_S < 1:
+    raise ImproperlyConfigured("INGEST_DEADLINE_S must be at least 1 second")
+# Server processes sharing each API key's rate. While the rate limiter's Redis is away, each
+# process admits its share (the key's rate divided by this) on its own, so the deployment as a
+# whole stays near the key's rate. RATELIMIT_FAIL_OPEN=true admits everything instead.
+INGEST_SERVER_PROCESSES = env_int("INGEST_SERVER_PROCESSES", 1)
+if INGEST_SERVER_PROCESSES < 1:
+    raise ImproperlyConfigured("INGEST_SERVER_PROCESSES must be at least 1")
 TOKEN_TTL_S = env_int("TOKEN_TTL_S", 3600)  # client tokens for sockets and SSE
 TOKEN_MAX_TTL_S = 24 * 3600
 # Tokens minted per API key or session user (django-ratelimit syntax): a page reconnecting in a
@@ -281,6 +335,18 @@ HEARTBEAT_TIMEOUT_S = env_int("HEARTBEAT_TIMEOUT_S", 2 * HEARTBEAT_INTERVAL_S)
 if HEARTBEAT_TIMEOUT_S <= HEARTBEAT_INTERVAL_S:
     raise ImproperlyConfigured("HEARTBEAT_TIMEOUT_S must be longer than HEARTBEAT_INTERVAL_S")
 SOCKET_SEND_QUEUE = env_int("SOCKET_SEND_QUEUE", 256)  # frames buffered per slow socket
+# The hub's Redis pub/sub connection: pinged after this many seconds without a message, and
+# replaced when the ping has no answer within REALTIME_BUS_SILENT_MAX_S (a partition or a frozen
+# host sends no reset, so a silent connection is the only sign). A process that cannot reach Redis
+# for REALTIME_BUS_OUTAGE_S closes its realtime clients with 1013: they resume on another process.
+REALTIME_BUS_PING_AFTER_S = env_int("REALTIME_BUS_PING_AFTER_S", 5)
+REALTIME_BUS_SILENT_MAX_S = env_int("REALTIME_BUS_SILENT_MAX_S", 5)
+REALTIME_BUS_OUTAGE_S = env_int("REALTIME_BUS_OUTAGE_S", 3)
+if min(REALTIME_BUS_PING_AFTER_S, REALTIME_BUS_SILENT_MAX_S, REALTIME_BUS_OUTAGE_S) < 1:
+    raise ImproperlyConfigured(
+        "REALTIME_BUS_PING_AFTER_S, REALTIME_BUS_SILENT_MAX_S and REALTIME_BUS_OUTAGE_S must each "
+        "be at least 1 second"
+    )
 # SSE comment every this many seconds: proxies and load balancers cut idle streams at ~30-60 s.
 SSE_KEEPALIVE_S = env_int("SSE_KEEPALIVE_S", 15)
 if SSE_KEEPALIVE_S < 1:

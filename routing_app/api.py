@@ -10,7 +10,10 @@ JSON path of the bad field in the request body (``["query", name]`` for query pa
 ``error_response`` builds it, here and in notify_project/api.py's error handlers):
 400 bad input, 401 no/invalid/revoked key, 403 key lacks the scope, source or topic, 413 body too
 large, 415 not JSON, 422 idempotency key reused with another body, 429 over the key's rate
-(``Retry-After``), 503 database or rate limiter unreachable (``Retry-After``).
+(``Retry-After``), 503 database unreachable or not answering within ``INGEST_DEADLINE_S``: nothing
+stored (``Retry-After``), 504 the commit was sent but not confirmed by the deadline: it may be
+stored, a retry with the same ``idempotency_key`` tells (``Retry-After``). While the rate
+limiter's Redis is away, each process counts its share of the key's rate (apikeys.py).
 
 Order of checks: body size and content type, then the key (401/403), then the body's shape (400),
 then the key's rights on what it posts (403), then, on a database thread, the rate (429) and the
@@ -22,21 +25,23 @@ lean handler without Django's sync middleware (asgi_api.py).
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Path, Query, Router, Schema
 from ninja.decorators import decorate_view
 from ninja.errors import AuthorizationError
 from ninja.renderers import JSONRenderer
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from . import apikeys, db_threads, group_commit, sources, stream_reads
 from .apikeys import ApiKeyAuth, KeyInfo
 from .ingest import (
     BATCH_MAX_ITEMS,
+    EVENT_MAX_LENGTH,
+    IDEMPOTENCY_KEY_MAX_LENGTH,
     KEEP_FIRST,
     REFUSE,
     IngestError,
@@ -45,8 +50,9 @@ from .ingest import (
     check,
     persist,
 )
+from .ingest_deadline import CommitWindow, NotStored, deadline_of, store_by_deadline
 from .models import SEVERITIES, SOURCES
-from .topics import is_valid_topic
+from .topics import TOPIC_MAX_LENGTH, TOPIC_SCHEMA_PATTERN, is_valid_topic
 
 # One notification's body: its data may be up to MAX_MESSAGE_BYTES, the envelope is small.
 SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
@@ -54,6 +60,7 @@ SINGLE_BODY_MAX_BYTES = settings.MAX_MESSAGE_BYTES
 # would otherwise refuse first, with a 400.
 BATCH_BODY_MAX_BYTES = 2 * 1024 * 1024
 HISTORY_MAX_LIMIT = 1000
+RECIPIENT_MAX_LENGTH = 500  # a delivery's recipient column
 
 # The project's API renders with this one too (notify_project/api.py passes it to NinjaAPI), so
 # an answer built here, past ninja's response validation, is rendered as ninja renders the others.
@@ -66,6 +73,51 @@ any_key = ApiKeyAuth()
 
 # --- schemas ----------------------------------------------------------------------------------
 
+# What the schema states of a topic name (ingest's validation and topics.TOPIC_RE enforce it, with
+# messages of their own).
+TOPIC_SCHEMA = {"pattern": TOPIC_SCHEMA_PATTERN, "maxLength": TOPIC_MAX_LENGTH}
+# Text the database can store: no NUL (Postgres refuses it in text; unpaired surrogates, which
+# UTF-8 cannot encode, cannot be stated in a pattern but are refused too).
+STORABLE_TEXT_PATTERN = "^[^\\u0000]*$"
+
+
+def text_schema(min_length: int | None = None, max_length: int | None = None) -> dict:
+    """The JSON Schema of a text field the database stores (``min_length``..``max_length``)."""
+    schema: dict[str, Any] = {"pattern": STORABLE_TEXT_PATTERN}
+    if min_length is not None:
+        schema["minLength"] = min_length
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    return schema
+
+
+def _storable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(
+            "must not contain the NUL character (\\u0000), which Postgres cannot store"
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must not contain unpaired surrogates (\\ud800-\\udfff)") from None
+    return value
+
+
+def storable_text(min_length: int = 0, max_length: int | None = None, **field: Any) -> Any:
+    """A request field of text the database can store: refused with 400 and a message saying
+    why when it holds NUL or an unpaired surrogate or has not ``min_length``..``max_length``
+    characters (stated in the schema too)."""
+    return Annotated[
+        str,
+        Field(
+            min_length=min_length,
+            max_length=max_length,
+            json_schema_extra={"pattern": STORABLE_TEXT_PATTERN},
+            **field,
+        ),
+        AfterValidator(_storable),  # after the length: a 50 MB name is not scanned
+    ]
+
 
 # Request bodies are plain pydantic models: ninja.Schema's per-object validator (for Django
 # attribute access, not needed on input) cost half the CPU of a 100-item batch (measured).
@@ -74,13 +126,23 @@ class NotificationBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not dropped
 
-    topic: str = Field(examples=["alerts.k8s"], description="lowercase segments, '.' or ':'")
-    event: str = Field(examples=["pod.crashloop"])
+    topic: str = Field(
+        examples=["alerts.k8s"],
+        description="lowercase segments, '.' or ':'",
+        json_schema_extra=TOPIC_SCHEMA,
+    )
+    event: str = Field(
+        examples=["pod.crashloop"], json_schema_extra=text_schema(1, EVENT_MAX_LENGTH)
+    )
     data: dict[str, Any] | None = Field(None, description="a JSON object, at most 64 KB encoded")
     severity: Literal[tuple(SEVERITIES)] = "info"  # type: ignore[valid-type]
     source: Literal[tuple(SOURCES)] = "api"  # type: ignore[valid-type]
-    idempotency_key: str | None = Field(None, description="retries with it store once")
-    recipients: list[str] = Field(
+    idempotency_key: str | None = Field(
+        None,
+        description="retries with it store once",
+        json_schema_extra=text_schema(1, IDEMPOTENCY_KEY_MAX_LENGTH),
+    )
+    recipients: list[storable_text(0, RECIPIENT_MAX_LENGTH)] = Field(  # type: ignore[valid-type]
         default_factory=list, description="extra addresses: email, +E.164, URL"
     )
 
@@ -146,6 +208,55 @@ class History(Schema):
 
 
 ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 413, 415, 422, 429, 503)}
+INGEST_ERRORS: dict[int, type] = {**ERRORS, 504: ErrorOut}  # 504: a commit in doubt
+# What an operation that takes no body answers when it fails (no 413, 415, 422).
+READ_ERRORS: dict[int, type] = {code: ErrorOut for code in (400, 401, 403, 429, 503)}
+TOPIC_PATH = Path(
+    description="a topic name",
+    pattern=TOPIC_SCHEMA["pattern"],
+    max_length=TOPIC_SCHEMA["maxLength"],
+)
+
+
+# --- OpenAPI links: where an answer's values are used next ----------------------------------------
+
+
+def link(operation_id: str, description: str, **parameters: str) -> dict:
+    """An OpenAPI link to ``operation_id`` filling its ``parameters`` with runtime expressions
+    (``$response.body#/topic``)."""
+    return {"operationId": operation_id, "parameters": parameters, "description": description}
+
+
+def links(status: int, **named: dict) -> dict:
+    """``openapi_extra`` giving the ``status`` answer of an operation its ``named`` links."""
+    return {"responses": {status: {"links": named}}}
+
+
+def _accepted_links(pointer: str) -> dict:
+    """The links of an ingest answer whose first notification is at JSON ``pointer``."""
+    return {
+        "history": link(
+            HISTORY_OPERATION,
+            "read the topic the notification was stored on",
+            topic=f"$response.body#{pointer}/topic",
+        ),
+        "later": link(
+            HISTORY_OPERATION,
+            "what the topic stored after this notification",
+            topic=f"$response.body#{pointer}/topic",
+            after=f"$response.body#{pointer}/seq",
+        ),
+        "deliveries": link(
+            NOTIFICATION_DETAIL_OPERATION,
+            "the notification with its deliveries",
+            notification_id=f"$response.body#{pointer}/id",
+        ),
+    }
+
+
+# django-ninja's operation ids: <module path>_<function name>
+HISTORY_OPERATION = "routing_app_api_topic_history"
+NOTIFICATION_DETAIL_OPERATION = "routing_app_delivery_api_notification_detail"
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -217,10 +328,14 @@ def _authorize(key: KeyInfo, items: list[NotificationIn]) -> None:
             raise AuthorizationError(403, f"this API key may not post to topic '{item.topic}'")
 
 
-def _ingest_as(key: KeyInfo, items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:
+def _ingest_as(
+    key: KeyInfo, items: list[NotificationIn], on_conflict: str, window: CommitWindow
+) -> list[IngestResult]:
+    if window.closed:  # its deadline passed while it waited for a database thread
+        raise NotStored()
     apikeys.check_rate(key)
     apikeys.touch(key)
-    return persist(items, on_conflict=on_conflict)
+    return persist(items, on_conflict=on_conflict, windows=[window])
 
 
 def _locate(exc: IngestError, loc_prefix: list | None) -> IngestError:
@@ -233,16 +348,22 @@ def _locate(exc: IngestError, loc_prefix: list | None) -> IngestError:
 
 
 async def _store(
-    key: KeyInfo, items: list[NotificationIn], on_conflict: str, loc_prefix: list | None = None
+    request: HttpRequest,
+    items: list[NotificationIn],
+    on_conflict: str,
+    loc_prefix: list | None = None,
 ) -> list[IngestResult]:
-    """Authorize, check and store ``items`` for ``key``: API posts (``REFUSE``) join the group
-    commit (group_commit.py); source posts, which keep the first of a reused key, go alone."""
+    """Authorize, check and store ``items`` for the request's key by the request's deadline
+    (ingest_deadline.py): API posts (``REFUSE``) join the group commit (group_commit.py); source
+    posts, which keep the first of a reused key, go alone."""
+    key, deadline = request.auth, deadline_of(request)
     _authorize(key, items)
     try:
         check(items)
         if on_conflict == REFUSE:
-            return await group_commit.submit(key, items)
-        return await db_threads.run(_ingest_as, key, items, on_conflict)
+            return await group_commit.submit(key, items, deadline)
+        store = functools.partial(_ingest_as, key, items, on_conflict)
+        return await store_by_deadline(deadline, store)
     except IngestError as exc:
         raise _locate(exc, loc_prefix) from None
 
@@ -257,14 +378,15 @@ def _accepted_list(request: HttpRequest, results: list[IngestResult]) -> HttpRes
 
 @router.post(
     "/notifications",
-    response={202: Accepted, **ERRORS},
+    response={202: Accepted, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("")),
     summary="Post one notification",
 )
 @decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
 async def post_notification(request: HttpRequest, payload: NotificationBody):
     """Store one notification; 202 with its topic seq once committed."""
-    [result] = await _store(request.auth, [payload.to_item()], REFUSE)
+    [result] = await _store(request, [payload.to_item()], REFUSE)
     response = json_response(request, result.answer(), 202)
     if not result.created:
         response["Idempotent-Replayed"] = "true"
@@ -273,8 +395,9 @@ async def post_notification(request: HttpRequest, payload: NotificationBody):
 
 @router.post(
     "/notifications/batch",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Post up to 1000 notifications in one transaction",
 )
 @decorate_view(json_body(BATCH_BODY_MAX_BYTES))
@@ -282,13 +405,14 @@ async def post_batch(request: HttpRequest, payload: BatchBody):
     """All or nothing: one bad item (400, ``loc`` names it) stores none. ``results`` answers
     each item in order; ``replayed`` marks items an earlier request stored (same key)."""
     items = [n.to_item() for n in payload.notifications]
-    return _accepted_list(request, await _store(request.auth, items, REFUSE, ["notifications"]))
+    return _accepted_list(request, await _store(request, items, REFUSE, ["notifications"]))
 
 
 @router.post(
     "/sources/alertmanager",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Alertmanager webhook (v4)",
     tags=["sources"],
 )
@@ -297,13 +421,14 @@ async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerW
     """Point an Alertmanager ``webhook_config`` here (with ``http_config.authorization``
     credentials = the API key). One notification per alert on ``alerts.<alertname>``."""
     items = sources.alertmanager_notifications(payload)
-    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+    return _accepted_list(request, await _store(request, items, KEEP_FIRST))
 
 
 @router.post(
     "/sources/kubernetes",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Kubernetes Event (core/v1, or kubernetes-event-exporter webhook)",
     tags=["sources"],
 )
@@ -311,13 +436,14 @@ async def post_alertmanager(request: HttpRequest, payload: sources.AlertmanagerW
 async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent):
     """One notification on ``k8s.<namespace>.<kind>``."""
     items = sources.kubernetes_notifications(payload)
-    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+    return _accepted_list(request, await _store(request, items, KEEP_FIRST))
 
 
 @router.post(
     "/sources/workflow",
-    response={202: AcceptedList, **ERRORS},
+    response={202: AcceptedList, **INGEST_ERRORS},
     auth=ingest_key,
+    openapi_extra=links(202, **_accepted_links("/results/0")),
     summary="Workflow step started/succeeded/failed/compensated",
     tags=["sources"],
 )
@@ -325,7 +451,7 @@ async def post_kubernetes(request: HttpRequest, payload: sources.KubernetesEvent
 async def post_workflow(request: HttpRequest, payload: sources.WorkflowStep):
     """One notification on ``workflow.<workflow>``."""
     items = sources.workflow_notifications(payload)
-    return _accepted_list(request, await _store(request.auth, items, KEEP_FIRST))
+    return _accepted_list(request, await _store(request, items, KEEP_FIRST))
 
 
 def _history(key: KeyInfo, topic: str, after: int, limit: int) -> stream_reads.HistoryPage:
@@ -336,13 +462,13 @@ def _history(key: KeyInfo, topic: str, after: int, limit: int) -> stream_reads.H
 
 @router.get(
     "/topics/{topic}/notifications",
-    response={200: History, **ERRORS},
+    response={200: History, **READ_ERRORS},
     auth=any_key,
     summary="Read a topic's stored notifications after a seq",
 )
 async def topic_history(
     request: HttpRequest,
-    topic: str,
+    topic: str = TOPIC_PATH,
     after: int = Query(0, ge=0, description="return notifications with seq > after"),
     limit: int = Query(100, ge=1, le=HISTORY_MAX_LIMIT),
 ):

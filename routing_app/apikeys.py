@@ -10,14 +10,15 @@ topics, rate-limit per key, and record use.
   every request.
 - Rate: a fixed window per key (django-ratelimit's scheme, see ``take``), ``ApiKey.rate`` or
   ``settings.INGEST_RATE``; every request counts once (a batch is one request, and holds at most
-  1000 notifications).
+  1000 notifications). While the shared counter's Redis is away, each process counts its share
+  of the rate (rate_fallback.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,17 +33,22 @@ from ninja.errors import AuthenticationError, AuthorizationError, HttpError
 from ninja.security import HttpBearer
 
 from . import db_threads
+from .ingest_deadline import (
+    UNAVAILABLE_RETRY_AFTER_S,
+    NotStored,
+    deadline_of,
+    missed,
+    remaining_s,
+)
 from .models import RATE_RE, ApiKey
+from .rate_fallback import fallback
 from .topics import matches_any
-
-log = logging.getLogger(__name__)
 
 KEY_CACHE_S = 5.0  # how long another process may still accept a revoked key
 LAST_USED_EVERY_S = 60.0  # last_used_at precision; saves a write per request
 RATE_GROUP = "notify-api-key"
 RATE_KEY_FUDGE_S = 5  # a window's counter outlives the window a little, as django-ratelimit's
 PERIOD_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-UNAVAILABLE_RETRY_AFTER_S = 5  # what 503 answers tell clients to wait
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,8 @@ class RateLimited(HttpError):
 
 
 class LimiterUnavailable(HttpError):
-    """503: the rate limiter's store (Redis) does not answer and the limiter fails closed."""
+    """503: the token limiter's store (Redis) does not answer and it fails closed (ingest's
+    limiter counts its own share instead: ``take``)."""
 
     def __init__(self) -> None:
         super().__init__(503, "the rate limiter is unavailable; retry later")
@@ -139,8 +146,9 @@ def verify(raw_key: str, info: KeyInfo | None) -> KeyInfo:
     return info
 
 
-async def authenticate_raw(raw_key: str) -> KeyInfo:
-    """Return the key ``raw_key`` names; raise AuthenticationError (401) if none, or revoked.
+async def authenticate_raw(raw_key: str, deadline: float) -> KeyInfo:
+    """Return the key ``raw_key`` names; raise AuthenticationError (401) if none, or revoked, and
+    NotStored (503) if the database does not answer by ``deadline`` (``time.monotonic()``).
 
     Served from the process cache when fresh, else one query on a DB thread.
     """
@@ -149,7 +157,11 @@ async def authenticate_raw(raw_key: str) -> KeyInfo:
         raise AuthenticationError(401, "this API key is not valid")
     hit, info = _cached(prefix)
     if not hit:
-        info = await db_threads.run(load_key, prefix)
+        try:
+            info = await asyncio.wait_for(db_threads.run(load_key, prefix), remaining_s(deadline))
+        except TimeoutError:
+            missed("not_stored")
+            raise NotStored() from None
         if info is not None:  # unknown prefixes are not cached: a key created now works now
             _cache[prefix] = (time.monotonic(), info)
     return verify(raw_key, info)
@@ -174,7 +186,7 @@ class ApiKeyAuth(HttpBearer):
         return await self.authenticate(request, raw.strip())
 
     async def authenticate(self, request: HttpRequest, token: str) -> KeyInfo:
-        info = await authenticate_raw(token)
+        info = await authenticate_raw(token, deadline_of(request))
         if self.scope and self.scope not in info.scopes:
             raise AuthorizationError(403, f"this API key lacks the '{self.scope}' scope")
         return info
@@ -187,13 +199,16 @@ def take(info: KeyInfo, requests: int = 1) -> tuple[int, int]:
     A fixed window per key, as django-ratelimit keeps it (``cache.add`` then an atomic
     ``cache.incr`` on RATELIMIT_USE_CACHE), but counting several requests with one ``incr``:
     the group commit (group_commit.py) counts a whole group's requests per key in two round trips
-    instead of two per request. When the cache store does not answer, the limiter fails open or
-    closed (``RATELIMIT_FAIL_OPEN``); closed raises LimiterUnavailable.
+    instead of two per request. When the cache store does not answer, everything fits with
+    ``RATELIMIT_FAIL_OPEN``; else this process counts its own share of the rate until the store
+    answers again (rate_fallback.py). Never raises for an unreachable store.
     """
     limit, period_s = parse_rate(info.rate)
     now = time.time()
     window = int(now // period_s)
     retry_after_s = max(1, math.ceil((window + 1) * period_s - now))
+    if not fallback.should_probe():
+        return _take_unshared(info, requests, retry_after_s)
     cache = caches[settings.RATELIMIT_USE_CACHE]
     cache_key = f"rate:{RATE_GROUP}:{info.prefix}:{period_s}:{window}"
     try:
@@ -203,12 +218,17 @@ def take(info: KeyInfo, requests: int = 1) -> tuple[int, int]:
         except ValueError:  # the key expired between add and incr
             cache.add(cache_key, requests, timeout=period_s + RATE_KEY_FUDGE_S)
             total = requests
-    except redis.RedisError:
-        log.warning("rate limiter store unavailable (fail open: %s)", settings.RATELIMIT_FAIL_OPEN)
-        if settings.RATELIMIT_FAIL_OPEN:
-            return requests, retry_after_s
-        raise LimiterUnavailable() from None
+    except redis.RedisError as exc:
+        fallback.store_failed(exc)
+        return _take_unshared(info, requests, retry_after_s)
+    fallback.store_answered()
     return max(0, min(requests, limit - (total - requests))), retry_after_s
+
+
+def _take_unshared(info: KeyInfo, requests: int, retry_after_s: int) -> tuple[int, int]:
+    if settings.RATELIMIT_FAIL_OPEN:
+        return requests, retry_after_s
+    return fallback.take(info.prefix, info.rate, requests)
 
 
 def check_rate(info: KeyInfo) -> None:

@@ -33,11 +33,12 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
+from .allowed_hosts import host_allowed, refuse
 from .metrics.instruments import INGEST_DURATION
 
 # The ingest endpoints of routing_app.api (nothing else under /api/v1/ takes this path).
 INGEST_PATH = re.compile(
-    r"^/api/v1/(?:notifications(?:/batch)?|sources/[a-z]+|topics/[^/]+/notifications)/?$"
+    r"^/api/v1/(?:notifications(?:/batch)?|sources/[a-z]+|topics/[^/]+/notifications)/?\Z"
 )
 
 
@@ -101,6 +102,8 @@ def with_ingest_api(http_app):
 
     async def app(scope: dict, receive, send) -> None:
         if scope["type"] == "http" and INGEST_PATH.match(scope["path"]):
+            if not host_allowed(scope):  # Django's CommonMiddleware would have, via get_host
+                return await refuse(scope, receive, send)
             return await ingest(scope, receive, send)
         return await http_app(scope, receive, send)
 

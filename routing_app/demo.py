@@ -5,11 +5,17 @@ nothing that is already there.
 Only the hash of an API key is stored, so the raw demo key is kept in a gitignored file
 (``.demo-api-key``) and reused while its hash still matches the ``demo`` key's row; otherwise
 (first run, another database, a revoked or rotated key) a new key is made and the file rewritten.
+
+The admin's published password ``admin`` is for a server bound to loopback only: ``demo --host``
+and ``serve --host`` pass the bind address, and bound elsewhere the admin gets a random password,
+printed once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +31,11 @@ ADMIN_USERNAME = "admin"
 ADMIN_EMAIL = "admin@example.com"
 API_KEY_NAME = "demo"
 DEFAULT_KEY_FILE = Path(settings.BASE_DIR) / ".demo-api-key"
-INSECURE_DEMO_PASSWORD = "admin"  # noqa: S105  (the embedded default; refused when DEBUG is off)
+# The embedded default, published here: refused with DEBUG off, and only kept by a server bound
+# to loopback (``admin_login_for``).
+INSECURE_DEMO_PASSWORD = "admin"  # noqa: S105
+LOOPBACK = "127.0.0.1"
+GENERATED_PASSWORD_BYTES = 12  # 16 URL-safe characters
 
 CHANNELS = [
     ("websocket", Channel.Kind.WEBSOCKET),
@@ -83,24 +93,52 @@ NOTIFICATIONS = [
 class DemoLogin:
     username: str
     password: str | None  # None when the admin's password is no longer the demo password
+    # The password is the published default, which only a server bound to loopback may keep.
+    loopback_only: bool = False
+    # The password was made just now, for a server bound elsewhere: shown this once.
+    generated: bool = False
 
 
-def ensure_admin() -> DemoLogin:
-    """Create the superuser ``admin`` with ``DEMO_ADMIN_PASSWORD`` unless it exists.
+def is_loopback(host: str) -> bool:
+    """True when a server bound to ``host`` is reachable from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name or the wildcard "": it may be reachable from anywhere
 
-    An existing admin's password is never reset: someone may have changed it on purpose.
-    """
+
+def _demo_password(host: str) -> tuple[str, bool]:
+    """(the password a new admin gets when served on ``host``, whether it was generated)."""
     password = settings.DEMO_ADMIN_PASSWORD
-    if not settings.DEBUG and password == INSECURE_DEMO_PASSWORD:
+    if password != INSECURE_DEMO_PASSWORD:
+        return password, False  # chosen by whoever set DEMO_ADMIN_PASSWORD
+    if not settings.DEBUG:
         raise ImproperlyConfigured(
             "refusing to create admin/admin with DEBUG off: set DEMO_ADMIN_PASSWORD"
         )
+    if is_loopback(host):
+        return password, False
+    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES), True
+
+
+def ensure_admin(host: str = LOOPBACK) -> DemoLogin:
+    """Create the superuser ``admin`` unless it exists, for a server bound to ``host``.
+
+    Its password is ``DEMO_ADMIN_PASSWORD``; when that is the published default ``admin``, only
+    while ``host`` is loopback: bound elsewhere, a random one (``DemoLogin.generated``). An
+    existing admin's password is never reset, except the published default on a host that is not
+    loopback (``admin_login_for``). Raises ImproperlyConfigured for ``admin`` with DEBUG off.
+    """
     User = get_user_model()
-    user = User.objects.filter(username=ADMIN_USERNAME).first()
-    if user is None:
-        User.objects.create_superuser(ADMIN_USERNAME, ADMIN_EMAIL, password)
-        return DemoLogin(ADMIN_USERNAME, password)
-    return admin_login()
+    if User.objects.filter(username=ADMIN_USERNAME).exists():
+        return admin_login_for(host)
+    password, generated = _demo_password(host)
+    User.objects.create_superuser(ADMIN_USERNAME, ADMIN_EMAIL, password)
+    insecure = password == INSECURE_DEMO_PASSWORD
+    return DemoLogin(ADMIN_USERNAME, password, loopback_only=insecure, generated=generated)
 
 
 def admin_login() -> DemoLogin:
@@ -109,7 +147,26 @@ def admin_login() -> DemoLogin:
     if user is None:
         return DemoLogin(ADMIN_USERNAME, None)
     password = settings.DEMO_ADMIN_PASSWORD
-    return DemoLogin(ADMIN_USERNAME, password if user.check_password(password) else None)
+    if not user.check_password(password):
+        return DemoLogin(ADMIN_USERNAME, None)
+    return DemoLogin(ADMIN_USERNAME, password, loopback_only=password == INSECURE_DEMO_PASSWORD)
+
+
+def admin_login_for(host: str) -> DemoLogin:
+    """The demo login for a server about to be bound to ``host``.
+
+    The published ``admin`` / ``admin`` stays only while ``host`` is loopback; bound elsewhere,
+    an admin still having it gets a random password, returned here once (``generated``) and
+    never shown again.
+    """
+    login = admin_login()
+    if not login.loopback_only or is_loopback(host):
+        return login
+    password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+    user = get_user_model().objects.get(username=ADMIN_USERNAME)
+    user.set_password(password)
+    user.save(update_fields=["password"])
+    return DemoLogin(ADMIN_USERNAME, password, generated=True)
 
 
 def current_api_key(key_file: Path = DEFAULT_KEY_FILE) -> str | None:
@@ -170,10 +227,11 @@ def ensure_topics() -> None:
     ingest(NOTIFICATIONS)
 
 
-def install(key_file: Path = DEFAULT_KEY_FILE) -> tuple[DemoLogin, str, bool]:
-    """Install everything; return (admin login, raw API key, whether the key is new)."""
+def install(key_file: Path = DEFAULT_KEY_FILE, host: str = LOOPBACK) -> tuple[DemoLogin, str, bool]:
+    """Install everything for a server bound to ``host``; return (admin login, raw API key,
+    whether the key is new)."""
     with transaction.atomic():
-        login = ensure_admin()
+        login = ensure_admin(host)
         raw, new = ensure_api_key(key_file)
         ensure_channels_and_routes()
     ensure_topics()  # after the routes exist, so the demo alert is routed like any other

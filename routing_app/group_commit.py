@@ -19,7 +19,11 @@ What each request sees is what it would see alone:
   the first requests of a key in the group fit first;
 - a problem of its own that stops a transaction (an idempotency key reused with another body,
   422) would abort the group: then the group is stored again one request at a time, so only
-  that request fails.
+  that request fails;
+- its deadline (ingest_deadline.py): not committed by then, it answers 503 (nothing stored: the
+  group's transaction, if it is still running, rolls back) or, when the commit was already sent
+  and not yet confirmed, 504. A request whose deadline passed while it was queued is dropped from
+  the queue and never reaches the database.
 """
 
 from __future__ import annotations
@@ -31,16 +35,18 @@ from dataclasses import dataclass, field
 from . import apikeys, db_threads
 from .apikeys import KeyInfo, RateLimited
 from .ingest import REFUSE, IngestError, IngestResult, NotificationIn, persist
+from .ingest_deadline import CommitWindow, NotStored, answer_by_deadline
 
 FLUSHERS = 2  # groups stored at once: one waits on the database while the next is prepared
 GROUP_MAX_ITEMS = 2000  # notifications per transaction; a group holds at least one request
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: leaving the queue is a cheap lookup
 class _Request:
     key: KeyInfo
     items: list[NotificationIn]
     future: asyncio.Future
+    window: CommitWindow
     outcome: list[IngestResult] | BaseException | None = field(default=None)
 
 
@@ -81,25 +87,36 @@ class _Queue:
 _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = weakref.WeakKeyDictionary()
 
 
-async def submit(key: KeyInfo, items: list[NotificationIn]) -> list[IngestResult]:
+async def submit(key: KeyInfo, items: list[NotificationIn], deadline: float) -> list[IngestResult]:
     """Store ``items`` (already ``ingest.check``-ed and authorized for ``key``) in the next group;
-    return their results once committed. Raises what storing them alone would raise."""
+    return their results once committed. Raises what storing them alone would raise, NotStored
+    (503) if not committed by ``deadline`` (``time.monotonic()``) and CommitInDoubt (504) if the
+    commit was sent but not confirmed by then."""
     loop = asyncio.get_running_loop()
     queue = _queues.get(loop)
     if queue is None:
         queue = _queues[loop] = _Queue()
-    request = _Request(key, items, loop.create_future())
+    request = _Request(key, items, loop.create_future(), CommitWindow(deadline))
     queue.pending.append(request)
     if queue.flushers < FLUSHERS:
         queue.flushers += 1
         loop.create_task(queue.flush_all())
-    return await request.future
+    try:
+        return await answer_by_deadline(request.window, request.future)
+    except NotStored:
+        # The flusher skips a cancelled future; a group holding the request rolls back.
+        if request in queue.pending:  # never taken: it leaves the queue now
+            queue.pending.remove(request)
+        raise
 
 
 def _store_group(group: list[_Request]) -> None:
     """On a database thread: rate-limit, then store the admitted requests; sets each outcome."""
     per_key: dict[str, list[_Request]] = {}
     for request in group:
+        if request.window.closed:  # its deadline passed while queued: already answered
+            request.outcome = NotStored()
+            continue
         per_key.setdefault(request.key.prefix, []).append(request)
     for requests in per_key.values():
         key = requests[0].key
@@ -112,12 +129,18 @@ def _store_group(group: list[_Request]) -> None:
     if not admitted:
         return
     try:
-        results = persist([item for r in admitted for item in r.items], on_conflict=REFUSE)
+        results = persist(
+            [item for r in admitted for item in r.items],
+            on_conflict=REFUSE,
+            windows=[r.window for r in admitted],
+        )
     except IngestError:
         for request in admitted:  # find whose it is: each alone
             try:
-                request.outcome = persist(request.items, on_conflict=REFUSE)
-            except IngestError as exc:
+                request.outcome = persist(
+                    request.items, on_conflict=REFUSE, windows=[request.window]
+                )
+            except (IngestError, NotStored) as exc:
                 request.outcome = exc
         return
     start = 0

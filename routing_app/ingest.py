@@ -14,16 +14,27 @@ event with details that changed (annotations, counters), and the first stored on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import time
 import zlib
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from . import db_threads, router
+from . import router
+from .ingest_deadline import (
+    CommitInDoubt,
+    CommitWindow,
+    NotStored,
+    claim_commit,
+    missed,
+    settle,
+    store_by_deadline,
+)
 from .models import SEVERITIES, SOURCES, Notification
 from .stream_writes import insert_notifications
 from .topics import is_valid_topic
@@ -185,10 +196,36 @@ def check(items: list[NotificationIn]) -> None:
         raise IngestError(errors)
 
 
-def persist(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
-    """Store ``items``, already ``check``-ed, in one transaction (see ``ingest``)."""
-    with transaction.atomic():
-        return _persist(items, on_conflict)
+def persist(
+    items: list[NotificationIn],
+    *,
+    on_conflict: str = REFUSE,
+    windows: list[CommitWindow] | None = None,
+) -> list[IngestResult]:
+    """Store ``items``, already ``check``-ed, in one transaction (see ``ingest``).
+
+    With ``windows`` (the requests' commit windows, ingest_deadline.py) the transaction commits
+    only if every window is still open and within its deadline; else it rolls back and NotStored
+    (503) is raised. A connection lost during the COMMIT itself raises CommitInDoubt (504): the
+    database may have committed before the connection went.
+    """
+    if windows is None:
+        with transaction.atomic():
+            return _persist(items, on_conflict)
+    claimed = False
+    try:
+        with transaction.atomic():
+            results = _persist(items, on_conflict)
+            claim_commit(windows)  # the last step before COMMIT: raising here rolls back
+            claimed = True
+        return results
+    except (OperationalError, InterfaceError) as exc:
+        if claimed:
+            missed("in_doubt", len(windows))
+            raise CommitInDoubt() from exc
+        raise
+    finally:
+        settle(windows)
 
 
 def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
@@ -203,8 +240,20 @@ def ingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[In
 
 
 async def aingest(items: list[NotificationIn], *, on_conflict: str = REFUSE) -> list[IngestResult]:
-    """``ingest`` for async code: runs on a database pool thread (see db_threads)."""
-    return await db_threads.run(ingest, items, on_conflict=on_conflict)
+    """``ingest`` for async code, on a database pool thread (see db_threads), by ingest's
+    deadline: also raises NotStored (not committed within INGEST_DEADLINE_S, rolled back) and
+    CommitInDoubt (the commit was sent and not confirmed by then), both DatabaseErrors."""
+    deadline = time.monotonic() + settings.INGEST_DEADLINE_S
+    return await store_by_deadline(deadline, functools.partial(_ingest_within, items, on_conflict))
+
+
+def _ingest_within(
+    items: list[NotificationIn], on_conflict: str, window: CommitWindow
+) -> list[IngestResult]:
+    if window.closed:  # its deadline passed while it waited for a database thread
+        raise NotStored()
+    check(items)
+    return persist(items, on_conflict=on_conflict, windows=[window])
 
 
 def _persist(items: list[NotificationIn], on_conflict: str) -> list[IngestResult]:

@@ -22,7 +22,7 @@ from .topics import validate_topic_name, validate_topic_pattern
 SOURCES = ["k8s", "alertmanager", "workflow", "user", "api", "system"]
 SEVERITIES = ["debug", "info", "warning", "error", "critical"]
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
-RATE_RE = re.compile(r"^(\d+)/(\d*)([smhd])$")
+RATE_RE = re.compile(r"^(\d+)/(\d*)([smhd])\Z")
 
 
 class Source(models.TextChoices):
@@ -148,7 +148,7 @@ class Contact(models.Model):
         return f"contact of {self.user}"
 
     def clean(self) -> None:
-        if self.phone and not re.match(r"^\+[1-9]\d{6,14}$", self.phone):
+        if self.phone and not re.match(r"^\+[1-9]\d{6,14}\Z", self.phone):
             raise ValidationError(
                 {"phone": "use E.164 format: '+' then country code and number, e.g. +4915112345678"}
             )
@@ -342,7 +342,7 @@ class Provider(models.Model):
         return f"{self.channel.name}/{self.name}"
 
     def clean(self) -> None:
-        if self.credentials_env and not re.match(r"^[A-Z_][A-Z0-9_]*$", self.credentials_env):
+        if self.credentials_env and not re.match(r"^[A-Z_][A-Z0-9_]*\Z", self.credentials_env):
             raise ValidationError(
                 {"credentials_env": "give the NAME of an environment variable, e.g. SMTP_PASSWORD"}
             )

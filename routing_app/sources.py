@@ -27,11 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from .ingest import IngestError, NotificationIn
+from .ingest import IDEMPOTENCY_KEY_MAX_LENGTH, IngestError, NotificationIn
 from .topics import TOPIC_MAX_LENGTH
 
 # labels.severity values seen in the wild (lowercased) -> our severity
@@ -65,6 +65,19 @@ ALERT_SEVERITIES = {
 DEFAULT_ALERT_SEVERITY = "warning"
 CLUSTER_SCOPE = "_cluster"  # underscore: no Kubernetes namespace name can contain one
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
+# What the schema says of a name that becomes a topic segment: it holds a letter or a digit.
+NAMEABLE_PATTERN = "[A-Za-z0-9]"
+
+
+def _number_not_bool_or_text(value: Any) -> Any:
+    # pydantic's lax mode takes true/false and "12" for numbers; JSON Schema's integer and
+    # number do not (1.0 is an integer there, and here).
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number, not true, false or text")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_number_not_bool_or_text)]
 
 
 class SourceError(IngestError):
@@ -78,6 +91,16 @@ def topic_segment(value: str) -> str:
 
 def _topic(prefix: str, *segments: str) -> str:
     return ".".join([prefix, *segments])[:TOPIC_MAX_LENGTH]
+
+
+def _idempotency_key(text: str) -> str:
+    """``text`` as an idempotency key: itself when it fits, else its start and its SHA-256, so
+    long sender fields (a fingerprint, a timestamp, a run id) never make a valid payload a 400
+    and two long keys that share a start stay apart."""
+    if len(text) <= IDEMPOTENCY_KEY_MAX_LENGTH:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[: IDEMPOTENCY_KEY_MAX_LENGTH - len(digest) - 1]}:{digest}"
 
 
 def _validate(model: type[BaseModel], payload: Any) -> Any:
@@ -98,7 +121,12 @@ class _Payload(BaseModel):
 
 class Alert(_Payload):
     status: Literal["firing", "resolved"]
-    labels: dict[str, str]
+    labels: dict[str, str] = Field(
+        json_schema_extra={
+            "required": ["alertname"],
+            "properties": {"alertname": {"type": "string", "pattern": NAMEABLE_PATTERN}},
+        }
+    )
     annotations: dict[str, str] = {}
     startsAt: str
     endsAt: str = ""
@@ -123,7 +151,7 @@ class AlertmanagerWebhook(_Payload):
     groupLabels: dict[str, str] = {}
     commonLabels: dict[str, str] = {}
     externalURL: str = ""
-    truncatedAlerts: int = 0
+    truncatedAlerts: JsonInt = 0
     alerts: list[Alert] = Field(min_length=1)
 
 
@@ -146,7 +174,7 @@ def alertmanager_notifications(hook: AlertmanagerWebhook) -> list[NotificationIn
                 event=f"alert.{alert.status}",
                 severity=severity,
                 source="alertmanager",
-                idempotency_key=f"{fingerprint}:{alert.status}:{alert.startsAt}",
+                idempotency_key=_idempotency_key(f"{fingerprint}:{alert.status}:{alert.startsAt}"),
                 data={
                     "alertname": alertname,
                     "status": alert.status,
@@ -184,7 +212,7 @@ class InvolvedObject(_Payload):
 
 
 class EventSeries(_Payload):
-    count: int = 0
+    count: JsonInt = 0
 
 
 class EventMeta(_Payload):
@@ -199,8 +227,8 @@ class KubernetesEvent(_Payload):
     involvedObject: InvolvedObject
     reason: str = Field(min_length=1)
     message: str = ""
-    type: str = "Normal"
-    count: int | None = None
+    type: str = Field("Normal", json_schema_extra={"enum": ["Normal", "Warning"]})
+    count: JsonInt | None = None
     series: EventSeries | None = None
     metadata: EventMeta = EventMeta()
     source: dict[str, str] = {}
@@ -231,7 +259,7 @@ def kubernetes_notifications(event: KubernetesEvent) -> list[NotificationIn]:
             event=f"{kind}.{topic_segment(event.reason) or 'event'}"[:100],
             severity="warning" if event.type == "Warning" else "info",
             source="k8s",
-            idempotency_key=f"{uid}:{event.reason}:{count}"[:200] if uid else None,
+            idempotency_key=_idempotency_key(f"{uid}:{event.reason}:{count}") if uid else None,
             data={
                 "cluster": event.clusterName,
                 "namespace": namespace,
@@ -266,12 +294,19 @@ WORKFLOW_SEVERITIES["compensated"] = "warning"  # undone after a later step fail
 class WorkflowStep(_Payload):
     """One step of a workflow run changed state."""
 
-    workflow: str = Field(min_length=1, max_length=100, examples=["provision-cluster"])
+    workflow: str = Field(
+        min_length=1,
+        max_length=100,
+        examples=["provision-cluster"],
+        json_schema_extra={"pattern": NAMEABLE_PATTERN},
+    )
     step: str = Field(min_length=1, max_length=100, examples=["create_vpc"])
     status: Literal["started", "succeeded", "failed", "compensated"]
-    duration_ms: float | None = Field(None, ge=0, description="how long the step ran")
+    duration_ms: Annotated[float, Field(ge=0), BeforeValidator(_number_not_bool_or_text)] | None = (
+        Field(None, description="how long the step ran")
+    )
     run_id: str | None = Field(None, min_length=1, max_length=100)
-    attempt: int = Field(1, ge=1)
+    attempt: JsonInt = Field(1, ge=1)
     error: str | None = Field(None, max_length=2000)
     data: dict[str, Any] = {}
 
@@ -291,7 +326,7 @@ def workflow_notifications(step: WorkflowStep) -> list[NotificationIn]:
             event=f"step.{step.status}",
             severity=WORKFLOW_SEVERITIES[step.status],
             source="workflow",
-            idempotency_key=key[:200] if key else None,
+            idempotency_key=_idempotency_key(key) if key else None,
             data={
                 "workflow": step.workflow,
                 "step": step.step,

@@ -24,8 +24,12 @@ from django.core.exceptions import ValidationError
 
 TOPIC_MAX_LENGTH = 200
 _SEGMENT = r"[a-z0-9_-]+"
-TOPIC_RE = re.compile(rf"^{_SEGMENT}(?:[.:]{_SEGMENT})*$")
-_PATTERN_SEGMENT = re.compile(r"^(?:[a-z0-9_-]+|\*|#|\{[a-z_][a-z0-9_]*\})$")
+# Anchored with \Z, not $: "$" also matches before a final newline ("alerts.k8s\n").
+TOPIC_RE = re.compile(rf"^{_SEGMENT}(?:[.:]{_SEGMENT})*\Z")
+# The same rule for the API schema, in ECMA-262 syntax (pydantic and OpenAPI), where "$" is only
+# the end of the text and "\Z" does not exist.
+TOPIC_SCHEMA_PATTERN = rf"^{_SEGMENT}(?:[.:]{_SEGMENT})*$"
+_PATTERN_SEGMENT = re.compile(r"^(?:[a-z0-9_-]+|\*|#|\{[a-z_][a-z0-9_]*\})\Z")
 _SPLIT = re.compile(r"[.:]")
 
 
@@ -77,7 +81,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
     regex = "".join(parts)
     # '#' first followed by more segments: the next segment's separator is optional
     regex = regex.replace(")?[.:]", ")?(?:^|[.:])", 1) if segments[0] == "#" else regex
-    return re.compile(f"^{regex}$")
+    return re.compile(f"^{regex}\\Z")
 
 
 def match_topic(pattern: str, topic: str) -> dict[str, str] | None:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import httpx
 import pytest
@@ -114,11 +114,20 @@ class Received:
             ) from None
 
 
-async def plain_client(base: str, topic: str, token: str, got: Received, since: int | None):
+def server_for(base: str | Sequence[str], got: Received) -> str:
+    """The server a client (re)connects to: ``base``, or with several, the next one after each
+    reconnect (as a load balancer spreads reconnecting clients over the servers left)."""
+    bases = [base] if isinstance(base, str) else list(base)
+    return bases[got.reconnects % len(bases)]
+
+
+async def plain_client(
+    base: str | Sequence[str], topic: str, token: str, got: Received, since: int | None
+):
     """A plain-protocol client that reconnects with ``since`` = the last seq it saw."""
-    ws_base = base.replace("http://", "ws://")
     while True:
         resume = got.last if got.last is not None else since
+        ws_base = server_for(base, got).replace("http://", "ws://")
         url = f"{ws_base}/ws/{topic}/?token={token}"
         if resume is not None:
             url += f"&since={resume}"
@@ -138,7 +147,9 @@ async def plain_client(base: str, topic: str, token: str, got: Received, since: 
         await asyncio.sleep(RECONNECT_DELAY_S)  # a client's backoff, not a wait for an event
 
 
-async def sse_client(base: str, topic: str, token: str, got: Received, since: int | None):
+async def sse_client(
+    base: str | Sequence[str], topic: str, token: str, got: Received, since: int | None
+):
     """An SSE client that reconnects with ``Last-Event-ID`` = the last seq it saw."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http:
         while True:
@@ -147,7 +158,7 @@ async def sse_client(base: str, topic: str, token: str, got: Received, since: in
             if resume is not None:
                 headers["Last-Event-ID"] = str(resume)
             try:
-                url = f"{base}/events/{topic}/?token={token}"
+                url = f"{server_for(base, got)}/events/{topic}/?token={token}"
                 async with http.stream("GET", url, headers=headers) as response:
                     if response.status_code == 200:
                         data: list[str] = []

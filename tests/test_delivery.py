@@ -140,6 +140,38 @@ def test_webhook_is_signed_so_that_standardwebhooks_verifies_it(clock, receiver,
     assert row.status == Status.SENT
 
 
+def test_a_batch_is_sent_in_the_same_statements_whatever_its_size(clock, receiver, monkeypatch):
+    """The rows of one batch go out together: their attempts and their sent rows are written in
+    a fixed number of statements (not one per row), each row and attempt with its own values."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    hook = channel("webhook")
+    receiving = provider(hook, "receiver", receiver.url + "/hook", credentials_env="HOOK_SECRET")
+    statements = []
+    batches = []
+    for size in (2, 7):
+        rows = [delivery(hook, "*") for _ in range(size)]
+        with CaptureQueriesContext(connection) as captured:
+            service.deliver([row.pk for row in rows])
+        statements.append(len(captured.captured_queries))
+        batches.append(rows)
+    assert statements[0] == statements[1]
+
+    received = receiver.wait_for(9)
+    assert sorted(int(r.headers["webhook-id"]) for r in received) == sorted(
+        row.pk for rows in batches for row in rows
+    )
+    for row in (row for rows in batches for row in rows):
+        row.refresh_from_db()
+        assert (row.status, row.attempts, row.provider_id) == (Status.SENT, 1, receiving.pk)
+        assert row.sent_at is not None and row.latency_ms is not None and row.last_error == ""
+        [attempt] = Attempt.objects.filter(delivery=row)
+        assert (attempt.number, attempt.outcome, attempt.http_status) == (1, Outcome.SENT, 200)
+        assert attempt.duration_ms is not None
+
+
 # --- failover, retries, dead letters ------------------------------------------------------------
 
 
@@ -379,6 +411,118 @@ def test_over_the_provider_limit_a_delivery_waits_too(clock, receiver, scheduled
     assert (first.status, second.status) == (Status.SENT, Status.PENDING)
     assert second.next_attempt_at > timezone.now() + timedelta(minutes=1)  # the hour's window
     assert attempts(second) == [("receiver", Outcome.RATE_LIMITED)]
+
+
+class CountingStore(MemoryBreakerStore):
+    """A memory breaker store that counts its plain reads and its counts of results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+        self.counts = 0
+
+    def load(self, provider_id, *, window=True):
+        self.loads += 1
+        return super().load(provider_id, window=window)
+
+    def add_calls(self, *args, **kwargs):
+        self.counts += 1
+        return super().add_calls(*args, **kwargs)
+
+    def add_call(self, *args, **kwargs):
+        self.counts += 1
+        return super().add_call(*args, **kwargs)
+
+
+def config_of(ch: Channel) -> breaker.BreakerConfig:
+    return breaker.BreakerConfig.for_channel(ch)
+
+
+def counted_hits(monkeypatch) -> list:
+    """The limiter's window hits from now on: ``(key, cost)`` each."""
+    hits = []
+    strategy = limiter.limiter()._strategy
+    original = strategy.hit
+
+    def hit(item, *identifiers, cost=1):
+        hits.append((identifiers[0], cost))
+        return original(item, *identifiers, cost=cost)
+
+    monkeypatch.setattr(strategy, "hit", hit)
+    return hits
+
+
+def test_a_batch_reads_and_counts_each_breaker_once_and_asks_each_window_once(
+    clock, receiver, monkeypatch
+):
+    store = CountingStore()
+    monkeypatch.setattr(breaker, "_breakers", Breakers(store, clock=clock))
+    hook = channel("webhook", rate_limit="100/m")
+    receiving = provider(hook, "receiver", receiver.url, rate_limit="100/m")
+    rows = [delivery(hook, "*") for _ in range(5)]
+    hits = counted_hits(monkeypatch)
+
+    service.deliver([row.pk for row in rows])
+
+    assert (store.loads, store.counts) == (1, 1)
+    assert BreakerState.objects.filter(provider=receiving).count() == 0  # closed all along
+    assert breaker.breakers_from_settings().snapshot(receiving.pk, config_of(hook)).calls == 5
+    assert hits == [(f"channel:{hook.pk}", 5), (f"provider:{receiving.pk}", 5)]
+    assert len(receiver.wait_for(5)) == 5
+    assert {r.status for r in Delivery.objects.filter(pk__in=[r.pk for r in rows])} == {Status.SENT}
+    # the slots taken are those of five calls, one after the other
+    assert not limiter.limiter().take(f"channel:{hook.pk}", "100/m", 96)
+    assert limiter.limiter().take(f"channel:{hook.pk}", "100/m", 95)
+
+
+def test_a_batch_larger_than_the_window_sends_what_fits_and_the_rest_waits(
+    clock, receiver, scheduled
+):
+    hook = channel("webhook", rate_limit="3/m")
+    provider(hook, "receiver", receiver.url)
+    rows = [delivery(hook, "*") for _ in range(5)]
+
+    service.deliver([row.pk for row in rows])
+
+    for row in rows:
+        row.refresh_from_db()
+    assert [r.status for r in rows].count(Status.SENT) == 3
+    waiting = [r for r in rows if r.status != Status.SENT]
+    assert [r.status for r in waiting] == [Status.PENDING] * 2
+    for row in waiting:
+        assert row.attempts == 0 and row.next_attempt_at > timezone.now()
+        assert attempts(row) == [("receiver", Outcome.RATE_LIMITED)]
+        assert ([row.pk], row.next_attempt_at) in scheduled
+    assert len(receiver.wait_for(3)) == 3
+
+
+def test_a_batch_gives_a_half_open_breaker_exactly_its_trials(clock, receiver):
+    hook = channel(
+        "webhook",
+        breaker_minimum_calls=2,
+        breaker_failure_rate=50,
+        breaker_open_s=30,
+        breaker_half_open_calls=2,
+    )
+    a = provider(hook, "a", receiver.url + "/a", weight=100)
+    provider(hook, "b", receiver.url + "/b")
+    breakers, config = breaker.breakers_from_settings(), breaker.BreakerConfig.for_channel(hook)
+    for _ in range(2):
+        permit, _ = breakers.acquire(a.pk, config)
+        breakers.record(permit, config, success=False, duration_ms=1)
+    assert breakers.snapshot(a.pk, config).state == State.OPEN
+    clock.now += 31  # the open period is over: the next acquire half-opens
+    rows = [delivery(hook, "*") for _ in range(5)]
+
+    service.deliver([row.pk for row in rows])
+
+    for row in rows:
+        row.refresh_from_db()
+    assert sorted(r.provider.name for r in rows) == ["a", "a", "b", "b", "b"]
+    assert all(r.status == Status.SENT for r in rows)
+    assert breakers.snapshot(a.pk, config).state == State.CLOSED
+    paths = sorted(r.path for r in receiver.wait_for(5))
+    assert paths == ["/a", "/a", "/b", "/b", "/b"]
 
 
 # --- claim and sweep -----------------------------------------------------------------------------

@@ -337,6 +337,7 @@ def test_error_codes_are_the_ones_clients_know():
 def test_close_codes_keep_their_numbers():
     assert {code.name: int(code) for code in CloseCode} == {
         "TOO_BIG": 1009,
+        "INTERNAL_ERROR": 1011,
         "TRY_LATER": 1013,
         "BAD_REQUEST": 4400,
         "UNAUTHENTICATED": 4401,

@@ -278,13 +278,11 @@ async def test_after_a_redis_outage_the_hub_resubscribes_and_back_fills(clean_hu
     await hub.unsubscribe("hub.outage", recorder)
 
 
-async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_redis, monkeypatch):
+async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_redis, settings):
     import signal
 
-    from channels_app.hub import bus_redis as hub_module
-
-    monkeypatch.setattr(hub_module, "REDIS_PING_AFTER_S", 0.2)
-    monkeypatch.setattr(hub_module, "REDIS_SILENT_MAX_S", 0.5)
+    settings.REALTIME_BUS_PING_AFTER_S = 0.2
+    settings.REALTIME_BUS_SILENT_MAX_S = 0.5
     recorder = Recorder()
     await hub.subscribe("hub.silent", recorder)
     await store("hub.silent", 1)
@@ -300,6 +298,35 @@ async def test_a_silent_redis_connection_is_dropped_and_replaced(clean_hub, own_
     await store("hub.silent", 1)
     assert await recorder.wait_for(2) == [1, 2]
     await hub.unsubscribe("hub.silent", recorder)
+
+
+async def test_an_outage_past_the_bus_limit_tells_subscribers_to_resume_elsewhere(
+    clean_hub, own_redis, settings
+):
+    settings.REALTIME_BUS_OUTAGE_S = 0.2
+
+    class Resumer(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.told = asyncio.Event()
+
+        def unavailable(self) -> None:
+            hub.detach("hub.lost", self)
+            self.told.set()
+
+    resumer, stayer = Resumer(), Recorder()
+    await hub.subscribe("hub.lost", resumer)
+    await hub.subscribe("hub.lost", stayer)
+    await store("hub.lost", 1)
+    await stayer.wait_for(1)
+    own_redis.kill()
+    await asyncio.wait_for(resumer.told.wait(), WAIT_S)
+    await store("hub.lost", 1)  # published while Redis is away: lost on the bus
+    own_redis.start()
+    # A subscriber without ``unavailable`` stays, and the back-fill brings it what it missed.
+    assert await stayer.wait_for(2) == [1, 2]
+    assert hub.stats()["subscribers"] == 1
+    await hub.unsubscribe("hub.lost", stayer)
 
 
 # --- the pubsub channel kind -----------------------------------------------------------------

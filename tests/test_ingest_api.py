@@ -407,3 +407,43 @@ async def test_unreachable_database_gets_503_with_retry_after_and_stores_nothing
     recovered = await api.post(URL, json=body(), headers=bearer(ingest_key))
     assert recovered.status_code == 202 and recovered.json()["seq"] == 2
     assert await rows() == [("alerts.disk", 1), ("alerts.disk", 2)]
+
+
+# --- what every endpoint answers in JSON ----------------------------------------------------
+
+
+async def test_recipient_longer_than_a_delivery_can_hold_gets_400_naming_it(api, ingest_key):
+    payload = body(recipients=["ops@example.com", "a" * 490 + "@example.com"])
+    answer = await api.post(URL, json=payload, headers=bearer(ingest_key))
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["errors"][0]["loc"] == ["recipients", 1]
+    assert await rows() == []
+
+
+async def test_a_query_value_the_database_refuses_gets_400_in_json(api, transactional_db):
+    _, raw = await sync_to_async(create_key)("reader", scopes=["deliveries"])
+    answer = await api.get("/api/v1/deliveries?channel=e%00mail", headers=bearer(raw))
+    assert answer.status_code == 400, answer.text
+    assert "NUL" in answer.json()["detail"]
+
+
+async def test_a_form_body_over_the_upload_limit_gets_413_in_json(api):
+    form = "MessageSid=" + "x" * (3 * 1024 * 1024)
+    answer = await api.post(
+        "/api/v1/providers/1/receipts",
+        content=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 413, answer.text
+    assert "limit" in answer.json()["detail"]
+
+
+async def test_a_form_with_too_many_fields_gets_400_in_json(api):
+    form = "&".join(f"f{n}=x" for n in range(1001))  # over DATA_UPLOAD_MAX_NUMBER_FIELDS
+    answer = await api.post(
+        "/api/v1/providers/1/receipts",
+        content=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in answer.json()["detail"]

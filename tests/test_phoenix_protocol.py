@@ -168,6 +168,71 @@ async def test_malformed_frames_get_errors_and_socket_stays_open(subscriber, def
     await client.ws.disconnect()
 
 
+@pytest.mark.parametrize("encoded", ["!!!!", "", "a", "%%%%dG9r"])
+async def test_malformed_auth_token_subprotocol_is_refused_with_4401(encoded, subscriber):
+    communicator = WebsocketCommunicator(
+        application(), SOCKET_PATH, subprotocols=["phoenix", f"base64url.bearer.phx.{encoded}"]
+    )
+    connected, code = await communicator.connect(timeout=RECEIVE_TIMEOUT_S)
+    assert (connected, code) == (False, 4401)
+
+
+async def test_deeply_nested_frame_gets_phx_error_and_socket_stays_open(subscriber, default_rules):
+    client = await connect(subscriber)
+    await client.ws.send_to(text_data="[" * 10_000 + "]" * 10_000)
+    frame = await client.frame()
+    assert frame[:4] == [None, None, "phoenix", "phx_error"]
+    assert "nested deeper than" in frame[4]["reason"]
+    deep = '["1", "2", "alerts.k8s", "phx_join", {"x": ' + "[" * 80 + "]" * 80 + "}]"
+    await client.ws.send_to(text_data=deep)  # parses, but past the depth bound
+    assert (await client.frame())[3] == "phx_error"
+    ref = await client.push("phoenix", "heartbeat")
+    assert (await client.frame())[1] == ref
+    await client.ws.disconnect()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[null, "\\udc00", "phoenix", "heartbeat", {}]',
+        '[null, "1", "\\udc00", "phx_join", {}]',
+        '["\\ud800", "1", "alerts.k8s", "phx_join", {}]',
+        '[null, "1", "alerts.k8s", "phx_join", {"since": "\\ud800"}]',
+    ],
+)
+async def test_frame_with_a_lone_surrogate_is_refused_without_echoing_it(
+    text, subscriber, default_rules
+):
+    client = await connect(subscriber)
+    await client.ws.send_to(text_data=text)
+    raw = await client.ws.receive_from(timeout=RECEIVE_TIMEOUT_S)
+    raw.encode()  # sendable: a real server would have failed here
+    frame = json.loads(raw)
+    assert frame[:4] == [None, None, "phoenix", "phx_error"]
+    assert "surrogate" in frame[4]["reason"]
+    ref = await client.push("phoenix", "heartbeat")
+    assert (await client.frame())[1] == ref
+    await client.ws.disconnect()
+
+
+async def test_frames_over_the_rate_get_rate_limited_replies(
+    subscriber, default_rules, monkeypatch
+):
+    from channels_app.frame_limits import FrameBudget
+
+    monkeypatch.setattr(FrameBudget, "clock", staticmethod(lambda: 0.0))  # no refill meanwhile
+    client = await connect(subscriber)
+    burst = 2 * 50 + 100  # the plain socket's burst, plus a rejoin of 100 topics
+    for _ in range(burst + 10):
+        await client.push("phoenix", "heartbeat")
+    frames = [await client.frame() for _ in range(burst + 10)]
+    assert {f[4]["status"] for f in frames[:burst]} == {"ok"}
+    for frame in frames[burst:]:
+        assert frame[2:4] == ["phoenix", "phx_reply"] and frame[4]["status"] == "error"
+        assert frame[4]["response"]["reason"].startswith("rate_limited")
+    await client.ws.disconnect()
+
+
 async def test_frame_over_64kb_closes_with_1009(subscriber, default_rules):
     client = await connect(subscriber)
     await client.push("alerts.k8s", "phx_join", {"pad": "x" * 70_000})

@@ -22,6 +22,8 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 
+from routing_app import demo
+from routing_app.management.commands import serve
 from routing_app.models import ApiKey, Channel, Delivery, Notification, Route, Topic
 from tests.servers import RedisServer, free_port, run_script
 
@@ -99,6 +101,43 @@ def test_demo_refuses_the_default_admin_password_when_debug_is_off(tmp_path, set
     settings.DEMO_ADMIN_PASSWORD = "a-long-chosen-password"
     call_command("demo", key_file=tmp_path / "key")
     assert get_user_model().objects.get(username="admin").check_password("a-long-chosen-password")
+
+
+@pytest.mark.django_db
+def test_demo_admin_keeps_the_published_password_only_while_bound_to_loopback(tmp_path, capsys):
+    call_command("demo", key_file=tmp_path / "key", host="127.0.0.1")
+    out = capsys.readouterr().out
+    assert "Admin login: admin / admin  (the published demo password: kept only while bound" in out
+    for host in ("localhost", "::1", "[::1]", "127.0.0.2"):
+        assert demo.admin_login_for(host).password == "admin", host
+
+    banner = serve.Command().banner("0.0.0.0", 8000, tmp_path / "key")  # noqa: S104
+    admin = get_user_model().objects.get(username="admin")
+    assert not admin.check_password("admin"), "bound to every address, admin/admin is gone"
+    [line] = [x for x in banner.splitlines() if "login: admin / " in x]
+    password = line.split("login: admin / ")[1].split()[0]
+    assert admin.check_password(password) and len(password) >= 16
+    assert "shown this once" in line
+    again = serve.Command().banner("0.0.0.0", 8000, tmp_path / "key")  # noqa: S104
+    assert password not in again, "the generated password is printed once"
+    assert "not the demo password" in again
+
+
+@pytest.mark.django_db
+def test_demo_for_a_public_bind_address_gives_the_admin_a_random_password(tmp_path, capsys):
+    call_command("demo", key_file=tmp_path / "key", host="192.0.2.10")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Admin login"))
+    password = line.removeprefix("Admin login: admin / ").split()[0]
+    assert password != "admin" and "shown this once" in line
+    assert get_user_model().objects.get(username="admin").check_password(password)
+
+
+@pytest.mark.django_db
+def test_a_chosen_demo_password_is_kept_on_any_bind_address(tmp_path, capsys, settings):
+    settings.DEMO_ADMIN_PASSWORD = "a-long-chosen-password"
+    call_command("demo", key_file=tmp_path / "key", host="0.0.0.0")  # noqa: S104
+    assert "Admin login: admin / a-long-chosen-password\n" in capsys.readouterr().out
+    assert demo.admin_login_for("0.0.0.0").password == "a-long-chosen-password"  # noqa: S104
 
 
 # --- serve ----------------------------------------------------------------------------------

@@ -53,6 +53,24 @@ def test_alertmanager_firing_alert_maps_to_its_topic_event_severity_and_key():
     assert validate(items[0]) == []
 
 
+def test_long_sender_fields_give_a_valid_distinct_key_for_every_source():
+    alerts = payload("alertmanager_firing_high_value")
+    keys = []
+    for long_start in ("2026-01-01T00:00:00Z" + "0" * 300, "2026-01-01T00:00:00Z" + "0" * 301):
+        alerts["alerts"][0]["startsAt"] = long_start
+        keys.append(from_alertmanager(alerts)[0])
+    steps = [
+        from_workflow({"workflow": "w", "step": "s" * 100, "status": "started", "run_id": run_id})[
+            0
+        ]
+        for run_id in ("r" * 99 + "1", "r" * 99 + "2")
+    ]
+    for item in (*keys, *steps):
+        assert validate(item) == [], item.idempotency_key
+    assert keys[0].idempotency_key != keys[1].idempotency_key
+    assert steps[0].idempotency_key != steps[1].idempotency_key
+
+
 def test_alertmanager_alertname_with_spaces_becomes_one_topic_segment():
     [item] = from_alertmanager(payload("alertmanager_firing_instance_down"))
 

@@ -3,6 +3,7 @@ another origin (the Nuxt app) gets from the API."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 
@@ -130,6 +131,70 @@ def test_missing_user_field_is_a_bad_request(api_key):
     answer = post(Client(), {"ttl": 60}, Authorization=f"Bearer {raw}")
     assert answer.status_code == 400
     assert any(error["loc"][-1] == "user" for error in answer.json()["errors"])
+
+
+@KEYED
+@pytest.mark.parametrize(
+    ("user", "reason"),
+    [
+        ("sam\x00", "NUL"),  # Postgres refuses NUL in text: was a DataError, 500
+        ("sam\ud800", "unicode string"),  # UTF-8 cannot encode it: was a UnicodeEncodeError
+        ("s" * 151, "at most 150 characters"),  # auth's username column
+        ("", "at least 1 character"),
+    ],
+)
+def test_user_name_the_database_cannot_hold_is_a_bad_request_saying_why(api_key, user, reason):
+    _, raw = api_key
+    answer = post(Client(), {"user": user}, Authorization=f"Bearer {raw}")
+    assert answer.status_code == 400, answer.content
+    assert answer["Content-Type"].startswith("application/json")
+    [error] = answer.json()["errors"]
+    assert error["loc"] == ["user"] and reason in error["msg"]
+
+
+@KEYED
+@pytest.mark.parametrize("ttl", [False, True, "60", 1.5])
+def test_ttl_that_is_not_a_whole_json_number_is_a_bad_request(api_key, subscriber, ttl):
+    _, raw = api_key
+    answer = post(Client(), {"user": "sam", "ttl": ttl}, Authorization=f"Bearer {raw}")
+    assert answer.status_code == 400, answer.content
+    assert answer.json()["errors"][0]["loc"] == ["ttl"]
+
+
+@KEYED
+def test_a_50_mb_body_gets_413_in_json(api_key):
+    _, raw = api_key
+    body = json.dumps({"user": "x" * (50 * 1024 * 1024)})
+    answer = Client().post(
+        URL, body, content_type="application/json", headers={"Authorization": f"Bearer {raw}"}
+    )
+    assert answer.status_code == 413
+    assert "limit" in answer.json()["detail"]
+
+
+@KEYED
+def test_a_body_not_declared_json_gets_415(api_key):
+    _, raw = api_key
+    answer = Client().post(
+        URL, "user=sam", content_type="text/plain", headers={"Authorization": f"Bearer {raw}"}
+    )
+    assert answer.status_code == 415
+    assert "application/json" in answer.json()["detail"]
+
+
+@KEYED
+def test_an_unexpected_failure_is_a_json_500_with_debug_off(api_key, subscriber, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("signing backend down")
+
+    monkeypatch.setattr(tokens, "mint", broken)
+    assert not settings.DEBUG
+    _, raw = api_key
+    answer = post(Client(), {"user": "sam"}, Authorization=f"Bearer {raw}")
+    assert answer.status_code == 500
+    assert answer["Content-Type"].startswith("application/json")
+    assert "log" in answer.json()["detail"]
+    assert "signing backend down" not in answer.content.decode(), "no internals in the answer"
 
 
 # --- CORS: the Nuxt app on another origin -----------------------------------------------------

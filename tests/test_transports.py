@@ -110,6 +110,61 @@ def test_email_arrives_with_rendered_subject_and_text_and_html_parts(smtp_server
     assert "<b>restarts</b>" not in html
 
 
+def test_email_boundary_never_appears_in_its_parts(smtp_server, monkeypatch):
+    """The MIME boundary is chosen when the message is built; one found in a part is drawn
+    again (here the first draw is written into the body on purpose)."""
+    from routing_app.delivery.transports import email as email_transport
+
+    taken = email_transport.BOUNDARY_FORMAT % 1
+    draws = iter([1, 2])
+    monkeypatch.setattr(email_transport.random, "randrange", lambda _: next(draws))
+    delivery, provider = make_delivery(
+        "email",
+        "sam@example.com",
+        f"smtp://127.0.0.1:{smtp_server.port}",
+        data={"note": f"--{taken}"},
+    )
+
+    transport_for("email").send(delivery, provider, timeout_s=5)
+
+    [message] = smtp_server.wait_for(1)
+    assert message.get_boundary() == email_transport.BOUNDARY_FORMAT % 2
+    assert f"note: --{taken}" in message.get_body(("plain",)).get_content()
+    assert taken in message.get_body(("html",)).get_content()
+
+
+HEADER_CASES = 600  # random header values compared with compat32's own folding
+
+
+def test_email_headers_are_folded_exactly_as_compat32_folds_them():
+    import random
+    import string
+    from email.policy import compat32
+
+    from routing_app.delivery.transports.email import HEADER_FOLDING
+
+    def folded(fold, name, value):
+        try:
+            return fold(name, value)
+        except Exception as exc:  # noqa: BLE001  (compat32's refusals must be ours too)
+            return type(exc)
+
+    rng = random.Random(1204)  # noqa: S311  (test data, reproducible)
+    alphabet = string.ascii_letters + string.digits + " \t<>@.,;:\"'()[]=+-_/?!#%&*~^{}|é…\n"
+    names = ["Subject", "From", "To", "Reply-To", "X-Notify-Delivery", "Content-Type"]
+    short_cuts = 0
+    for _ in range(HEADER_CASES):
+        name = rng.choice(names)
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 120)))
+        short_cuts += HEADER_FOLDING._one_line(name, value)
+        for linesep in ("\n", "\r\n"):
+            ours, stdlib = HEADER_FOLDING.clone(linesep=linesep), compat32.clone(linesep=linesep)
+            for kind in ("fold_binary", "fold"):
+                mine = folded(getattr(ours, kind), name, value)
+                assert mine == folded(getattr(stdlib, kind), name, value), (kind, value)
+    assert 0.1 * HEADER_CASES < short_cuts < 0.9 * HEADER_CASES  # both ways were compared
+
+
 def test_email_uses_the_event_template_when_there_is_one(smtp_server):
     delivery, provider = make_delivery(
         "email",

@@ -265,6 +265,50 @@ async def test_malformed_frames_get_error_frames_and_the_socket_stays_open(rules
     await comm.disconnect()
 
 
+async def test_deeply_nested_frame_gets_an_error_frame_and_the_socket_stays_open(rules, subscriber):
+    comm = await connect(f"/ws/alerts.k8s/?token={token_for(subscriber)}")
+    await subscribed(comm)
+    await comm.send_to(text_data="[" * 10_000 + "]" * 10_000)  # 20 KB, deeper than json allows
+    error = await frame(comm)
+    assert (error["type"], error["code"]) == ("error", "bad_frame")
+    assert "nested deeper than" in error["message"]
+    await comm.send_to(text_data='{"type": "ping", "x": ' + "[" * 100 + "]" * 100 + "}")
+    assert (await frame(comm))["code"] == "bad_frame"  # parses, but past the depth bound
+    await comm.send_json_to({"type": "ping"})
+    assert await frame(comm) == {"type": "pong"}
+    await comm.disconnect()
+
+
+async def test_frame_with_a_lone_surrogate_is_refused_without_echoing_it(rules, subscriber):
+    comm = await connect(f"/ws/alerts.k8s/?token={token_for(subscriber)}")
+    await subscribed(comm)
+    for text in ('{"type": "bogus", "ref": "\\ud800"}', '{"type": "ping", "x": "\\udc00"}'):
+        await comm.send_to(text_data=text)
+        output = await comm.receive_output(timeout=WAIT_S)
+        output["text"].encode()  # sendable: a real server would have failed here
+        error = json.loads(output["text"])
+        assert (error["code"], "ref" in error) == ("bad_frame", False)
+        assert "surrogate" in error["message"]
+    await comm.send_json_to({"type": "ping", "ref": "\U0001f600"})  # a pair is fine
+    assert await frame(comm) == {"type": "pong"}
+    await comm.disconnect()
+
+
+async def test_frames_over_the_rate_get_rate_limited_errors(rules, subscriber, monkeypatch):
+    from channels_app.frame_limits import CLIENT_FRAMES_PER_S, FrameBudget
+
+    monkeypatch.setattr(FrameBudget, "clock", staticmethod(lambda: 0.0))  # no refill meanwhile
+    comm = await connect(f"/ws/alerts.k8s/?token={token_for(subscriber)}")
+    await subscribed(comm)
+    burst = 2 * CLIENT_FRAMES_PER_S
+    for _ in range(burst + 10):
+        await comm.send_json_to({"type": "ping"})
+    answers = [await frame(comm) for _ in range(burst + 10)]
+    assert answers[:burst] == [{"type": "pong"}] * burst
+    assert {a["code"] for a in answers[burst:]} == {"rate_limited"}
+    await comm.disconnect()
+
+
 async def test_frame_over_64_kb_closes_with_1009(rules, subscriber):
     comm = await connect(f"/ws/alerts.k8s/?token={token_for(subscriber)}")
     await subscribed(comm)
@@ -346,6 +390,12 @@ async def test_bad_topic_name_is_refused_with_4400(rules, subscriber):
     await comm.disconnect()
 
 
+async def test_topic_with_a_trailing_newline_is_refused_with_4400(rules, subscriber):
+    comm = await connect(f"/ws/alerts.k8s%0A/?token={token_for(subscriber)}")
+    assert await close_code(comm) == 4400
+    await comm.disconnect()
+
+
 async def test_session_cookie_authenticates_the_socket(rules, subscriber):
     from django.test import Client
 
@@ -367,17 +417,66 @@ async def test_page_of_another_origin_cannot_open_a_socket(rules, subscriber):
     assert not connected
 
 
+def over(scheme: str):
+    """The websocket application as a server speaking ``scheme`` (ws or wss) would call it."""
+
+    async def app(scope, receive, send):
+        return await websocket_application(dict(scope, scheme=scheme), receive, send)
+
+    return app
+
+
 async def test_allowed_origin_and_same_host_may_open_a_socket(rules, subscriber):
-    for origin, host in (
-        (settings.NOTIFY_ALLOWED_ORIGINS[0], "api.example"),
-        ("https://notify.example", "notify.example"),
+    for origin, host, scheme in (
+        (settings.NOTIFY_ALLOWED_ORIGINS[0], "api.example", "ws"),
+        ("http://notify.example", "notify.example", "ws"),
+        ("https://notify.example", "notify.example", "wss"),
     ):
-        comm = await connect(
+        comm = WebsocketCommunicator(
+            over(scheme),
             f"/ws/alerts.k8s/?token={token_for(subscriber)}",
             headers=[(b"origin", origin.encode()), (b"host", host.encode())],
         )
+        connected, _ = await comm.connect(timeout=WAIT_S)
+        assert connected, (origin, scheme)
         await subscribed(comm)
         await comm.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("origin", "scheme"),
+    [("https://notify.example", "ws"), ("http://notify.example", "wss")],
+    ids=["https-page-to-ws", "http-page-to-wss"],
+)
+async def test_same_host_page_of_the_other_scheme_cannot_open_a_socket(
+    rules, subscriber, origin, scheme
+):
+    comm = WebsocketCommunicator(
+        over(scheme),
+        f"/ws/alerts.k8s/?token={token_for(subscriber)}",
+        headers=[(b"origin", origin.encode()), (b"host", b"notify.example")],
+    )
+    connected, code = await comm.connect(timeout=WAIT_S)
+    assert (connected, code) == (False, 4403)
+
+
+async def test_proxy_ssl_header_makes_the_connection_secure_for_the_origin_check(
+    rules, subscriber, settings
+):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    comm = WebsocketCommunicator(
+        over("ws"),
+        f"/ws/alerts.k8s/?token={token_for(subscriber)}",
+        headers=[
+            (b"origin", b"https://notify.example"),
+            (b"host", b"notify.example"),
+            (b"x-forwarded-proto", b"https"),
+        ],
+    )
+    connected, _ = await comm.connect(timeout=WAIT_S)
+    assert connected
+    await subscribed(comm)
+    await comm.disconnect()
 
 
 # --- publishing from the socket --------------------------------------------------------------
@@ -540,3 +639,42 @@ async def test_many_sockets_leaving_at_once_leave_nothing_subscribed(rules, subs
     assert hub.stats()["subscribers"] == 50
     await asyncio.gather(*(p.disconnect() for p in peers))
     await assert_nothing_subscribed("alerts.crowd")
+
+
+# --- a send that fails ----------------------------------------------------------------------
+
+
+class EncodingSend:
+    """An ASGI send that encodes text frames as a server does; ``gate`` makes sends wait."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, event: dict) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if event["type"] == "websocket.send":
+            event["text"].encode()
+        self.events.append(event)
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["at-once", "behind-a-waiting-send"])
+async def test_a_send_that_fails_closes_the_socket_with_1011(queued, caplog):
+    from channels_app.close_codes import CloseCode
+    from channels_app.sender import ConnectionSender
+
+    send = EncodingSend()
+    sender = ConnectionSender(send, 10, lambda: None, CloseCode.INTERNAL_ERROR)
+    if queued:
+        send.gate = asyncio.Event()
+        assert sender.push({"type": "websocket.send", "text": "first"})  # waits at the gate
+    sender.push({"type": "websocket.send", "text": "\ud800"})
+    if queued:
+        send.gate.set()
+    await sender.flushed()
+    assert sender.closed and sender.close_code == CloseCode.INTERNAL_ERROR
+    assert send.events[-1]["type"] == "websocket.close" and send.events[-1]["code"] == 1011
+    assert "could not be sent" in caplog.text
+    assert not sender.push({"type": "websocket.send", "text": "later"})
+    sender.dispose()

@@ -41,11 +41,15 @@ class Bus(Protocol):
         """Stop background tasks and drop every subscription."""
 
 
-def bus_from_settings(loop: asyncio.AbstractEventLoop | None) -> Bus:
+def bus_from_settings(
+    loop: asyncio.AbstractEventLoop | None, on_outage: Callable[[], None] | None = None
+) -> Bus:
     """A new bus for a hub running on ``loop`` (None: no loop runs a hub in this process, as in
-    a management command or a Celery worker; the bus then only publishes)."""
+    a management command or a Celery worker; the bus then only publishes). ``on_outage()`` is
+    called in the loop when the bus has been unable to reach the other processes for
+    ``settings.REALTIME_BUS_OUTAGE_S`` (never by the in-process bus, which cannot lose them)."""
     if not settings.REDIS_URL:
         return MemoryBus(loop)
     from .bus_redis import RedisBus  # redis is only needed when configured
 
-    return RedisBus(settings.REDIS_URL, loop)
+    return RedisBus(settings.REDIS_URL, loop, on_outage)

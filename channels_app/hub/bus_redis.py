@@ -4,7 +4,13 @@ connection from the loop, or synchronous on the process's publishing client from
 
 After a lost connection (an error, or a connection that stays silent after a ping) it reconnects
 by itself, resubscribes every wanted channel and tells each subscription once it is live again
-(``on_reconnect``), so the hub can back-fill what was published while it was deaf.
+(``on_reconnect``), so the hub can back-fill what was published while it was deaf. An outage that
+outlasts ``settings.REALTIME_BUS_OUTAGE_S`` (Redis down, or this process cut off from it while the
+others still reach it) is reported once through ``on_outage``: the hub then closes its clients
+with 1013 so they resume on a process that hears the bus, instead of waiting deaf here.
+
+Accepted race: a client connected during the outage whose SUBSCRIBE is confirmed just after the
+report is not closed; it is back-filled like the clients of a short outage.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
+from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from routing_app.metrics.instruments import REALTIME_BUS_DISCONNECTED
 from routing_app.pubsub import sync_redis
 
 from .loop_tasks import cancel_all
@@ -29,9 +37,8 @@ log = logging.getLogger(__name__)
 RECONNECT_DELAY_S = (0.1, 5.0)  # first and longest wait between Redis reconnect attempts
 READ_YIELD_EVERY = 64  # Redis messages read in a row before letting other tasks run
 # A Redis host that vanishes without a TCP reset (partition, frozen VM) leaves a connection that
-# just stays silent: ping it when nothing came for this long, and reconnect if still nothing.
-REDIS_PING_AFTER_S = 15.0
-REDIS_SILENT_MAX_S = 10.0
+# just stays silent: it is pinged when nothing came for settings.REALTIME_BUS_PING_AFTER_S, and
+# replaced if still nothing came settings.REALTIME_BUS_SILENT_MAX_S after the ping.
 
 
 class _Subscription:
@@ -51,9 +58,16 @@ class RedisBus:
 
     shared = True
 
-    def __init__(self, url: str, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        loop: asyncio.AbstractEventLoop | None,
+        on_outage: Callable[[], None] | None = None,
+    ) -> None:
         self._url = url
         self._loop = loop
+        self._on_outage = on_outage
+        self._outage_timer: asyncio.TimerHandle | None = None
         self._handlers: dict[bytes, Callable[[bytes], None]] = {}  # channel -> on_message
         self._subscriptions: dict[bytes, _Subscription] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -116,6 +130,7 @@ class RedisBus:
         }
 
     async def aclose(self) -> None:
+        self._cancel_outage_timer()
         await cancel_all(self._tasks)
         if self._publisher is not None:
             await self._publisher.aclose()
@@ -213,8 +228,10 @@ class RedisBus:
             except Exception:  # a bug must not leave the process deaf: log it, reconnect
                 log.exception("hub: Redis reader failed; reconnecting")
             finally:
+                was_connected = self._pubsub is not None
                 self._pubsub = None
                 await _release(client, pubsub)
+            self._lost(was_connected)  # not reached when cancelled (aclose)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_S[1])
 
@@ -228,6 +245,8 @@ class RedisBus:
         for channel in wanted:
             self._sub_waiters[channel] = deque([self._subscriptions.get(channel)])
         self._pubsub = pubsub
+        self._cancel_outage_timer()
+        REALTIME_BUS_DISCONNECTED.set(0)
         if wanted:
             await pubsub.execute_command("SUBSCRIBE", *wanted)
         if reconnecting:
@@ -254,24 +273,53 @@ class RedisBus:
             reader.cancel()
             watchdog.cancel()
 
+    # --- outages ---------------------------------------------------------------------------
+
+    def _lost(self, was_connected: bool) -> None:
+        """No pub/sub connection (it broke, or could not be made): once one that was made is
+        gone, report an outage unless it is back in time."""
+        REALTIME_BUS_DISCONNECTED.set(1)
+        if was_connected and self._on_outage is not None and self._outage_timer is None:
+            self._outage_timer = self._loop.call_later(
+                settings.REALTIME_BUS_OUTAGE_S, self._report_outage
+            )
+
+    def _report_outage(self) -> None:
+        self._outage_timer = None
+        log.warning(
+            "hub: Redis unreachable for %.0f s; closing this process's realtime clients (1013) "
+            "so they resume on a process that reaches it",
+            settings.REALTIME_BUS_OUTAGE_S,
+        )
+        self._on_outage()
+
+    def _cancel_outage_timer(self) -> None:
+        if self._outage_timer is not None:
+            self._outage_timer.cancel()
+            self._outage_timer = None
+
     async def _watch(self) -> None:
         """Ping a connection that has been silent; return (it is then replaced) if it stays
         silent. Pings go through the command queue's connection, the pub/sub one."""
         loop = asyncio.get_running_loop()
+        ping_after = settings.REALTIME_BUS_PING_AFTER_S
+        silent_max = settings.REALTIME_BUS_SILENT_MAX_S
         self._last_heard = loop.time()
         while True:
-            await asyncio.sleep(REDIS_PING_AFTER_S)
-            if loop.time() - self._last_heard < REDIS_PING_AFTER_S:
+            # Wake when the connection will have been silent for ping_after, not on a fixed
+            # beat: a cut just after a message is then noticed within ping_after + silent_max.
+            await asyncio.sleep(max(0.0, self._last_heard + ping_after - loop.time()))
+            if loop.time() - self._last_heard < ping_after:
                 continue  # messages are flowing: alive
             sent = loop.time()
             pubsub = self._pubsub
             if pubsub is None:
                 return
             try:
-                await asyncio.wait_for(pubsub.execute_command("PING"), REDIS_SILENT_MAX_S)
+                await asyncio.wait_for(pubsub.execute_command("PING"), silent_max)
             except TimeoutError:
                 pass  # could not even write: as silent as can be
-            await asyncio.sleep(max(0.0, sent + REDIS_SILENT_MAX_S - loop.time()))
+            await asyncio.sleep(max(0.0, sent + silent_max - loop.time()))
             if self._last_heard < sent:
                 log.warning(
                     "hub: Redis silent for %.0f s after a ping; reconnecting", loop.time() - sent

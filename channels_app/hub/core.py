@@ -39,7 +39,7 @@ class Hub(Broadcasts):
         self._topics: dict[str, Topic] = {}
         self._listeners: dict[str, list[Callable[[dict], Any]]] = {}
         self._prefix = settings.REDIS_PREFIX
-        self._bus = bus_from_settings(loop)
+        self._bus = bus_from_settings(loop, self._on_bus_outage)
         self._tasks: set[asyncio.Task] = set()
 
     def _bind(self) -> asyncio.AbstractEventLoop:
@@ -140,6 +140,18 @@ class Hub(Broadcasts):
         if self._topics.get(state.name) is state:
             del self._topics[state.name]
             self._bus.unsubscribe(state.channel)
+
+    def _on_bus_outage(self) -> None:
+        """The bus lost Redis for longer than a blip: this process hears no live message, so
+        every local subscriber that can resume elsewhere is told to (``unavailable``: 1013, or
+        the end of an SSE stream). Subscribers without it stay and are back-filled later."""
+        for state in list(self._topics.values()):
+            subscribers = [s for subs in state.members.values() for s in subs]
+            subscribers += list(state.joining)
+            for subscriber in subscribers:
+                unavailable = getattr(subscriber, "unavailable", None)
+                if unavailable is not None:
+                    unavailable()
 
     # --- publishing ------------------------------------------------------------------------
 

@@ -29,6 +29,10 @@ class Subscriber(Protocol):
     a long replay waits for the peer instead of overflowing the send queue.
     Optional: ``def deliver_batch(self, batch: Batch)`` -- several consecutive messages at once
     (else ``deliver`` is called for each).
+    Optional: ``def unavailable(self)`` -- this process lost the bus (Redis) for longer than
+    ``settings.REALTIME_BUS_OUTAGE_S``: detach and close with 1013 (SSE: end the stream with
+    ``unavailable``) so the client resumes on another process (else it stays and is back-filled
+    once the bus is back).
     """
 
     encoding: str

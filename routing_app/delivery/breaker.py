@@ -45,10 +45,11 @@ that keeps losing the optimistic race (``REDIS_TRANSACTION_RETRIES`` times) rais
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from django.conf import settings
@@ -67,6 +68,7 @@ from .breaker_circuit import (
     generation,
     snapshot_of,
     trial_step,
+    window_counts,
 )
 
 __all__ = [
@@ -76,6 +78,7 @@ __all__ = [
     "Breakers",
     "MemoryBreakerStore",
     "Permit",
+    "Reads",
     "Snapshot",
     "State",
     "Transition",
@@ -145,6 +148,21 @@ class BreakerStore:
         delivery); return the circuit right after it, window included."""
         raise NotImplementedError
 
+    def add_calls(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        results: list[tuple[bool, bool]],
+    ) -> Circuit:
+        """``add_call`` of each ``(failed, slow)`` in ``results`` at once; the circuit right
+        after the last one, window included."""
+        circuit = Circuit()
+        for failed, slow in results:
+            circuit = self.add_call(provider_id, gen, config, now, failed=failed, slow=slow)
+        return circuit
+
 
 class MemoryBreakerStore(BreakerStore):
     """One process holds every circuit (the embedded mode, and tests)."""
@@ -182,8 +200,33 @@ class MemoryBreakerStore(BreakerStore):
                 self._circuits[provider_id] = new
             return new
 
+    def add_calls(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        results: list[tuple[bool, bool]],
+    ) -> Circuit:
+        with self._lock:  # the batch at once, as the Redis store's one MULTI
+            old = circuit = self._circuits.get(provider_id, Circuit())
+            for failed, slow in results:
+                circuit = count_call(circuit, gen, config, now, failed=failed, slow=slow)
+            if circuit is not old:
+                self._circuits[provider_id] = circuit
+            return circuit
+
 
 # --- the interface ------------------------------------------------------------------------------
+
+# Circuits read once for a batch of deliveries (provider id -> circuit without its window), so the
+# batch's choices and acquires cost one read per provider instead of two per delivery. Sound
+# because every change goes through the store's own atomic ``update`` on a fresh read, and the
+# entry of a provider is dropped as soon as this process writes it: a reused read only lets the
+# batch's calls go out as if they had all been permitted at the moment of that read (calls
+# permitted before another process's change, which the generation in their permits then
+# ignores). Use one for the few milliseconds of a batch's choices, never longer.
+Reads = dict[int, Circuit]
 
 
 class Breakers:
@@ -194,14 +237,29 @@ class Breakers:
         self.store = store
         self.clock = clock
 
-    def _apply(self, provider_id: int, change: Callable[[Circuit], tuple[Circuit, R]]) -> R:
+    def _apply(
+        self,
+        provider_id: int,
+        change: Callable[[Circuit], tuple[Circuit, R]],
+        reads: Reads | None = None,
+    ) -> R:
         # A plain read first: most events change nothing (acquire in CLOSED, refusals, ignored
         # results), and those must not pay for a transaction.
-        old = self.store.load(provider_id, window=False)
+        old = self._read(provider_id, reads)
         new, result = change(old)
         if new == old:
             return result
+        if reads is not None:
+            reads.pop(provider_id, None)  # written: the next look reads the store again
         return self.store.update(provider_id, change)
+
+    def _read(self, provider_id: int, reads: Reads | None) -> Circuit:
+        if reads is None:
+            return self.store.load(provider_id, window=False)
+        circuit = reads.get(provider_id)
+        if circuit is None:
+            circuit = reads[provider_id] = self.store.load(provider_id, window=False)
+        return circuit
 
     def _transition(
         self, provider_id: int, c: Circuit, steps: Steps, config: BreakerConfig, now: float
@@ -218,17 +276,18 @@ class Breakers:
         )
 
     def acquire(
-        self, provider_id: int, config: BreakerConfig
+        self, provider_id: int, config: BreakerConfig, *, reads: Reads | None = None
     ) -> tuple[Permit | None, Transition | None]:
         """A permit to call the provider once (None: refused), and the transition it caused
-        (OPEN -> HALF_OPEN when the open period is over, or a verdict on timed-out trials)."""
+        (OPEN -> HALF_OPEN when the open period is over, or a verdict on timed-out trials).
+        With ``reads`` (see ``Reads``) an acquire that changes nothing reads no store."""
         now = self.clock()
 
         def change(c: Circuit):
             new, grant, steps = acquire_step(c, config, now)
             return new, (new, grant, steps)
 
-        c, grant, steps = self._apply(provider_id, change)
+        c, grant, steps = self._apply(provider_id, change, reads)
         permit = Permit(provider_id, grant[0], grant[1]) if grant else None
         return permit, self._transition(provider_id, c, steps, config, now)
 
@@ -263,6 +322,42 @@ class Breakers:
 
         c, steps = self.store.update(pid, verdict)
         return self._transition(pid, c, steps, config, now)
+
+    def record_batch(
+        self, results: list[tuple[Permit, bool, float]], config: BreakerConfig
+    ) -> list[Transition]:
+        """``record`` of each ``(permit, success, duration_ms)`` in turn, in one count in the
+        store per provider and generation for the non-trial results (trial results go one by
+        one, as ``record``). The decision is the one ``record`` after each result would take:
+        the window is checked as it stood after each of the batch's results, in order, and
+        the first that reaches a threshold opens the breaker (if it still holds in the store's
+        transaction); results after it would have been ignored then, and counted in a window
+        that the new generation leaves behind now. Returns the transitions caused."""
+        now = self.clock()
+        transitions = []
+        groups: dict[tuple[int, int], list[tuple[bool, bool]]] = {}
+        for permit, success, duration_ms in results:
+            if permit.trial:
+                t = self.record(permit, config, success=success, duration_ms=duration_ms)
+                transitions += [t] if t else []
+                continue
+            key = (permit.provider_id, generation(permit.token))
+            groups.setdefault(key, []).append((not success, duration_ms > config.slow_call_ms))
+        for (pid, gen), outcomes in groups.items():
+            counted = self.store.add_calls(pid, gen, config, now, outcomes)
+            tripped = _first_trip(counted, gen, config, now, outcomes)
+            if tripped is None:
+                continue
+            later = outcomes[tripped + 1 :]
+
+            def verdict(c: Circuit, later=later, gen=gen):
+                new, steps = closed_verdict(_before(c, config, now, later), gen, config, now)
+                return (new, (new, steps)) if steps else (c, (c, steps))
+
+            c, steps = self.store.update(pid, verdict)
+            t = self._transition(pid, c, steps, config, now)
+            transitions += [t] if t else []
+        return transitions
 
     def _admin(
         self, provider_id: int, target: State, config: BreakerConfig | None
@@ -300,12 +395,48 @@ class Breakers:
         c, _ = advance(self.store.load(provider_id), config, now)
         return snapshot_of(c, config, now)
 
-    def permits(self, provider_id: int, config: BreakerConfig) -> bool:
+    def passes_all(self, provider_id: int, *, reads: Reads | None = None) -> bool:
+        """Whether the breaker lets every call through without a write (CLOSED or DISABLED):
+        acquires then change nothing. False when its store cannot be reached."""
+        try:
+            state = self._read(provider_id, reads).state
+        except BreakerUnavailable:
+            return False
+        return state in (State.CLOSED, State.DISABLED)
+
+    def permits(
+        self, provider_id: int, config: BreakerConfig, *, reads: Reads | None = None
+    ) -> bool:
         """Whether ``acquire`` would permit now, for the balancer's choice; takes no trial and
         writes nothing (True in OPEN once the open period is over)."""
-        circuit = self.store.load(provider_id, window=False)
+        circuit = self._read(provider_id, reads)
         _, grant, _ = acquire_step(circuit, config, self.clock())
         return grant is not None
+
+
+def _before(
+    c: Circuit, config: BreakerConfig, now: float, later: list[tuple[bool, bool]]
+) -> Circuit:
+    """``c`` as its window stood before the results ``later`` were counted: the window's totals
+    as one bucket of this second (all that a closed verdict reads)."""
+    calls, failures, slow = window_counts(c, config, now)
+    calls -= len(later)
+    failures -= sum(failed for failed, _ in later)
+    slow -= sum(s for _, s in later)
+    return replace(c, buckets=((math.floor(now), calls, failures, slow),))
+
+
+def _first_trip(
+    counted: Circuit, gen: int, config: BreakerConfig, now: float, outcomes: list
+) -> int | None:
+    """The index of the first of ``outcomes`` (all counted in ``counted``) after which the
+    closed verdict opens the breaker; None when none does."""
+    if counted.state is not State.CLOSED or counted.gen != gen:
+        return None
+    for i in range(len(outcomes)):
+        if closed_verdict(_before(counted, config, now, outcomes[i + 1 :]), gen, config, now)[1]:
+            return i
+    return None
 
 
 _breakers: Breakers | None = None

@@ -141,7 +141,7 @@ def _num(x: float) -> str:
     return f"{round(x, 1):g}"
 
 
-def _window(c: Circuit, config: BreakerConfig, now: float) -> tuple[int, int, int]:
+def window_counts(c: Circuit, config: BreakerConfig, now: float) -> tuple[int, int, int]:
     """(calls, failures, slow) over the last ``window_s`` whole seconds, this one included."""
     oldest = math.floor(now) - config.window_s
     calls = failures = slow = 0
@@ -188,7 +188,7 @@ def _open(c: Circuit, config: BreakerConfig, at: float, reopen_count: int, **cha
 
 
 def _closed_verdict(c: Circuit, config: BreakerConfig, now: float) -> tuple[Circuit, Steps]:
-    calls, failures, slow = _window(c, config, now)
+    calls, failures, slow = window_counts(c, config, now)
     if calls < config.minimum_calls:
         return c, []
     if failures * 100 >= config.failure_rate * calls:
@@ -341,7 +341,7 @@ def admin_step(
     of a CLOSED breaker clears its window but reports no change of state."""
     if c.state is target and target is not State.CLOSED:
         return c, []
-    window = _window(c, config, now) if c.state is State.CLOSED else c.left_window
+    window = window_counts(c, config, now) if c.state is State.CLOSED else c.left_window
     if target is State.CLOSED:
         cleared = dict(
             buckets=(), left_window=(0, 0, 0), opened_at=None, reopen_count=0, **NEW_ROUND
@@ -357,7 +357,9 @@ def admin_step(
 
 
 def snapshot_of(c: Circuit, config: BreakerConfig, now: float) -> Snapshot:
-    calls, failures, slow = _window(c, config, now) if c.state is State.CLOSED else c.left_window
+    calls, failures, slow = (
+        window_counts(c, config, now) if c.state is State.CLOSED else c.left_window
+    )
     return Snapshot(
         state=c.state,
         calls=calls,

@@ -117,6 +117,31 @@ class RedisBreakerStore(BreakerStore):
         failed: bool,
         slow: bool,
     ) -> Circuit:
+        return self._count(provider_id, gen, config, now, 1, int(failed), int(slow))
+
+    def add_calls(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        results: list[tuple[bool, bool]],
+    ) -> Circuit:
+        # One MULTI for the whole batch: the same counters, bumped by the batch's totals.
+        failures = sum(failed for failed, _ in results)
+        slow = sum(s for _, s in results)
+        return self._count(provider_id, gen, config, now, len(results), failures, slow)
+
+    def _count(
+        self,
+        provider_id: int,
+        gen: int,
+        config: BreakerConfig,
+        now: float,
+        calls: int,
+        failures: int,
+        slow: int,
+    ) -> Circuit:
         # Counted into the permit's own generation, unconditionally: a past generation's window
         # is never read again, so counting there is counting nowhere, as count_call requires.
         sec = math.floor(now)
@@ -124,11 +149,11 @@ class RedisBreakerStore(BreakerStore):
         gone = sec - config.window_s  # the second that has just left the window
         try:
             with self.client.pipeline(transaction=True) as pipe:
-                pipe.hincrby(window_key, f"c:{sec}", 1)
-                if failed:
-                    pipe.hincrby(window_key, f"f:{sec}", 1)
+                pipe.hincrby(window_key, f"c:{sec}", calls)
+                if failures:
+                    pipe.hincrby(window_key, f"f:{sec}", failures)
                 if slow:
-                    pipe.hincrby(window_key, f"w:{sec}", 1)
+                    pipe.hincrby(window_key, f"w:{sec}", slow)
                 pipe.hdel(window_key, *(f"{kind}:{gone}" for kind in _KINDS))
                 pipe.expire(window_key, math.ceil(config.window_s) + 1)
                 pipe.hgetall(window_key)

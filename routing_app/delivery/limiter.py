@@ -66,6 +66,14 @@ class Limiter:
         item = self._item(rate)
         if self._strategy.hit(item, key):
             return 0.0
+        return self._wait(item, key)
+
+    def take(self, key: str, rate: str, cost: int) -> bool:
+        """Take ``cost`` slots at once if the window has room for all of them (True), else take
+        none (False). One round trip whatever the cost."""
+        return not rate or self._strategy.hit(self._item(rate), key, cost=cost)
+
+    def _wait(self, item: RateLimitItem, key: str) -> float:
         reset_at = self._strategy.get_window_stats(item, key).reset_time
         return max(MIN_WAIT_S, min(reset_at - time.time(), item.get_expiry()))
 
@@ -80,6 +88,35 @@ class Limiter:
         if wait:
             return wait
         return self.wait_s(f"provider:{provider.pk}", provider.rate_limit)
+
+    def call_waits(self, calls: list[tuple]) -> list[float]:
+        """``call_wait_s`` of each ``(channel, provider)`` of a batch, in one round trip per
+        channel and per provider when their windows have room for the whole batch's share: the
+        same slots taken as one ``call_wait_s`` after another. A window that cannot take its
+        whole share is asked row by row, in order, as ``call_wait_s`` would be (some rows go,
+        the rest wait)."""
+        waits = [0.0] * len(calls)
+        for index, key, rate in self._groups(calls, channel=True):
+            self._share(waits, index, key, rate)
+        going = [i for i, wait in enumerate(waits) if not wait]
+        for index, key, rate in self._groups([calls[i] for i in going], channel=False):
+            self._share(waits, [going[i] for i in index], key, rate)
+        return waits
+
+    @staticmethod
+    def _groups(calls: list[tuple], *, channel: bool):
+        groups: dict[str, tuple[list[int], str]] = {}
+        for i, (ch, provider) in enumerate(calls):
+            owner, name = (ch, "channel") if channel else (provider, "provider")
+            if owner.rate_limit:
+                groups.setdefault(f"{name}:{owner.pk}", ([], owner.rate_limit))[0].append(i)
+        return [(index, key, rate) for key, (index, rate) in groups.items()]
+
+    def _share(self, waits: list[float], index: list[int], key: str, rate: str) -> None:
+        if self.take(key, rate, len(index)):
+            return
+        for i in index:
+            waits[i] = self.wait_s(key, rate)
 
 
 _limiter: Limiter | None = None

@@ -16,23 +16,14 @@ from . import dispatch
 from .breaker import BreakerUnavailable, State
 from .failover import fail_over
 from .models import Attempt
+from .row_updates import update_each
 
 log = logging.getLogger(__name__)
 Status = Delivery.Status
 Outcome = Attempt.Outcome
 ERROR_TEXT_MAX = 2000
 NO_PROVIDER_RECHECK_S = 10.0  # all providers unhealthy: look again after the next health check
-SENT_FIELDS = [
-    "status",
-    "attempts",
-    "provider",
-    "provider_message_id",
-    "sent_at",
-    "latency_ms",
-    "next_attempt_at",
-    "last_error",
-    "updated_at",
-]
+SENT_FIELDS = ["attempts", "provider", "provider_message_id", "latency_ms"]  # per row
 
 
 def update(row: Delivery, **fields) -> None:
@@ -55,7 +46,18 @@ def finish_sent(done: list) -> None:
         row.next_attempt_at = None
         row.last_error = ""
         rows.append(row)
-    Delivery.objects.bulk_update(rows, SENT_FIELDS)
+    update_each(
+        Delivery,
+        rows,
+        SENT_FIELDS,
+        {
+            "status": Status.SENT,
+            "sent_at": now,
+            "updated_at": now,
+            "next_attempt_at": None,
+            "last_error": "",
+        },
+    )
 
 
 def reschedule(row: Delivery, status: str, delay_s: float, *, error: str | None = None) -> None:

@@ -19,7 +19,7 @@ from .transports import DeliveryError
 
 # An event name used as a file name: dots are fine (``alert.firing``), path separators and a
 # leading dot are not. Other events get the default template.
-EVENT_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+EVENT_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 
 
 def template_names(kind: str, event: str, suffix: str) -> list[str]:

@@ -16,10 +16,13 @@ A row goes to the channel's backup channel (failover.py) when it is dead, or whe
 of its channel may be called at all. Rows claimed by a worker that then dies stay ``sending``:
 the sweeper (sweeper.py) puts them back.
 
-A batch runs its rows' first calls together: the choices on this thread, the attempt rows in one
-INSERT, the calls on a thread pool (they wait on the network), the results in one UPDATE each for
-the attempts and the sent rows. Rows that need another provider (or whose call failed for good)
-go on one by one.
+A batch runs its rows' first calls together: the choices on this thread (each provider's breaker
+read once for the batch, each rate window asked once with the batch's share), the attempt rows in
+one INSERT, the calls on a thread pool (they wait on the network), the breakers told in one count
+per provider, the results in one UPDATE each for the attempts and the sent rows (one commit).
+Rows that need another provider (or whose call failed for good) go on one by one. What a batch
+of 50 costs (bench/delivery_cpu.py): 12 SQL statements (claim 1, rows 1, channels 2, attempt
+counts 1, attempts INSERT 3, results 4) and 3 Redis round trips, whatever the batch's size.
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connections, router, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from ..models import Channel, Delivery
 from . import dispatch, outcomes
-from .breaker import BreakerConfig
+from .breaker import BreakerConfig, Reads, breakers_from_settings
 from .failover import fail_over
 from .models import Attempt
-from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult
+from .row_updates import update_each
+from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult, call_waits, record_batch
 
 log = logging.getLogger(__name__)
 Status = Delivery.Status
@@ -55,14 +59,19 @@ def deliver(ids: list[int]) -> list[TryResult]:
     rows = claim(ids)
     if not rows:
         return []
-    plans = _plans({row.channel_id for row in rows})
+    plans = _plans(rows)
     numbers = _attempt_rows(rows)
-    tries = [Try(row, plans[row.channel_id], numbers.get(row.pk, 0)) for row in rows]
+    reads: Reads = {}  # the batch's first choices read each provider's breaker once
+    tries = [Try(row, plans[row.channel_id], numbers.get(row.pk, 0), reads=reads) for row in rows]
     firsts = []
-    for t in tries:
-        call = _guarded(t, t.next_call)
+    for t, picked in _first_picks(tries, plans, reads):
+        if t.result is not None:
+            continue
+        call = _guarded(t, t.next_call, picked)
         if call is not None:
             firsts.append((t, call))
+    for t in tries:
+        t.reads = None  # from here on, every look at a breaker reads it anew
     if firsts:
         _first_calls(firsts)
     rest = [t for t in tries if t.result is None]
@@ -70,24 +79,48 @@ def deliver(ids: list[int]) -> list[TryResult]:
     return [t.result or TryResult(Status.SENDING) for t in tries]
 
 
+def _first_picks(tries: list[Try], plans: dict, reads: Reads) -> list[tuple[Try, tuple | None]]:
+    """Each try's first provider and the limiter's wait for it, the limiter asked for the whole
+    batch at once (``tries.call_waits``); None for a try with no provider to call (its
+    ``next_call`` then ends it). Only while every breaker of the batch lets calls through
+    without writing (closed or disabled): otherwise (a half-open breaker hands out a few trials)
+    each try picks after the previous one acquired, and gets None here."""
+    breakers = breakers_from_settings()
+    providers = [p for plan in plans.values() for p in plan.providers]
+    if not all(breakers.passes_all(p.pk, reads=reads) for p in providers):
+        return [(t, None) for t in tries]
+    picks = [(t, _guarded(t, t.pick)) for t in tries]
+    picks = [(t, provider) for t, provider in picks if t.result is None]
+    chosen = [(t, provider) for t, provider in picks if provider is not None]
+    waits = dict(zip((id(t) for t, _ in chosen), call_waits(chosen), strict=True))
+    return [(t, (provider, waits[id(t)]) if provider else None) for t, provider in picks]
+
+
 def _first_calls(firsts: list) -> None:
     """The first call of each try, together: attempts saved in one INSERT before any call goes
     out, calls in parallel, outcomes in one UPDATE each for the attempts and the sent rows."""
     Attempt.objects.bulk_create([call.attempt for _, call in firsts])
     _each(firsts, lambda pair: pair[0].send(pair[1]), database=False)
+    try:
+        record_batch(firsts)
+    except Exception:
+        # A bug in the counting must not cost the batch its outcomes: they are written below,
+        # uncounted by the breakers, as when the breaker store is down.
+        log.exception("the breakers could not count a batch of %d calls", len(firsts))
     sent = []
     for t, call in firsts:
-        _guarded(t, t.settle, call)
+        _guarded(t, t.settle, call, recorded=True)
         if t.result is not None and t.result.status == Status.SENT:
             sent.append((t.row, call))
-    Attempt.objects.bulk_update([call.attempt for _, call in firsts], ATTEMPT_RESULT_FIELDS)
-    if sent:
-        outcomes.finish_sent(sent)
+    with transaction.atomic():  # one commit for both
+        update_each(Attempt, [call.attempt for _, call in firsts], ATTEMPT_RESULT_FIELDS)
+        if sent:
+            outcomes.finish_sent(sent)
 
 
-def _guarded(t: Try, step, *args):
+def _guarded(t: Try, step, *args, **kwargs):
     try:
-        return step(*args)
+        return step(*args, **kwargs)
     except Exception:
         # A bug or the database gone mid-try: the row stays ``sending`` and the sweeper puts it
         # back; say which row, once.
@@ -131,34 +164,65 @@ def _attempt_rows(rows: list[Delivery]) -> dict[int, int]:
 
 def claim(ids: list[int]) -> list[Delivery]:
     """Mark the due rows among ``ids`` ``sending`` and return them (notification, topic and channel
-    loaded). A row is due when pending or failed and its ``next_attempt_at`` has come; rows locked
-    by another claimer are skipped, not waited for."""
+    loaded: each channel once for the batch, its providers too). A row is due when pending or
+    failed and its ``next_attempt_at`` has come; rows locked by another claimer are skipped, not
+    waited for."""
     now = timezone.now()
-    with transaction.atomic():
-        rows = list(
-            Delivery.objects.select_for_update(skip_locked=True, of=("self",))
-            .filter(pk__in=ids, status__in=Delivery.DUE_STATUSES)
-            .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-            .select_related("notification__topic", "channel")
-        )
-        if rows:
-            Delivery.objects.filter(pk__in=[r.pk for r in rows]).update(
-                status=Status.SENDING, updated_at=now
+    connection = connections[router.db_for_write(Delivery)]
+    if connection.vendor == "postgresql":
+        claimed = _claim_in_one_statement(connection, ids, now)
+    else:
+        with transaction.atomic():
+            claimed = list(
+                Delivery.objects.select_for_update(skip_locked=True)
+                .filter(pk__in=ids, status__in=Delivery.DUE_STATUSES)
+                .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+                .values_list("pk", flat=True)
             )
+            Delivery.objects.filter(pk__in=claimed).update(status=Status.SENDING, updated_at=now)
+    if not claimed:
+        return []
+    rows = list(Delivery.objects.filter(pk__in=claimed).select_related("notification__topic"))
+    # The batch's few channels in one query rather than joined into every row: a channel row is
+    # wide (its breaker and retry settings), and 50 copies of it per batch showed in the worker's
+    # profile (bench/delivery_cpu.py --py-spy).
+    channels = Channel.objects.prefetch_related("providers").in_bulk(
+        {row.channel_id for row in rows}
+    )
     for row in rows:
-        row.status = Status.SENDING
+        row.channel = channels[row.channel_id]
     return rows
 
 
-def _plans(channel_ids: set[int]) -> dict[int, ChannelPlan]:
-    plans = {}
-    for channel in Channel.objects.filter(pk__in=channel_ids).prefetch_related("providers"):
-        plans[channel.pk] = ChannelPlan(
-            channel=channel,
-            providers=[p for p in channel.providers.all() if p.enabled],
-            config=BreakerConfig.for_channel(channel),
-            timeout_s=channel.breaker_call_timeout_ms / 1000,
+def _claim_in_one_statement(connection, ids: list[int], now) -> list[int]:
+    """The claim as one ``UPDATE ... RETURNING`` over a ``FOR UPDATE SKIP LOCKED`` selection
+    (atomic by itself: one round trip instead of a transaction of four, and the ORM's
+    compilation of both queries saved); returns the ids claimed."""
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    sql = (
+        f"WITH due AS (SELECT id FROM {table} WHERE id = ANY(%s) AND status = ANY(%s)"  # noqa: S608
+        " AND (next_attempt_at IS NULL OR next_attempt_at <= %s) FOR UPDATE SKIP LOCKED)"
+        f" UPDATE {table} AS d SET status = %s, updated_at = %s FROM due WHERE d.id = due.id"
+        " RETURNING d.id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql, [list(ids), [str(s) for s in Delivery.DUE_STATUSES], now, str(Status.SENDING), now]
         )
+        return [pk for (pk,) in cursor.fetchall()]
+
+
+def _plans(rows: list[Delivery]) -> dict[int, ChannelPlan]:
+    plans = {}
+    for row in rows:
+        channel = row.channel
+        if channel.pk not in plans:
+            plans[channel.pk] = ChannelPlan(
+                channel=channel,
+                providers=[p for p in channel.providers.all() if p.enabled],
+                config=BreakerConfig.for_channel(channel),
+                timeout_s=channel.breaker_call_timeout_ms / 1000,
+            )
     return plans
 
 

@@ -20,7 +20,7 @@ from ..metrics.instruments import delivery_attempts
 from ..models import Channel, Delivery, Provider
 from . import outcomes
 from .balancer import balancer
-from .breaker import BreakerConfig, BreakerUnavailable, Permit, breakers_from_settings
+from .breaker import BreakerConfig, BreakerUnavailable, Permit, Reads, breakers_from_settings
 from .limiter import limiter
 from .models import Attempt
 from .transitions import on_transition
@@ -86,24 +86,33 @@ class Try:
     retry_after_s: float = 0.0
     calls: int = 0
     result: TryResult | None = None
+    reads: Reads | None = None  # breaker reads shared by a batch's first choices (breaker.Reads)
 
     def __post_init__(self) -> None:
         self.breakers = breakers_from_settings()
 
     # --- choose ---------------------------------------------------------------------------
 
-    def next_call(self) -> Call | None:
+    def pick(self) -> Provider | None:
+        """The provider the balancer chooses for the next call (None: none may be called)."""
+        return balancer.pick(
+            p for p in self.plan.providers if p.pk not in self.tried and self.callable(p)
+        )
+
+    def next_call(self, picked: tuple[Provider, float] | None = None) -> Call | None:
         """The next call of this try, its attempt row built (unsaved); None once the try has
-        ended, with ``result`` set (rescheduled, dead, failed over or waiting)."""
+        ended, with ``result`` set (rescheduled, dead, failed over or waiting). ``picked``: the
+        provider ``pick`` chose and the limiter's wait for it, when the caller asked for both
+        (a batch asks the limiter for all its rows at once)."""
         while True:
-            provider = balancer.pick(
-                p for p in self.plan.providers if p.pk not in self.tried and self.callable(p)
-            )
+            provider, wait = picked if picked is not None else (self.pick(), None)
+            picked = None
             if provider is None:
                 self.result = self._no_call_left()
                 return None
             self.tried.add(provider.pk)
-            wait = self._wait_s(provider)
+            if wait is None:
+                wait = self._wait_s(provider)
             if wait:
                 self._refusal(
                     provider, Outcome.RATE_LIMITED, f"over the rate limit; next try in {wait:.2f} s"
@@ -124,7 +133,7 @@ class Try:
         if not provider.healthy:
             return False
         try:
-            return self.breakers.permits(provider.pk, self.plan.config)
+            return self.breakers.permits(provider.pk, self.plan.config, reads=self.reads)
         except BreakerUnavailable as exc:
             log.warning("breaker state unavailable, calling %s anyway: %s", provider.name, exc)
             return True
@@ -138,7 +147,9 @@ class Try:
 
     def _acquire(self, provider: Provider) -> tuple[bool, Permit | None]:
         try:
-            permit, transition = self.breakers.acquire(provider.pk, self.plan.config)
+            permit, transition = self.breakers.acquire(
+                provider.pk, self.plan.config, reads=self.reads
+            )
         except BreakerUnavailable as exc:
             log.warning("breaker state unavailable, calling %s anyway: %s", provider.name, exc)
             return True, None
@@ -173,13 +184,15 @@ class Try:
 
     # --- outcome --------------------------------------------------------------------------
 
-    def settle(self, call: Call) -> bool:
-        """Tell the breaker and the metrics, fill in the attempt (the caller saves it). Returns
+    def settle(self, call: Call, *, recorded: bool = False) -> bool:
+        """Tell the breaker (unless the caller did: ``recorded``, see ``record_batch``) and the
+        metrics, fill in the attempt (the caller saves it). Returns
         True when the try goes on (a transient failure: another provider may take it). Sent:
         ``result`` is set and the caller finishes the row (``outcomes.finish_sent``); permanent:
         the row is dead (and failed over) here."""
         error, attempt = call.error, call.attempt
-        self._record_breaker(call)
+        if not recorded:
+            self._record_breaker(call)
         attempt.duration_ms = round(call.duration_ms)
         if error is None:
             attempt.outcome = Outcome.SENT
@@ -252,3 +265,35 @@ class Try:
             if not goes_on:
                 break
         return self.result
+
+
+def call_waits(picks: list[tuple[Try, Provider]]) -> list[float]:
+    """The limiter's wait for each try's picked provider, asked for the whole batch at once
+    (``Limiter.call_waits``); all 0 when the limiter cannot be reached, as ``Try._wait_s``."""
+    try:
+        return limiter().call_waits([(t.plan.channel, provider) for t, provider in picks])
+    except Exception as exc:  # noqa: BLE001  (degrade: a limiter outage must not stop sends)
+        log.warning("rate limiter unavailable, sending without it: %s", exc)
+        return [0.0] * len(picks)
+
+
+def record_batch(calls: list[tuple[Try, Call]]) -> None:
+    """Tell the breakers the results of a batch's calls, in one count per provider
+    (``Breakers.record_batch``); then ``settle`` each with ``recorded=True``. A breaker store
+    that cannot be reached leaves the results uncounted, with one warning, as ``settle``."""
+    by_config: dict[BreakerConfig, list[tuple[Try, Call]]] = {}
+    for t, call in calls:
+        if call.permit is not None:
+            by_config.setdefault(t.plan.config, []).append((t, call))
+    where = {call.provider.pk: (call.provider, t.plan.channel) for t, call in calls}
+    breakers = breakers_from_settings()
+    for config, group in by_config.items():
+        results = [(c.permit, c.error is None, c.duration_ms) for _, c in group]
+        try:
+            transitions = breakers.record_batch(results, config)
+        except BreakerUnavailable as exc:
+            names = sorted({c.provider.name for _, c in group})
+            log.warning("breaker state unavailable, %s not counted: %s", ", ".join(names), exc)
+            continue
+        for transition in transitions:
+            on_transition(transition, *where[transition.provider_id])

@@ -123,6 +123,13 @@ if ENABLED:
         ["transport", "topic_namespace"],
         multiprocess_mode="livesum",
     )
+    REALTIME_BUS_DISCONNECTED = Gauge(
+        "notify_realtime_bus_disconnected",
+        "1 while a server process of this host cannot reach Redis for its pub/sub connection "
+        "(the realtime bus; its clients are closed with 1013 after REALTIME_BUS_OUTAGE_S), 0 "
+        "while every process that needs it holds it.",
+        multiprocess_mode="livemax",
+    )
     PRESENCE_USERS = Gauge(
         "notify_presence_users",
         "Presence entries (a user on a topic) held by this host's connections.",
@@ -159,7 +166,28 @@ if ENABLED:
         ["channel", "provider", "outcome"],
     )
 
+    INGEST_DEADLINE_MISSED = Counter(
+        "notify_ingest_deadline_missed_total",
+        "Ingest requests not committed within INGEST_DEADLINE_S, by outcome: not_stored (503, "
+        "rolled back), in_doubt (504, the commit was sent and not confirmed).",
+        ["outcome"],
+    )
+    LIMITER_FALLBACK = Gauge(
+        "notify_limiter_fallback",
+        "Processes counting API keys' ingest rates on their own (each its share of a key's "
+        "rate) because the rate limiter's Redis does not answer.",
+        multiprocess_mode="livesum",
+    )
+    LIMITER_FALLBACK_REQUESTS = Counter(
+        "notify_limiter_fallback_requests_total",
+        "Ingest requests counted by a process's own share of their key's rate (Redis away).",
+    )
+
     ingested = {source: INGESTED.labels(source=source) for source in SOURCES}
+    ingest_deadline_missed = {
+        outcome: INGEST_DEADLINE_MISSED.labels(outcome=outcome)
+        for outcome in ("not_stored", "in_doubt")
+    }
     connections_active = {t: CONNECTIONS_ACTIVE.labels(transport=t) for t in REALTIME_TRANSPORTS}
     connections_accepted = {
         t: CONNECTIONS_ACCEPTED.labels(transport=t) for t in REALTIME_TRANSPORTS
@@ -185,7 +213,10 @@ if ENABLED:
 else:
     CONNECTIONS_ACTIVE = CONNECTIONS_ACCEPTED = CONNECTIONS_CLOSED = OFF
     SUBSCRIPTIONS_ACTIVE = PRESENCE_USERS = INGESTED = INGEST_DURATION = OFF
+    REALTIME_BUS_DISCONNECTED = OFF
     MESSAGES_SENT = FANOUT_DURATION = DELIVERY_DURATION = DELIVERY_ATTEMPTS = OFF
+    LIMITER_FALLBACK = LIMITER_FALLBACK_REQUESTS = INGEST_DEADLINE_MISSED = OFF
+    ingest_deadline_missed = dict.fromkeys(("not_stored", "in_doubt"), OFF)
     ingested = dict.fromkeys(SOURCES, OFF)
     connections_active = dict.fromkeys(REALTIME_TRANSPORTS, OFF)
     connections_accepted = dict.fromkeys(REALTIME_TRANSPORTS, OFF)

@@ -14,6 +14,7 @@ export const CloseCode = Object.freeze({
   GOING_AWAY: 1001,
   ABNORMAL: 1006, // never sent on the wire: the browser reports it when the connection just dropped
   TOO_BIG: 1009,
+  INTERNAL_ERROR: 1011, // the server could not send a frame it owed: reconnect and resume
   TRY_LATER: 1013, // the realtime bus or the database is unavailable: back off and reconnect
   BAD_TOPIC: 4400, // bad topic name or `since`
   UNAUTHORIZED: 4401, // missing, forged or expired token: get a new token
@@ -32,6 +33,7 @@ export const FATAL_CLOSE_CODES = Object.freeze(new Set([CloseCode.BAD_TOPIC, Clo
 
 const MEANINGS = Object.freeze({
   [CloseCode.TOO_BIG]: 'a frame was over 64 KB',
+  [CloseCode.INTERNAL_ERROR]: 'server could not send a frame',
   [CloseCode.TRY_LATER]: 'server temporarily unable to subscribe',
   [CloseCode.BAD_TOPIC]: 'invalid topic name',
   [CloseCode.UNAUTHORIZED]: 'missing, forged or expired token',

@@ -29,7 +29,7 @@ from . import DeliveryError, Receipt, provider_secret
 
 logger = logging.getLogger("routing_app.delivery.sms")
 
-ACCOUNT_PATH_RE = re.compile(r"/Accounts/(?P<sid>[^/]+)/Messages\.json$")
+ACCOUNT_PATH_RE = re.compile(r"/Accounts/(?P<sid>[^/]+)/Messages\.json\Z")
 
 
 def sms_text(delivery) -> tuple[str, int]:

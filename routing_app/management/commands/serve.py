@@ -30,6 +30,7 @@ from django.db import DatabaseError, connection
 from django.urls import Resolver404, resolve
 
 from routing_app import demo
+from routing_app.management.commands.demo import login_note
 
 STOP_TIMEOUT_S = 10  # graceful shutdown budget before SIGKILL (uvicorn drains, Celery warm-stops)
 # uvicorn's own default, stated: an idle keep-alive connection is closed after this; a publisher
@@ -252,7 +253,7 @@ class Command(BaseCommand):
             else f"embedded: {db}, in-memory channel layer, tasks in-process"
         )
         try:
-            login = demo.admin_login()
+            login = demo.admin_login_for(host)
             key = demo.current_api_key(key_file)
         except DatabaseError as exc:
             self.stderr.write(f"Could not read the demo login and key: {exc}")
@@ -262,7 +263,7 @@ class Command(BaseCommand):
             "",
             f"notify is running ({mode})",
             f"  URL:       {url}/",
-            f"  Admin:     {url}/admin/   login: {login.username} / {password}",
+            f"  Admin:     {url}/admin/   login: {login.username} / {password}{login_note(login)}",
         ]
         if key:
             lines.append(f"  API key:   {key}")
