@@ -184,6 +184,9 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        # what follows on this connection is the next request's head, limited from its first byte
+        self._reading_head = True
+        self._head_bytes = 0
         super().on_message_complete()
 
     # --- answers ---
