@@ -339,6 +339,36 @@ def test_token_minting_flood_gets_429_with_retry_after(live):
     )
 
 
+def test_token_minting_flood_with_forged_keys_gets_401(live):
+    answers: Counter[int] = Counter()
+
+    async def flood(done: threading.Event) -> None:
+        sent = 0
+        async with httpx.AsyncClient(base_url=live.base, timeout=ANSWER_WAIT_S) as client:
+
+            async def mint() -> None:
+                nonlocal sent
+                while sent < TOKEN_FLOOD_REQUESTS and not done.is_set():
+                    sent += 1
+                    forged = {"Authorization": f"Bearer nk_forged{sent:04d}_" + "A" * 32}
+                    answer = await client.post(
+                        "/api/v1/tokens", json={"user": "sam"}, headers=forged
+                    )
+                    answers[answer.status_code] += 1
+
+            await asyncio.gather(*(mint() for _ in range(TOKEN_FLOOD_CONCURRENCY)))
+
+    quiet, loud = measure_during(lambda: history_client(live), NORMAL_REQUESTS, run_async(flood))
+    figures = normal_figures(quiet, loud)
+    assert set(answers) == {401}, answers
+    record(
+        "token minting flood, forged keys",
+        requests=answers.total(),
+        refused_401=answers[401],
+        **figures,
+    )
+
+
 def slowloris(port: int, request_head: bytes, count: int) -> Counter[str]:
     """``count`` connections sending ``request_head`` and then one more header byte each
     TRICKLE_PACE_S, until each is answered or closed (at most ANSWER_WAIT_S): what each got."""
