@@ -14,6 +14,7 @@ django_asgi_app = get_asgi_application()  # sets Django up before importing cons
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from channels_app.connect_rate import ConnectBuckets, limit_connects  # noqa: E402
 from channels_app.routing import websocket_application  # noqa: E402
 from channels_app.sse import with_sse  # noqa: E402
 from routing_app.asgi_api import with_ingest_api  # noqa: E402
@@ -47,6 +48,12 @@ if not settings.REDIS_URL:
     from routing_app.delivery import embedded  # noqa: E402
 
     embedded.start()
+# New WebSocket and SSE connections per client address are limited before anything else
+# (channels_app/connect_rate.py); one set of buckets for both.
+connects = ConnectBuckets()
 application = ProtocolTypeRouter(
-    {"http": with_sse(with_ingest_api(http_application)), "websocket": websocket_application}
+    {
+        "http": limit_connects(with_sse(with_ingest_api(http_application)), connects),
+        "websocket": limit_connects(websocket_application, connects),
+    }
 )

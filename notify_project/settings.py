@@ -119,6 +119,24 @@ CORS_ALLOW_CREDENTIALS = True
 CORS_ALLOW_HEADERS = (*cors_default_headers, "last-event-id")
 CSRF_TRUSTED_ORIGINS = NOTIFY_ALLOWED_ORIGINS
 
+# HTTPS, as a deployment behind a TLS-terminating proxy sets it (docs/deployment.md); with these
+# set as .env.example shows, `manage.py check --deploy` is clean. Cookies are secure-only whenever
+# DEBUG is off; HSTS and the redirect are opt-in, because a host that is not HTTPS-only yet would
+# be locked out by them.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", not DEBUG)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# The header the proxy sets to the scheme the client used, e.g. X-Forwarded-Proto; unset: the
+# connection's own scheme. Set it only behind a proxy that overwrites the header on every request.
+_proxy_scheme_header = env_str("SECURE_PROXY_SSL_HEADER")
+if _proxy_scheme_header:
+    SECURE_PROXY_SSL_HEADER = (
+        "HTTP_" + _proxy_scheme_header.upper().replace("-", "_"),
+        "https",
+    )
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",

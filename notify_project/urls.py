@@ -10,8 +10,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="metrics"),  # Prometheus; METRICS_TOKEN or staff
     path("api/v1/", api.urls),  # notify_project/api.py: the ninja API, its OpenAPI schema and docs
-    # django-anymail's tracking webhooks (receipts of email deliveries): ANYMAIL_WEBHOOK_SECRET
-    path("anymail/", include("anymail.urls")),
+    # django-anymail's tracking webhooks (email receipts), behind ANYMAIL_WEBHOOK_SECRET
+    path("anymail/", include("routing_app.email_webhooks")),
     path("", include("channels_app.urls")),
     path("dashboard/", include("routing_app.dashboard.urls")),  # operators' pages: staff only
     path("", dashboard.home, name="home"),

@@ -33,6 +33,9 @@ from routing_app import demo
 from routing_app.management.commands.demo import login_note
 
 STOP_TIMEOUT_S = 10  # graceful shutdown budget before SIGKILL (uvicorn drains, Celery warm-stops)
+# uvicorn's own default, stated: an idle keep-alive connection is closed after this; a publisher
+# reconnects (the proxy in front keeps its own pool, docs/deployment.md).
+KEEP_ALIVE_TIMEOUT_S = 5
 READY_TIMEOUT_S = 60  # how long to wait for the server to accept connections before giving up
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -65,6 +68,12 @@ def uvicorn_argv(host: str, port: int, workers: int = 1) -> list[str]:
         # open SSE streams and sockets would hold a plain shutdown until SIGKILL
         "--timeout-graceful-shutdown",
         str(STOP_TIMEOUT_S // 2),
+        # uvicorn's httptools protocol with bounded request heads and header/body deadlines, and
+        # an answer to every refused WebSocket upgrade (notify_project/uvicorn_protocols.py)
+        "--http",
+        "notify_project.uvicorn_protocols:HttpProtocol",
+        "--timeout-keep-alive",
+        str(KEEP_ALIVE_TIMEOUT_S),
         *settings.UVICORN_WS_ARGS,
     ]
 

@@ -1,0 +1,229 @@
+"""uvicorn's HTTP and WebSocket protocols with the request limits uvicorn itself lacks.
+
+``manage.py serve`` runs uvicorn with ``--http`` and ``--ws`` naming the classes below
+(``settings.UVICORN_PROTOCOL_ARGS``). Each request gets a clear answer within a bounded time:
+
+- a request line over ``MAX_REQUEST_LINE_BYTES``: 414 (HTTP and WebSocket upgrades alike);
+- a request head (line and headers) over ``MAX_REQUEST_HEAD_BYTES`` or with more than
+  ``MAX_HEADER_COUNT`` headers: 431;
+- a request head not complete ``REQUEST_HEAD_TIMEOUT_S`` after its first byte (or after the
+  connection opened): 408, then close (slowloris);
+- a request body not complete ``REQUEST_BODY_TIMEOUT_S`` after its head: 408 if no response has
+  started, else a close.
+
+uvicorn's httptools protocol (the one it picks when httptools is installed) buffers a head of any
+size and holds a connection that never finishes its head for ever. It hands a WebSocket upgrade to
+the websockets (sans-I/O) protocol, which refuses a request line or header line over 8 KiB and
+more than 128 headers by preparing a 414 or 431 that uvicorn never writes: the client waited for
+ever. ``WebSocketsProtocol`` writes that answer. What a reverse proxy must add in front of these
+limits (per-client connection counts, TLS) is in docs/deployment.md.
+
+HTTP/1.1 message syntax: https://www.rfc-editor.org/rfc/rfc9112 ; the status codes 408, 414 and
+431: https://www.rfc-editor.org/rfc/rfc9110#section-15.5 and https://www.rfc-editor.org/rfc/rfc6585
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets import http11 as websockets_http11
+
+# websockets refuses a longer request line on an upgrade (414); plain HTTP gets the same limit so
+# that both answer alike.
+MAX_REQUEST_LINE_BYTES = websockets_http11.MAX_LINE_LENGTH
+# nginx's default large_client_header_buffers (4 x 8 KiB): what a proxy in front lets through.
+MAX_REQUEST_HEAD_BYTES = 32 * 1024
+MAX_HEADER_COUNT = 100  # Python's http.client refuses more; websockets allows 128
+# A client on a slow mobile link sends a head in well under a second; 10 s is generous and bounds
+# how long a trickling client holds a connection.
+REQUEST_HEAD_TIMEOUT_S = 10
+# The largest body ingest accepts (a batch of notifications) takes a fraction of this on any link
+# that can use the API at all.
+REQUEST_BODY_TIMEOUT_S = 30
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRefused(Exception):  # noqa: N818  (a refusal, not a failure of ours)
+    """Raised inside a parser callback to stop parsing a request that breaks a limit."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounded request heads and deadlines (module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Upgrades go to the subclass below of the websockets protocol settings.UVICORN_WS_ARGS
+        # names; another WebSocket implementation is left as configured.
+        if self.ws_protocol_class is WebSocketsSansIOProtocol:
+            self.ws_protocol_class = WebSocketsProtocol
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._header_count = 0
+        self._reading_head = True
+        self._deadline: asyncio.TimerHandle | None = None
+        # A connection that never sends a byte is held no longer than a trickling one.
+        self._arm(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # --- the deadline of the current phase ---
+
+    def _arm(self, delay_s: float, callback) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(delay_s, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self._reading_head and not self.transport.is_closing():
+            self._refuse(408, f"request head not received within {REQUEST_HEAD_TIMEOUT_S} s")
+
+    def _body_timed_out(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the application is not reading yet: not the client's delay
+            self._arm(REQUEST_BODY_TIMEOUT_S, self._body_timed_out)
+            return
+        reason = f"request body not received within {REQUEST_BODY_TIMEOUT_S} s"
+        cycle.disconnected = True  # the application's receive() now says http.disconnect
+        cycle.message_event.set()
+        if cycle.response_started:
+            logger.warning("closing a connection: %s", reason)
+            self.transport.close()
+        else:
+            self._refuse(408, reason)
+
+    # --- parsing ---
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        while data and not self.transport.is_closing():
+            if self.transport.get_protocol() is not self:  # upgraded to a WebSocket meanwhile
+                self.transport.get_protocol().data_received(data)
+                return
+            if self._reading_head:
+                # Feed no more than the head may still take: the rest may be a body.
+                room = MAX_REQUEST_HEAD_BYTES - self._head_bytes
+                chunk, data = data[: room + 1], data[room + 1 :]
+                self._head_bytes += len(chunk)
+            else:
+                chunk, data = data, b""
+            if not self._feed(chunk):
+                return
+            if self._reading_head and self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._refuse(431, f"request head over {MAX_REQUEST_HEAD_BYTES} bytes")
+                return
+
+    def _feed(self, chunk: bytes) -> bool:
+        """Feed ``chunk`` to the parser; False once the connection is answered or handed over."""
+        try:
+            self.parser.feed_data(chunk)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, RequestRefused):
+                self._refuse(exc.__context__.status, exc.__context__.reason)
+                return False
+            raise
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return False
+        except httptools.HttpParserUpgrade:
+            self._disarm()
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        return True
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._header_count = 0
+        self._arm(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > MAX_REQUEST_LINE_BYTES:
+            raise RequestRefused(414, f"request line over {MAX_REQUEST_LINE_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_HEADER_COUNT:
+            raise RequestRefused(431, f"more than {MAX_HEADER_COUNT} request headers")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._head_bytes = 0
+        if self.parser.should_upgrade() and self._should_upgrade():
+            self._disarm()  # the WebSocket protocol takes over
+        else:
+            self._arm(REQUEST_BODY_TIMEOUT_S, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        # what follows on this connection is the next request's head, limited from its first byte
+        self._reading_head = True
+        self._head_bytes = 0
+        super().on_message_complete()
+
+    # --- answers ---
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` with ``reason`` as a plain-text body, then close."""
+        self._disarm()
+        self._reading_head = False
+        body = f"{reason}\n".encode("ascii")
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        content += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+
+class WebSocketsProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets (sans-I/O) protocol that writes the answer websockets prepares for an
+    upgrade request it refuses (414, 431, or a bare close for a malformed one), and that counts
+    an application's HTTP answer to an upgrade (``websocket.http.response``) as its end."""
+
+    async def send(self, message) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # uvicorn forgets that an HTTP answer completes the handshake, then logs an error and
+            # writes a 500 after it: an ERROR line per refused connection under a flood
+            self.handshake_complete = True
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.handshake_exc is not None and not self.handshake_initiated:
+            self.handshake_initiated = self.handshake_complete = self.close_sent = True
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
