@@ -7,9 +7,9 @@
 
 It starts everything itself: its own redis-server on a free port, a fresh Postgres database
 (``notify_h7_bench`` on the server of ``--pg``), migrations, a user with a client token and an API
-key, then per run a fresh server process: ours is the production ASGI server, uvicorn (uvloop,
-httptools, its default websockets-sansio protocol with permessage-deflate on, ``--lifespan off``
-as ``manage.py serve`` runs it, access log off), ``notify_project.asgi:application`` in Redis mode
+key, then per run a fresh server process: ours is the production ASGI server, uvicorn with
+``manage.py serve``'s command line (bench/served.py: uvloop, its bounded httptools protocol,
+websockets-sansio with permessage-deflate on, ``--lifespan off``; access log off), in Redis mode
 with DEBUG off; the bare one is bench/bare_ws_server.py (websockets.broadcast on uvloop). Server
 and Redis are pinned to ``--server-core``, the load generator (this process and its forked client
 processes) to ``--client-core``. Postgres is the machine's shared server (not pinned).

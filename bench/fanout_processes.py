@@ -20,6 +20,8 @@ import traceback
 import urllib.parse
 from pathlib import Path
 
+from served import served_argv
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 
@@ -217,10 +219,8 @@ print("BENCH_SETUP " + json.dumps({{"key": raw, "token": mint(user.pk, 24 * 3600
             return ServerProcess(
                 argv, dict(os.environ), self.args.server_core, port, self.logdir, "bare"
             )
-        argv = [sys.executable, "-m", "uvicorn", "notify_project.asgi:application"]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-        argv += ["--log-level", "warning", "--backlog", "4096", "--lifespan", "off"]
         env = self.env
+        argv = [*served_argv(env, port), "--log-level", "warning", "--backlog", "4096"]
         if target == "ours-metrics-off":
             env = {**env, "METRICS_ENABLED": "false"}
         return ServerProcess(argv, env, self.args.server_core, port, self.logdir, target)

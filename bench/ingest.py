@@ -4,10 +4,10 @@
 
 Starts everything itself: a fresh Postgres database (on the server of BENCH_PG_URL, default
 postgres://postgres@127.0.0.1:5432/), migrations, an API key, and uvicorn (the production ASGI
-server) in Redis mode (REDIS_URL, default redis://127.0.0.1:6379/0), DEBUG off, pinned with taskset
-to core 0, while this load generator (asyncio, a minimal HTTP/1.1 client: see Http11Connection)
-pins itself to core 1. Postgres and Redis are not pinned. Phases, each a warm-up then a measured
-window:
+server, with ``manage.py serve``'s command line) in Redis mode (REDIS_URL, default
+redis://127.0.0.1:6379/0), DEBUG off, pinned with taskset to core 0, while this load generator
+(asyncio, a minimal HTTP/1.1 client: see Http11Connection) pins itself to core 1. Postgres and
+Redis are not pinned. Phases, each a warm-up then a measured window:
 
 - single posts: ``--clients`` concurrent clients, each POSTing one notification at a time;
 - batches: ``--batch-clients`` concurrent clients POSTing ``--batch-size`` notifications each.
@@ -43,6 +43,7 @@ from urllib.parse import urlparse, urlunparse
 
 import httpx
 import psycopg
+from served import served_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60
@@ -180,23 +181,14 @@ def manage(env: dict, *args: str) -> str:
 def start_server(
     env: dict, port: int, core: int, workers: int, app: str = "notify_project.asgi:application"
 ) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        app,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    if workers > 1:
-        argv += ["--workers", str(workers)]
-    if app.startswith("ingest:"):
-        argv += ["--app-dir", str(ROOT / "bench")]
+    """notify as ``manage.py serve`` runs it (bench/served.py), or ``app`` (the bare one) on
+    plain uvicorn."""
+    if app == "notify_project.asgi:application":
+        argv = served_argv(env, port, workers)
+    else:
+        argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--no-access-log", "--app-dir", str(ROOT / "bench")]
+    argv += ["--log-level", "warning"]
     if shutil.which("taskset"):
         argv = ["taskset", "-c", str(core), *argv]
     return subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
@@ -516,8 +508,8 @@ def main() -> None:
             try:
                 wait_ready(base, server)
                 runs[recording] = ours(args, base, key, server.pid, label, profile=not runs)
-                for phase in runs[recording]:
-                    print(report(phase, limit))
+                for phase in runs[recording]:  # the bare app's figure is of single posts
+                    print(report(phase, limit if phase.items_per_request == 1 else None))
                 print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")
             finally:
                 os.killpg(server.pid, signal.SIGTERM)
