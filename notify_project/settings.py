@@ -321,6 +321,7 @@ if INGEST_DEADLINE_S < 1:
 # Server processes sharing each API key's rate. While the rate limiter's Redis is away, each
 # process admits its share (the key's rate divided by this) on its own, so the deployment as a
 # whole stays near the key's rate. RATELIMIT_FAIL_OPEN=true admits everything instead.
+# `manage.py serve --workers N` sets it to N when unset; with several hosts, set it to the total.
 INGEST_SERVER_PROCESSES = env_int("INGEST_SERVER_PROCESSES", 1)
 if INGEST_SERVER_PROCESSES < 1:
     raise ImproperlyConfigured("INGEST_SERVER_PROCESSES must be at least 1")

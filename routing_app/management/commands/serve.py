@@ -200,6 +200,9 @@ class Command(BaseCommand):
             # Each process would have its own in-memory channel layer and hub: a notification
             # ingested in one would never reach sockets held by another.
             raise CommandError("several workers need REDIS_URL (the embedded mode is one process)")
+        # While Redis is away each worker admits its share of a key's ingest rate (settings): the
+        # workers of this host are the processes to share it among, unless the operator says more.
+        os.environ.setdefault("INGEST_SERVER_PROCESSES", str(workers))
         children = [Child("uvicorn", uvicorn_argv(host, port, workers))]
         schedule_dir = None
         if settings.REDIS_URL:
