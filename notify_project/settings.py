@@ -311,6 +311,14 @@ UVICORN_WS_ARGS = (
     f"--ws-max-size={MAX_MESSAGE_BYTES + 1024}",
     "--ws-per-message-deflate=true",
 )
+# Request deadlines of the server's HTTP protocol (notify_project/uvicorn_protocols.py): a client
+# on a slow mobile link sends a head in well under a second, so 10 s is generous and bounds how
+# long a trickling client holds a connection; the largest body ingest accepts (a batch) takes a
+# fraction of 30 s on any link that can use the API at all.
+REQUEST_HEAD_TIMEOUT_S = env_int("REQUEST_HEAD_TIMEOUT_S", 10)
+REQUEST_BODY_TIMEOUT_S = env_int("REQUEST_BODY_TIMEOUT_S", 30)
+if min(REQUEST_HEAD_TIMEOUT_S, REQUEST_BODY_TIMEOUT_S) < 1:
+    raise ImproperlyConfigured("REQUEST_HEAD_TIMEOUT_S and REQUEST_BODY_TIMEOUT_S must be >= 1")
 INGEST_RATE = env_str("INGEST_RATE", "6000/s")  # per API key; django-ratelimit syntax
 # A post not committed this many seconds after it arrived answers 503 (nothing stored) and its
 # transaction rolls back: a healthy commit takes under 0.1 s (bench/ingest.py, p99 under load),

@@ -1,15 +1,15 @@
 """uvicorn's HTTP and WebSocket protocols with the request limits uvicorn itself lacks.
 
-``manage.py serve`` runs uvicorn with ``--http`` and ``--ws`` naming the classes below
-(``settings.UVICORN_PROTOCOL_ARGS``). Each request gets a clear answer within a bounded time:
+``manage.py serve`` runs uvicorn with ``--http`` naming the class below (``uvicorn_argv`` in
+routing_app/management/commands/serve.py). Each request gets a clear answer in a bounded time:
 
 - a request line over ``MAX_REQUEST_LINE_BYTES``: 414 (HTTP and WebSocket upgrades alike);
 - a request head (line and headers) over ``MAX_REQUEST_HEAD_BYTES`` or with more than
   ``MAX_HEADER_COUNT`` headers: 431;
-- a request head not complete ``REQUEST_HEAD_TIMEOUT_S`` after its first byte (or after the
-  connection opened): 408, then close (slowloris);
-- a request body not complete ``REQUEST_BODY_TIMEOUT_S`` after its head: 408 if no response has
-  started, else a close.
+- a request head not complete ``settings.REQUEST_HEAD_TIMEOUT_S`` after its first byte (or after
+  the connection opened): 408, then close (slowloris);
+- a request body not complete ``settings.REQUEST_BODY_TIMEOUT_S`` after its head: 408 if no
+  response has started, else a close.
 
 uvicorn's httptools protocol (the one it picks when httptools is installed) buffers a head of any
 size and holds a connection that never finishes its head for ever. It hands a WebSocket upgrade to
@@ -25,6 +25,7 @@ HTTP/1.1 message syntax: https://www.rfc-editor.org/rfc/rfc9112 ; the status cod
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import httptools
@@ -38,12 +39,16 @@ MAX_REQUEST_LINE_BYTES = websockets_http11.MAX_LINE_LENGTH
 # nginx's default large_client_header_buffers (4 x 8 KiB): what a proxy in front lets through.
 MAX_REQUEST_HEAD_BYTES = 32 * 1024
 MAX_HEADER_COUNT = 100  # Python's http.client refuses more; websockets allows 128
-# A client on a slow mobile link sends a head in well under a second; 10 s is generous and bounds
-# how long a trickling client holds a connection.
-REQUEST_HEAD_TIMEOUT_S = 10
-# The largest body ingest accepts (a batch of notifications) takes a fraction of this on any link
-# that can use the API at all.
-REQUEST_BODY_TIMEOUT_S = 30
+
+
+@functools.cache
+def deadlines() -> tuple[int, int]:
+    """settings.REQUEST_HEAD_TIMEOUT_S and REQUEST_BODY_TIMEOUT_S, read at the first connection
+    (uvicorn imports this module before the application has set Django up)."""
+    from django.conf import settings
+
+    return settings.REQUEST_HEAD_TIMEOUT_S, settings.REQUEST_BODY_TIMEOUT_S
+
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._head_timeout_s, self._body_timeout_s = deadlines()
         # Upgrades go to the subclass below of the websockets protocol settings.UVICORN_WS_ARGS
         # names; another WebSocket implementation is left as configured.
         if self.ws_protocol_class is WebSocketsSansIOProtocol:
@@ -74,7 +80,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._deadline: asyncio.TimerHandle | None = None
         # A connection that never sends a byte is held no longer than a trickling one.
-        self._arm(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+        self._arm(self._head_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -94,7 +100,7 @@ class HttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._deadline = None
         if self._reading_head and not self.transport.is_closing():
-            self._refuse(408, f"request head not received within {REQUEST_HEAD_TIMEOUT_S} s")
+            self._refuse(408, f"request head not received within {self._head_timeout_s} s")
 
     def _body_timed_out(self) -> None:
         self._deadline = None
@@ -102,9 +108,9 @@ class HttpProtocol(HttpToolsProtocol):
         if cycle is None or cycle.response_complete or self.transport.is_closing():
             return
         if self.flow.read_paused:  # the application is not reading yet: not the client's delay
-            self._arm(REQUEST_BODY_TIMEOUT_S, self._body_timed_out)
+            self._arm(self._body_timeout_s, self._body_timed_out)
             return
-        reason = f"request body not received within {REQUEST_BODY_TIMEOUT_S} s"
+        reason = f"request body not received within {self._body_timeout_s} s"
         cycle.disconnected = True  # the application's receive() now says http.disconnect
         cycle.message_event.set()
         if cycle.response_started:
@@ -160,7 +166,7 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._reading_head = True
         self._header_count = 0
-        self._arm(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+        self._arm(self._head_timeout_s, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -179,7 +185,7 @@ class HttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and self._should_upgrade():
             self._disarm()  # the WebSocket protocol takes over
         else:
-            self._arm(REQUEST_BODY_TIMEOUT_S, self._body_timed_out)
+            self._arm(self._body_timeout_s, self._body_timed_out)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
