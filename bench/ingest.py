@@ -19,7 +19,8 @@ and RSS, and the load generator's CPU use (near 100 % means the figure is the ge
 Afterwards it checks that every accepted notification is stored and each topic's seqs are 1..N.
 ``--metrics both`` (the default) measures notify twice, a server with metrics recording and one
 without (``METRICS_ENABLED``), and prints what recording costs in throughput and CPU per
-notification; ``on`` or ``off`` measures one of them. Not part of the test suite.
+notification (``--rounds N``: N servers per mode, alternating the order, summed); ``on`` or
+``off`` measures one of them. Not part of the test suite.
 ``--profile`` records the server with py-spy during the single phase.
 """
 
@@ -411,17 +412,21 @@ def ours(
     return single, batch
 
 
-def metrics_cost(on: tuple[Phase, Phase], off: tuple[Phase, Phase]) -> str:
-    """What recording metrics costs, as throughput and CPU per notification with it vs without."""
+def metrics_cost(on: list[tuple[Phase, Phase]], off: list[tuple[Phase, Phase]]) -> str:
+    """What recording metrics costs: throughput and server CPU per notification with it against
+    without, each summed over the rounds."""
     parts = []
-    for with_metrics, without in zip(on, off, strict=True):
-        ratio = with_metrics.accepted_per_s / without.accepted_per_s
-        cpu = with_metrics.cpu_us_per_item / without.cpu_us_per_item
-        parts.append(
-            f"{without.name.split(' (')[0]}: throughput {ratio:.3f}x, CPU per notification "
-            f"{cpu:.3f}x"
-        )
-    return "metrics on vs off: " + "; ".join(parts)
+    for index, name in enumerate(("single posts", "batches")):
+        with_metrics, without = [run[index] for run in on], [run[index] for run in off]
+        ratio = sum(p.accepted_per_s for p in with_metrics) / sum(p.accepted_per_s for p in without)
+        cpu = _cpu_per_item(with_metrics) / _cpu_per_item(without)
+        parts.append(f"{name}: throughput {ratio:.3f}x, server CPU per notification {cpu:.3f}x")
+    return f"metrics on vs off over {len(on)} round(s): " + "; ".join(parts)
+
+
+def _cpu_per_item(phases: list[Phase]) -> float:
+    items = sum(p.accepted_requests * p.items_per_request for p in phases)
+    return sum(p.server_cpu_s for p in phases) / items
 
 
 def main() -> None:
@@ -441,6 +446,9 @@ def main() -> None:
         choices=("on", "off", "both"),
         default="both",
         help="metrics recording in the server; both = a server with and one without, in turn",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="servers per mode, alternating the order"
     )
     args = parser.parse_args()
 
@@ -493,8 +501,11 @@ def main() -> None:
         )
         print(report(limit))
         modes = {"on": [True], "off": [False], "both": [True, False]}[args.metrics]
-        runs: dict[bool, tuple[Phase, Phase]] = {}
-        for recording in modes:
+        # Rounds alternate the order (on, off, off, on, ...) so that drift (a growing table,
+        # autovacuum, other work) weighs on both alike.
+        order = [m for r in range(args.rounds) for m in (modes if r % 2 == 0 else modes[::-1])]
+        runs: dict[bool, list[tuple[Phase, Phase]]] = {m: [] for m in modes}
+        for recording in order:
             # Each mode gets a server of its own, so the one without metrics never pays for them.
             mode_env = {
                 **env,
@@ -507,8 +518,9 @@ def main() -> None:
             server = start_server(mode_env, port, args.server_core, args.workers)
             try:
                 wait_ready(base, server)
-                runs[recording] = ours(args, base, key, server.pid, label, profile=not runs)
-                for phase in runs[recording]:  # the bare app's figure is of single posts
+                phases = ours(args, base, key, server.pid, label, profile=not any(runs.values()))
+                runs[recording].append(phases)
+                for phase in phases:  # the bare app's figure is of single posts
                     print(report(phase, limit if phase.items_per_request == 1 else None))
                 print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")
             finally:
