@@ -37,7 +37,9 @@ from tests.test_cross_process import (
     ORIGIN,
     RECONNECT_DELAY_S,
     Received,
+    plain_client,
     server_for,
+    sse_client,
 )
 
 PHOENIX_HEARTBEAT_S = 20  # below the server's HEARTBEAT_TIMEOUT_S, as the phoenix client's 30 s
@@ -90,6 +92,25 @@ async def _heartbeat(ws) -> None:
 
 
 # --- what every client saw ----------------------------------------------------------------------
+
+
+def clients_on_both(
+    a: NotifyServer, b: NotifyServer, topic: str, token: str, per_kind: int
+) -> tuple[dict[str, list[Received]], list]:
+    """``per_kind`` plain, Phoenix and SSE clients of ``topic`` homed on each of ``a`` and ``b``,
+    reading the whole stream (since=0, so nothing depends on when a client got live); a reconnect
+    goes to the other server (a load balancer's choice), then back. Returns the clients by home
+    ("a", "b") and the coroutines that run them."""
+    kinds = {"socket": plain_client, "phoenix": phoenix_client, "sse": sse_client}
+    clients: dict[str, list[Received]] = {"a": [], "b": []}
+    coros = []
+    for home, server, other in (("a", a, b), ("b", b, a)):
+        for kind, client in kinds.items():
+            for n in range(per_kind):
+                got = Received(f"{kind} {n} on {home}")
+                clients[home].append(got)
+                coros.append(client([server.base, other.base], topic, token, got, 0))
+    return clients, coros
 
 
 def tally(clients: Iterable[Received], published: Sequence[int]) -> dict[str, int]:

@@ -30,8 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.chaos.cluster_support import (
     Namespace,
     NamespacedServer,
+    clients_on_both,
     netns_unusable,
-    phoenix_client,
     postgres_socket_missing,
     spawned,
     tally,
@@ -42,10 +42,7 @@ from tests.servers import NotifyServer, RedisServer, seed, server_environment
 from tests.test_cross_process import (
     ORIGIN,
     Poster,
-    Received,
-    plain_client,
     running,
-    sse_client,
     wait_live,
 )
 
@@ -84,8 +81,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(240),
 ]
-
-CLIENT_KINDS = {"socket": plain_client, "phoenix": phoenix_client, "sse": sse_client}
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +175,7 @@ async def test_partition_from_redis_closes_clients_1013_they_resume_elsewhere_no
     a, b, namespace = partitioned["a"], partitioned["b"], partitioned["namespace"]
     api_key, token = partitioned["api_key"], partitioned["tokens"]["sam"]
     topic = "faults.partition"
-    clients: dict[str, list[Received]] = {"a": [], "b": []}
-    coros = []
-    for home, server, other in (("a", a, b), ("b", b, a)):
-        for kind, client in CLIENT_KINDS.items():
-            for n in range(CLIENTS_PER_KIND):
-                got = Received(f"{kind} {n} on {home}")
-                clients[home].append(got)
-                coros.append(client([server.base, other.base], topic, token, got, 0))
+    clients, coros = clients_on_both(a, b, topic, token, CLIENTS_PER_KIND)
     everyone = clients["a"] + clients["b"]
     async with running(*coros), httpx.AsyncClient() as http:
         await wait_live(*everyone)

@@ -17,16 +17,13 @@ import httpx
 import pytest
 from django.conf import settings
 
-from tests.chaos.cluster_support import phoenix_client, spawned, tally
+from tests.chaos.cluster_support import clients_on_both, spawned, tally
 from tests.chaos.report import record
 from tests.servers import NotifyServer, RedisServer, seed, server_environment
 from tests.test_cross_process import (
     ORIGIN,
     Poster,
-    Received,
-    plain_client,
     running,
-    sse_client,
     wait_live,
 )
 
@@ -42,8 +39,6 @@ pytestmark = [
     ),
     pytest.mark.timeout(180),
 ]
-
-CLIENT_KINDS = {"socket": plain_client, "phoenix": phoenix_client, "sse": sse_client}
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +75,7 @@ async def test_kill_9_of_one_server_every_client_ends_with_every_seq_once_in_ord
     victim, survivor = pair["servers"]
     token = pair["tokens"]["sam"]
     topic = "faults.kill"
-    clients: dict[str, list[Received]] = {"a": [], "b": []}
-    coros = []
-    for home, server, other in (("a", victim, survivor), ("b", survivor, victim)):
-        for kind, client in CLIENT_KINDS.items():
-            for n in range(CLIENTS_PER_KIND):
-                got = Received(f"{kind} {n} on {home}")
-                clients[home].append(got)
-                # since=0: the whole stream, so nothing depends on when a client got live; a
-                # reconnect goes to the next server (a load balancer's choice), then back.
-                coros.append(client([server.base, other.base], topic, token, got, 0))
+    clients, coros = clients_on_both(victim, survivor, topic, token, CLIENTS_PER_KIND)
     everyone = clients["a"] + clients["b"]
     async with running(*coros), httpx.AsyncClient() as http:
         await wait_live(*everyone)
