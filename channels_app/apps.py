@@ -14,6 +14,10 @@ class ChannelsAppConfig(AppConfig):
         # The router publishes committed notifications through the hub: routing_app never
         # imports the realtime edge.
         register_after_commit_publisher(hub.publish_committed)
+        # `notify tail` in a process of its own wakes on the channel the hub publishes on.
+        from routing_app.stream_follow import register_wakeup_channel
+
+        register_wakeup_channel(hub.topic_channel)
         # The dashboard's topics page shows this process's subscribers and who is present.
         from routing_app.dashboard.realtime import register_realtime_view
 

@@ -338,6 +338,8 @@ TOKEN_MAX_TTL_S = 24 * 3600
 # Tokens minted per API key or session user (django-ratelimit syntax): a page reconnecting in a
 # loop must not turn into a flood of signatures.
 TOKEN_RATE = env_str("TOKEN_RATE", "120/m")
+# The client token `manage.py notify watch` sends when --token is not given: out of shell history.
+NOTIFY_TOKEN = env_str("NOTIFY_TOKEN", "")
 HEARTBEAT_INTERVAL_S = env_int("HEARTBEAT_INTERVAL_S", 30)  # idle proxies cut at ~60 s
 # A socket that has not sent anything for two heartbeat intervals is dead.
 HEARTBEAT_TIMEOUT_S = env_int("HEARTBEAT_TIMEOUT_S", 2 * HEARTBEAT_INTERVAL_S)
