@@ -14,7 +14,10 @@ tests/peers.py. Not a test module (tests/test_servers.py shows each piece workin
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import copy
+import itertools
 import json
 import os
 import signal
@@ -244,6 +247,28 @@ def _is_postgres(url: str) -> bool:
     return url.startswith(("postgres://", "postgresql://"))
 
 
+def _admin_connection(url: str):
+    """An autocommit connection to the ``postgres`` database of ``url``'s server."""
+    import psycopg
+
+    return psycopg.connect(urlunparse(urlparse(url)._replace(path="/postgres")), autocommit=True)
+
+
+def _database_name(url: str) -> str:
+    return urlparse(url).path.lstrip("/")
+
+
+def _server(url: str) -> tuple[str | None, int | None]:
+    parsed = urlparse(url)
+    return parsed.hostname, parsed.port or 5432
+
+
+def _drop_database(url: str, name: str) -> None:
+    """Drop the database ``name`` on ``url``'s server, if there (its connections ended first)."""
+    with _admin_connection(url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @contextlib.contextmanager
 def fresh_database(directory: Path, name: str) -> Iterator[dict[str, str]]:
     """An empty database, as the environment entries that point server processes at it: with a
@@ -253,23 +278,14 @@ def fresh_database(directory: Path, name: str) -> Iterator[dict[str, str]]:
     if not _is_postgres(url):
         yield {"DATABASE_URL": "", "SQLITE_PATH": str(directory / "db.sqlite3")}
         return
-    import psycopg
-
-    parsed = urlparse(url)
-    database = f"{parsed.path.lstrip('/') or 'notify'}_{name}"
-    admin = urlunparse(parsed._replace(path="/postgres"))
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-    drop()
-    with psycopg.connect(admin, autocommit=True) as conn:
+    database = f"{_database_name(url) or 'notify'}_{name}"
+    _drop_database(url, database)
+    with _admin_connection(url) as conn:
         conn.execute(f'CREATE DATABASE "{database}"')
     try:
-        yield {"DATABASE_URL": urlunparse(parsed._replace(path="/" + database))}
+        yield {"DATABASE_URL": urlunparse(urlparse(url)._replace(path="/" + database))}
     finally:
-        drop()
+        _drop_database(url, database)
 
 
 @contextlib.contextmanager
@@ -312,9 +328,53 @@ def seed(env: dict[str, str]) -> dict:
     """Migrate ``env``'s database and create the personas the server tests use: sam, oscar
     (staff) and olga, an API key with the scopes ingest and tokens, an hour's client token each
     and a session for sam. Returns ``{"api_key", "ids": {name: pk}, "tokens": {name: token},
-    "sam_session"}``."""
+    "sam_session"}``.
+
+    On Postgres the first call of a run seeds a template database and every call (that one
+    included) replaces ``env``'s fresh database by a copy of it (``CREATE DATABASE ... TEMPLATE``:
+    a fraction of a second, where migrating and hashing three passwords take seconds): the same
+    rows, the same raw key, tokens and session in each module's database.
+    """
+    url = env.get("DATABASE_URL", "")
+    shared = os.environ.get("DATABASE_URL", "")
+    # Only on the run's own Postgres: a test's private server (tests/chaos/pg_support.py) ends
+    # with its module, and another may come up on the same port without the template.
+    if not (_is_postgres(url) and _is_postgres(shared) and _server(url) == _server(shared)):
+        return _run_seed(env)
+    signing = tuple(env.get(name, "") for name in SEEDED_WITH)
+    template = _seeded_templates.get(signing)
+    if template is None or time.monotonic() - template[2] > SEEDED_TOKENS_FRESH_S:
+        name = f"{_database_name(shared) or 'notify'}_seeded_{next(_template_numbers)}"
+        template = _seeded_templates[signing] = (name, _seed_template(env, name), time.monotonic())
+    name, answer, _ = template
+    _drop_database(url, _database_name(url))
+    with _admin_connection(url) as conn:
+        conn.execute(f'CREATE DATABASE "{_database_name(url)}" TEMPLATE "{name}"')
+    return copy.deepcopy(answer)  # callers may change theirs
+
+
+# What the seed's answer depends on beyond the database's rows: the key its tokens are signed with.
+SEEDED_WITH = ("SECRET_KEY", "SECRET_KEY_FILE", "DEBUG")
+SEEDED_TOKENS_FRESH_S = 1800  # the seeded tokens live an hour: a template is seeded anew after half
+# SEEDED_WITH's values -> (template database, seed's answer, monotonic time it was seeded)
+_seeded_templates: dict[tuple[str, ...], tuple[str, dict, float]] = {}
+_template_numbers = itertools.count()
+
+
+def _run_seed(env: dict[str, str]) -> dict:
     line = next(x for x in run_script(env, SEED_SCRIPT).splitlines() if x.startswith("SEED "))
     return json.loads(line.removeprefix("SEED "))
+
+
+def _seed_template(env: dict[str, str], name: str) -> dict:
+    """Seed the database ``name`` (made afresh beside ``env``'s) in ``env``; dropped at exit."""
+    url = env["DATABASE_URL"]
+    _drop_database(url, name)  # left by an interrupted run
+    with _admin_connection(url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    atexit.register(_drop_database, url, name)
+    template_url = urlunparse(urlparse(url)._replace(path="/" + name))
+    return _run_seed({**env, "DATABASE_URL": template_url})
 
 
 def trim_retention(env: dict[str, str], topic: str, keep: int) -> int:
