@@ -348,8 +348,7 @@ def seed(env: dict[str, str]) -> dict:
         template = _seeded_templates[signing] = (name, _seed_template(env, name), time.monotonic())
     name, answer, _ = template
     _drop_database(url, _database_name(url))
-    with _admin_connection(url) as conn:
-        conn.execute(f'CREATE DATABASE "{_database_name(url)}" TEMPLATE "{name}"')
+    _copy_database(url, name, _database_name(url))
     return copy.deepcopy(answer)  # callers may change theirs
 
 
@@ -374,7 +373,28 @@ def _seed_template(env: dict[str, str], name: str) -> dict:
         conn.execute(f'CREATE DATABASE "{name}"')
     atexit.register(_drop_database, url, name)
     template_url = urlunparse(urlparse(url)._replace(path="/" + name))
-    return _run_seed({**env, "DATABASE_URL": template_url})
+    answer = _run_seed({**env, "DATABASE_URL": template_url})
+    with _admin_connection(url) as conn:  # a copy needs a template nobody is connected to
+        conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+    return answer
+
+
+def _copy_database(url: str, template: str, name: str) -> None:
+    """Create the database ``name`` as a copy of ``template`` on ``url``'s server."""
+    import psycopg
+
+    deadline = time.monotonic() + WAIT_S
+    with _admin_connection(url) as conn:
+        while True:
+            try:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+                return
+            except psycopg.errors.ObjectInUse:
+                # An autovacuum worker that entered the template before it was closed to
+                # connections: it leaves within moments.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
 
 def trim_retention(env: dict[str, str], topic: str, keep: int) -> int:

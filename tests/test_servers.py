@@ -3,6 +3,7 @@ and used the way the end-to-end tests use it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -57,6 +58,31 @@ def test_redis_server_comes_back_empty_on_the_same_port(redis_server):
     redis_server.start()
     assert redis_server.port == port
     assert client.get("kept") is None  # no persistence: a restart is a crashed cache
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://")),
+    reason="seeded databases are copied from a template on Postgres only",
+)
+def test_seeded_databases_are_copies_with_the_same_personas_each_its_own(tmp_path):
+    import psycopg
+
+    with (
+        server_environment(tmp_path / "a", "servers_copy_a") as env_a,
+        server_environment(tmp_path / "b", "servers_copy_b") as env_b,
+    ):
+        seeded = [seed(env_a), seed(env_b)]
+        with (
+            psycopg.connect(env_a["DATABASE_URL"]) as a,
+            psycopg.connect(env_b["DATABASE_URL"]) as b,
+        ):
+            a.execute("UPDATE auth_user SET first_name = 'changed' WHERE username = 'sam'")
+            names = [
+                conn.execute("SELECT first_name FROM auth_user WHERE username = 'sam'").fetchone()
+                for conn in (a, b)
+            ]
+    assert seeded[0] == seeded[1]  # one seed, copied: the same key, tokens and session
+    assert names == [("changed",), ("",)]  # a change in one copy stays in it
 
 
 def test_notify_server_runs_serves_command_line_and_restarts_on_its_port(environment, tmp_path):
