@@ -142,6 +142,24 @@ def django_db_setup(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         db_threads.close_all()
         SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    _end_other_sessions(connections["default"].settings_dict)
+
+
+def _end_other_sessions(database: dict) -> None:
+    """End the sessions still open on the test database (a connection some other thread opened
+    and kept): Postgres refuses to drop a database in use, after waiting 5 s for it."""
+    if database["ENGINE"] != "django.db.backends.postgresql":
+        return
+    import psycopg
+
+    server = {"host": database["HOST"], "port": database["PORT"], "user": database["USER"]}
+    server = {k: v for k, v in server.items() if v} | {"password": database["PASSWORD"] or None}
+    with psycopg.connect(dbname="postgres", autocommit=True, **server) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [database["NAME"]],
+        )
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +189,20 @@ def ingest_key(transactional_db) -> str:
     from tests.apiclient import create_key
 
     return create_key("ingest-client")[1]
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """One seeded notify server (tests/servers.py) logging at INFO, for the modules that need
+    nothing of their own (no other environment, no restart), instead of one each: (the
+    NotifyServer, what ``seed`` made). Its log holds what every one of them did."""
+    from tests.servers import NotifyServer, seed, server_environment
+
+    directory = tmp_path_factory.mktemp("shared-server")
+    with server_environment(directory, "shared") as env:
+        seeded = seed(env)
+        with NotifyServer(env, directory / "uvicorn.log", log_level="info") as server:
+            yield server, seeded
 
 
 @pytest.fixture

@@ -12,22 +12,15 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.servers import NotifyServer, seed, server_environment
+from tests.servers import NotifyServer
 
 WAIT_S = 10
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ws-server")
-    with server_environment(tmp, "wsserver") as env:
-        seeded = seed(env)
-        server = NotifyServer(env, tmp / "uvicorn.log", log_level="info")
-        try:
-            server.start()
-            yield server, {**seeded["ids"], "api_key": seeded["api_key"]}
-        finally:
-            server.stop()
+def live(shared_server):
+    server, seeded = shared_server
+    return server, {**seeded["ids"], "api_key": seeded["api_key"]}
 
 
 def url(server: NotifyServer, topic: str, token: str, since: int | None = None) -> str:

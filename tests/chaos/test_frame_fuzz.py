@@ -424,18 +424,8 @@ WIRE_CLOSE_CODES = ALLOWED_CLOSE_CODES | {1007}
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    from tests.servers import NotifyServer, seed, server_environment
-
-    tmp = tmp_path_factory.mktemp("fuzz-server")
-    with server_environment(tmp, "fuzzwire") as env:
-        seeded = seed(env)
-        server = NotifyServer(env, tmp / "uvicorn.log", log_level="info")
-        try:
-            server.start()
-            yield server, seeded
-        finally:
-            server.stop()
+def live(shared_server):
+    return shared_server
 
 
 async def wire_play(ws, case, barrier: str, barrier_done, tally: Tally) -> bool:
