@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from django.core.management import CommandError, call_command
 from ptyprocess import PtyProcess
 
 from tests.servers import ROOT, WAIT_S, Inbox, NotifyServer, seed, server_environment
@@ -200,27 +201,18 @@ def test_watch_resumes_after_the_server_restarts_without_losing_or_repeating(ser
     assert "Traceback" not in watch.output()
 
 
-def test_watch_refusals_say_what_is_wrong_and_exit(server):
-    base = server.process.base
-    runs = {
-        "forged token": ["--url", base, "--token", server.setup["tokens"]["sam"] + "x"],
-        "not a notify URL": ["--url", base + "/nothing", "--token", server.setup["tokens"]["sam"]],
-    }
-    procs = {
-        name: subprocess.Popen(
-            notify_argv("watch", "alerts.k8s", *args),
-            cwd=ROOT,
-            env=server.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in runs.items()
-    }
-    answers = {name: (proc.wait(WAIT_S), proc.stderr.read()) for name, proc in procs.items()}
-
-    code, errors = answers["forged token"]
-    assert code == 1 and "401" in errors and "token" in errors, errors
-    code, errors = answers["not a notify URL"]
-    assert code == 1 and "404" in errors and "--url" in errors, errors
-    assert all("Traceback" not in errors for _, errors in answers.values())
+@pytest.mark.parametrize(
+    ("path", "token_suffix", "says"),
+    [
+        ("", "x", ["401", "token"]),
+        ("/nothing", "", ["404", "--url"]),
+    ],
+    ids=["forged token", "not a notify server's base URL"],
+)
+def test_watch_refusals_say_what_is_wrong_and_end(server, path, token_suffix, says):
+    token = server.setup["tokens"]["sam"] + token_suffix
+    url = server.process.base + path
+    with pytest.raises(CommandError) as refused:
+        call_command("notify", "watch", "alerts.k8s", "--url", url, "--token", token)
+    assert all(part in str(refused.value) for part in says), refused.value
+    assert token not in str(refused.value)
