@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 from urllib.parse import urlparse, urlunparse
@@ -152,6 +152,22 @@ class Started(ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def spawned(processes: Sequence) -> Iterator[Sequence]:
+    """Start ``processes`` (``NotifyServer``, ``CeleryWorker``: anything with ``spawn``,
+    ``wait_ready`` and ``stop``) at once, since a cold start takes seconds each, and return once
+    all are ready; stop them all at the end."""
+    try:
+        for process in processes:
+            process.spawn()
+        for process in processes:
+            process.wait_ready()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
 
 
 T = TypeVar("T")
@@ -517,6 +533,11 @@ class CeleryWorker(Started):
 
     def start(self) -> None:
         """Start the worker and return once it says it is ready to consume."""
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (``wait_ready`` does; see ``spawned``)."""
         self.proc = subprocess.Popen(  # noqa: S603  (our own argv, no shell)
             self.argv,
             cwd=ROOT,
@@ -526,6 +547,8 @@ class CeleryWorker(Started):
             text=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
+
+    def wait_ready(self) -> None:
         self.wait_for_line(lambda line: " ready." in line, STARTUP_TIMEOUT_S)
 
     def _read(self) -> None:

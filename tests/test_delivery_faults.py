@@ -18,6 +18,7 @@ from tests.servers import (
     run_script,
     seed,
     server_environment,
+    spawned,
 )
 from tests.test_delivery_worker import CONFIGURE
 
@@ -39,10 +40,12 @@ def test_notifications_ingested_while_the_broker_is_down_are_all_delivered(tmp_p
         key = seed(env)["api_key"]
         spec = {"webhook": ["webhook", hooks.url, "", {}, "#"]}
         run_script(env, CONFIGURE, json.dumps(spec))
-        with (
-            NotifyServer(env, tmp_path / "server.log") as server,
-            CeleryWorker(env, tmp_path / "worker.log", beat=True),
-        ):
+        with spawned(
+            [
+                NotifyServer(env, tmp_path / "server.log"),
+                CeleryWorker(env, tmp_path / "worker.log", beat=True),
+            ]
+        ) as (server, _):
             server.post(key, "jobs.nightly", "job.done", {"n": "before"})
             hooks.wait_for(1)  # the path works before the outage
 

@@ -16,7 +16,15 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.peers import HTTPReceiver, Reply, SMTPServer
-from tests.servers import WAIT_S, CeleryWorker, NotifyServer, run_script, seed, server_environment
+from tests.servers import (
+    WAIT_S,
+    CeleryWorker,
+    NotifyServer,
+    run_script,
+    seed,
+    server_environment,
+    spawned,
+)
 
 pytestmark = pytest.mark.timeout(180)
 HOOK_SECRET = "whsec_" + base64.b64encode(b"a webhook secret of the tests").decode()
@@ -90,10 +98,12 @@ def stack(tmp_path_factory):
             "webhook": ["webhook", hooks.url + "/hook", "HOOK_SECRET", {}, "#"],
         }
         run_script(env, CONFIGURE, json.dumps(spec))
-        with (
-            NotifyServer(env, directory / "server.log") as server,
-            CeleryWorker(env, directory / "worker.log", beat=True) as worker,
-        ):
+        with spawned(
+            [
+                NotifyServer(env, directory / "server.log"),
+                CeleryWorker(env, directory / "worker.log", beat=True),
+            ]
+        ) as (server, worker):
             stack = {
                 "env": env,
                 "dir": directory,

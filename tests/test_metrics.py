@@ -36,7 +36,14 @@ from routing_app.metrics import figures, instruments, snapshot
 from routing_app.metrics.files import HostCollector
 from routing_app.metrics.instruments import LATENCY_BUCKETS, topic_namespace
 from tests.peers import HTTPReceiver
-from tests.servers import CeleryWorker, NotifyServer, run_script, seed, server_environment
+from tests.servers import (
+    CeleryWorker,
+    NotifyServer,
+    run_script,
+    seed,
+    server_environment,
+    spawned,
+)
 
 WAIT_S = 20  # upper bound for one awaited event; passing runs take far less
 TOKEN = "metrics-test-token"  # noqa: S105  (a test's own bearer token)
@@ -588,23 +595,15 @@ def deployment(tmp_path_factory):
         seeded = seed(env)
         run_script(env, CONFIGURE_WEBHOOK, hooks.url + "/hook")
         servers = [NotifyServer(env, directory / f"server-{n}.log") for n in ("a", "b")]
-        try:
-            for server in servers:
-                server.spawn()
-            for server in servers:
-                server.wait_ready()
-            with CeleryWorker(env, directory / "worker.log") as worker:
-                yield {
-                    "servers": servers,
-                    "worker": worker,
-                    "hooks": hooks,
-                    "key": seeded["api_key"],
-                    "token": seeded["tokens"]["sam"],
-                    "env": env,
-                }
-        finally:
-            for server in servers:
-                server.stop()
+        with spawned([*servers, CeleryWorker(env, directory / "worker.log")]) as (*_, worker):
+            yield {
+                "servers": servers,
+                "worker": worker,
+                "hooks": hooks,
+                "key": seeded["api_key"],
+                "token": seeded["tokens"]["sam"],
+                "env": env,
+            }
 
 
 class Reader:

@@ -23,7 +23,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -254,17 +254,3 @@ class NamespacedServer(NotifyServer):
                 return
             assert time.monotonic() < deadline, f"uvicorn in {self.namespace.name} did not listen"
             time.sleep(0.05)  # polling a port: there is no event to wait on for "listening"
-
-
-@contextlib.contextmanager
-def spawned(servers: Sequence[NotifyServer]) -> Iterator[Sequence[NotifyServer]]:
-    """Start ``servers`` at once (a cold start takes seconds each), stop them all at the end."""
-    try:
-        for server in servers:
-            server.spawn()
-        for server in servers:
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()

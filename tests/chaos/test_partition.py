@@ -33,12 +33,11 @@ from tests.chaos.cluster_support import (
     clients_on_both,
     netns_unusable,
     postgres_socket_missing,
-    spawned,
     tally,
     unix_socket_database_url,
 )
 from tests.chaos.report import record
-from tests.servers import NotifyServer, RedisServer, seed, server_environment
+from tests.servers import NotifyServer, RedisServer, seed, server_environment, spawned
 from tests.test_cross_process import (
     ORIGIN,
     Poster,

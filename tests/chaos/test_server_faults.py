@@ -17,9 +17,9 @@ import httpx
 import pytest
 from django.conf import settings
 
-from tests.chaos.cluster_support import clients_on_both, spawned, tally
+from tests.chaos.cluster_support import clients_on_both, tally
 from tests.chaos.report import record
-from tests.servers import NotifyServer, RedisServer, seed, server_environment
+from tests.servers import NotifyServer, RedisServer, seed, server_environment, spawned
 from tests.test_cross_process import (
     ORIGIN,
     Poster,

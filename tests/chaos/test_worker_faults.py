@@ -26,6 +26,7 @@ from tests.servers import (
     run_script,
     seed,
     server_environment,
+    spawned,
 )
 from tests.test_delivery_worker import CONFIGURE, wait_until
 
@@ -90,9 +91,9 @@ def test_worker_killed_mid_delivery_then_broker_restarted_every_delivery_ends_on
         spec = {"webhook": ["webhook", hooks.url, "", {}, "jobs.#"]}
         run_script(env, CONFIGURE, json.dumps(spec))
         hooks.program(*[Reply(delay_s=4)] * HUNG)
-        with NotifyServer(env, tmp_path / "server.log") as server:
-            worker = CeleryWorker(env, tmp_path / "worker-1.log", name="first", beat=True)
-            worker.start()
+        server = NotifyServer(env, tmp_path / "server.log")
+        worker = CeleryWorker(env, tmp_path / "worker-1.log", name="first", beat=True)
+        with spawned([server, worker]):
             try:
                 for i in range(BEFORE):
                     server.post(key, TOPIC, "job.done", {"i": i})
