@@ -207,9 +207,14 @@ class EventStream:
 
     def deliver_batch(self, batch: Batch) -> None:
         """A burst of the topic's messages as one body chunk: one send (one write, one chunk
-        header) per stream instead of one per message; the events inside are unchanged. The
-        backlog bound (``SOCKET_SEND_QUEUE``) then counts such chunks."""
-        self.sender.push(_body(batch.joined(ENCODING)))
+        header) per stream instead of one per message; the events inside are unchanged. Behind
+        a send that is waiting, one chunk per message, so that the backlog bound
+        (``SOCKET_SEND_QUEUE`` chunks) still counts messages for a reader that fell behind."""
+        if self.sender.backlog:
+            for frame in batch.frames(ENCODING):
+                self.sender.push(_body(frame))
+        else:
+            self.sender.push(_body(batch.joined(ENCODING)))
 
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
         self.sender.push(_body(_event(event, frames.event(topic, event, payload))))
