@@ -25,7 +25,7 @@ from ninja.errors import AuthenticationError, AuthorizationError, HttpError
 from pydantic import BaseModel, ConfigDict
 
 from routing_app import db_threads
-from routing_app.api import error_response, json_body, storable_text
+from routing_app.api import error_response, json_body, json_response, storable_text
 from routing_app.push import subscriptions, vapid
 from routing_app.push.models import ENDPOINT_MAX_LENGTH
 
@@ -168,7 +168,8 @@ async def subscribe(request, body: SubscriptionBody):
         return error_response(
             request, 400, "the subscription is not valid; see errors", _field_errors(exc)
         )
-    return 201 if done.created else 200, {"endpoint": body.endpoint, "created": done.created}
+    answer = {"endpoint": body.endpoint, "created": done.created}
+    return json_response(request, answer, 201 if done.created else 200)
 
 
 def _endpoint_from_body(request: HttpRequest) -> str | None:
