@@ -1,5 +1,6 @@
-"""Admin of the Web Push subscriptions: who, which push service, when it last worked. Imported by
-routing_app/admin.py."""
+"""Admin of the Web Push subscriptions: who, which push service, when it last worked. Read-only
+but for deleting: browsers make subscriptions (POST /api/v1/push/subscriptions), with keys no one
+types. Imported by routing_app/admin.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ class PushSubscriptionAdmin(admin.ModelAdmin):
     readonly_fields = ("created_at", "last_success_at", "last_error")
     raw_id_fields = ("user",)
     date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
     @admin.display(description="push service", ordering="endpoint")
     def push_service(self, row: PushSubscription) -> str:
