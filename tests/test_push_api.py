@@ -4,19 +4,16 @@ subscription is told, and that subscribing again is the same row."""
 
 from __future__ import annotations
 
-import base64
 import os
 from urllib.parse import urlencode
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.test import Client
 
 from channels_app import tokens
 from routing_app.models import PushSubscription
-from routing_app.push import vapid
 from tests.apiclient import bearer
+from tests.test_push import Browser, b64url, vapid_keys  # noqa: F401  (the fixture)
 
 # Users and subscriptions are read on routing_app's database threads: committed rows only.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -26,17 +23,9 @@ URL = "/api/v1/push/subscriptions"
 ENDPOINT = "https://fcm.googleapis.com/fcm/send/sam-laptop"
 
 
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
 def browser_keys() -> dict[str, str]:
-    point = (
-        ec.generate_private_key(ec.SECP256R1())
-        .public_key()
-        .public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
-    )
-    return {"p256dh": b64url(point), "auth": b64url(os.urandom(16))}
+    browser = Browser.new()
+    return {"p256dh": browser.p256dh, "auth": b64url(browser.auth)}
 
 
 def subscription(endpoint: str = ENDPOINT, **keys: str) -> dict:
@@ -56,15 +45,11 @@ def post(body, headers: dict[str, str], client: Client | None = None):
     return (client or Client()).post(URL, body, content_type="application/json", headers=headers)
 
 
-@pytest.fixture
-def vapid_keys(settings) -> str:
-    private, public = vapid.generate_keys()
-    settings.WEBPUSH_VAPID_PRIVATE_KEY = private
-    settings.WEBPUSH_VAPID_PUBLIC_KEY = public
-    return public
-
-
-def test_the_key_is_the_applicationserverkey_and_503_without_one(vapid_keys, subscriber, settings):
+def test_the_key_is_the_applicationserverkey_and_503_without_one(
+    vapid_keys,  # noqa: F811
+    subscriber,
+    settings,
+):
     answer = Client().get(KEY_URL, headers=token_of(subscriber))
     assert answer.status_code == 200, answer.content
     assert answer.json() == {"public_key": vapid_keys}
