@@ -300,6 +300,22 @@ def test_a_subscription_removed_after_routing_makes_the_delivery_dead(
     assert receiver.requests.items == []
 
 
+def test_a_browser_another_user_subscribed_since_gets_no_push_of_the_first(
+    vapid_keys, push_channel, receiver, subscriber, outsider
+):
+    subscription = Browser.new().subscribe(subscriber, f"{receiver.url}/push/shared-laptop")
+    delivery = push_delivery(push_channel, subscriber, subscription.endpoint)
+    PushSubscription.objects.filter(pk=subscription.pk).update(user=outsider)
+
+    service.deliver([delivery.pk])
+
+    delivery.refresh_from_db()
+    assert delivery.status == Delivery.Status.DEAD
+    assert "belongs to another user" in delivery.last_error
+    assert receiver.requests.items == []
+    assert PushSubscription.objects.get(pk=subscription.pk).last_error == ""  # Olga's is fine
+
+
 def test_push_keys_command_prints_a_pair_that_signs(capsys, settings):
     call_command("push", "keys")
     lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line)

@@ -63,7 +63,11 @@ def _cut(text: str, max_chars: int) -> str:
 
 def _click_url(delivery) -> str:
     url = (delivery.notification.data or {}).get("url")
-    if isinstance(url, str) and url.startswith(("https://", "http://", "/")):
+    # A path of the app, or an absolute web URL; "//host" (another site) and other schemes
+    # (javascript:) are not followed.
+    if isinstance(url, str) and (
+        url.startswith(("https://", "http://")) or (url.startswith("/") and url[1:2] != "/")
+    ):
         return url
     return (delivery.channel.options or {}).get("url") or "/"
 
@@ -131,12 +135,17 @@ def request_of(delivery, subscription: PushSubscription) -> tuple[bytes, dict[st
 
 class PushTransport:
     def prepare(self, deliveries) -> None:
-        """Attach each delivery's subscription (``delivery.push_subscription``, None when it
-        was removed since routing), in one query."""
+        """Attach each delivery's subscription (``delivery.push_subscription``), in one query:
+        None when it was removed since routing, or now belongs to another user (someone else
+        logged in on that browser and subscribed it: their browser must not show this user's
+        notifications)."""
         endpoints = {d.recipient for d in deliveries}
         found = PushSubscription.objects.in_bulk(endpoints, field_name="endpoint")
         for d in deliveries:
-            d.push_subscription = found.get(d.recipient)
+            subscription = found.get(d.recipient)
+            if subscription is not None and d.user_id not in (None, subscription.user_id):
+                subscription = None
+            d.push_subscription = subscription
 
     def send(self, delivery, provider, *, timeout_s: float) -> Receipt:
         """POST the encrypted payload to the subscription's endpoint; a ``Receipt`` with the
@@ -146,7 +155,7 @@ class PushTransport:
         if subscription is None:
             raise DeliveryError(
                 "the push subscription was removed (the browser unsubscribed, or its push "
-                "service said it is gone)",
+                "service said it is gone) or now belongs to another user",
                 permanent=True,
             )
         body, headers = request_of(delivery, subscription)
@@ -174,7 +183,10 @@ class PushTransport:
     def settled(self, delivery, error: DeliveryError | None) -> None:
         """Keep the outcome on the subscription: the time of a success, the last error, or
         delete it when it is gone."""
-        rows = PushSubscription.objects.filter(endpoint=delivery.recipient)
+        subscription = getattr(delivery, "push_subscription", None)
+        if subscription is None:  # nothing was sent: none of this user's to keep it on
+            return
+        rows = PushSubscription.objects.filter(pk=subscription.pk)
         if error is None:
             rows.update(last_success_at=timezone.now(), last_error="")
         elif error.recipient_gone:
