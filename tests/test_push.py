@@ -316,6 +316,19 @@ def test_a_browser_another_user_subscribed_since_gets_no_push_of_the_first(
     assert PushSubscription.objects.get(pk=subscription.pk).last_error == ""  # Olga's is fine
 
 
+def test_a_long_message_is_cut_to_what_push_services_take():
+    from routing_app.delivery.transports.push import PAYLOAD_MAX_BYTES, payload
+
+    n = Notification(
+        topic=Topic(name="alerts.k8s"), seq=1, event="log.line", data={"line": "é" * 5000}
+    )
+    message = payload(Delivery(notification=n, channel=Channel(name="b", kind="push")))
+
+    assert PAYLOAD_MAX_BYTES - 3 <= len(message) <= PAYLOAD_MAX_BYTES  # "é" is 2 bytes
+    body = json.loads(message)["body"]
+    assert body.startswith("line: éé") and body.endswith("é…")
+
+
 def test_push_keys_command_prints_a_pair_that_signs(capsys, settings):
     call_command("push", "keys")
     lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line)

@@ -58,7 +58,9 @@ ERROR_TEXT_MAX = 300  # PushSubscription.last_error
 
 
 def _cut(text: str, max_chars: int) -> str:
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+    if len(text) <= max_chars:
+        return text
+    return text[: max_chars - 1] + "…" if max_chars > 0 else ""
 
 
 def _click_url(delivery) -> str:
@@ -70,6 +72,10 @@ def _click_url(delivery) -> str:
     ):
         return url
     return (delivery.channel.options or {}).get("url") or "/"
+
+
+def _encoded(message: dict) -> bytes:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def payload(delivery) -> bytes:
@@ -89,12 +95,20 @@ def payload(delivery) -> bytes:
         "event": n.event,
         "severity": n.severity,
     }
-    encoded = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
-    while len(encoded) > PAYLOAD_MAX_BYTES and message["body"]:
-        # Cut by the excess in characters (each at least one byte), then measure again.
-        excess = len(encoded) - PAYLOAD_MAX_BYTES
-        message["body"] = _cut(message["body"], max(0, len(message["body"]) - excess - 1))
-        encoded = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    encoded = _encoded(message)
+    if len(encoded) > PAYLOAD_MAX_BYTES:
+        # The longest cut of the body that fits, by bisection over its length in characters
+        # (JSON escapes and UTF-8 make bytes per character vary).
+        full, low, high = message["body"], 0, len(message["body"]) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            message["body"] = _cut(full, middle)
+            if len(_encoded(message)) <= PAYLOAD_MAX_BYTES:
+                low = middle
+            else:
+                high = middle - 1
+        message["body"] = _cut(full, low)
+        encoded = _encoded(message)
     if len(encoded) > PAYLOAD_MAX_BYTES:
         raise DeliveryError(
             f"the push message of notification {n.id} is over {PAYLOAD_MAX_BYTES} bytes even "
