@@ -7,7 +7,9 @@ RFC 8291 encrypts to: ``p256dh`` a P-256 public key as a 65-byte uncompressed po
 
 Endpoints must be ``https://`` URLs of a public host: the server POSTs to whatever a logged-in
 user registers, so an endpoint naming a private, link-local or loopback address (or
-``localhost``) is refused, lest it become a way to make the server call its own network.
+``localhost``) is refused, lest it become a way to make the server call its own network. Host
+names are not resolved here (a name pointing at a private address is for egress rules to stop);
+the transports' HTTP client follows no redirect.
 Plain ``http://`` to a loopback address is allowed only with ``WEBPUSH_LOOPBACK_HTTP`` (on with
 ``DEBUG``): a local push-service stand-in.
 
