@@ -262,8 +262,8 @@ TEST_TOPIC = "system.channel-tests"
 def send_test(channel: Channel, user) -> Delivery:
     """A test notification (topic ``system.channel-tests``) delivered over ``channel`` to
     ``user`` (their address of the channel's kind, their newest push subscription; a webhook
-    channel's own providers), through
-    the same path as any delivery. ValueError says why when it cannot be sent."""
+    channel's own providers), through the same path as any delivery. ValueError says why when
+    it cannot be sent."""
     from ..ingest import NotificationIn, ingest
     from ..router import OUTBOUND_KINDS, user_address
 
