@@ -285,6 +285,17 @@ def test_a_routed_user_gets_one_delivery_per_subscription(push_channel, subscrib
     ]
 
 
+def test_a_test_send_goes_to_the_newest_subscription(push_channel, subscriber):
+    with pytest.raises(ValueError, match="no push subscription"):
+        service.send_test(push_channel, subscriber)
+    Browser.new().subscribe(subscriber, "https://fcm.googleapis.com/fcm/send/old")
+    newest = Browser.new().subscribe(subscriber, "https://fcm.googleapis.com/fcm/send/new")
+
+    row = service.send_test(push_channel, subscriber)
+
+    assert (row.recipient, row.user) == (newest.endpoint, subscriber)
+
+
 def test_a_subscription_removed_after_routing_makes_the_delivery_dead(
     vapid_keys, push_channel, receiver, subscriber
 ):
