@@ -18,7 +18,7 @@ class PushSubscription(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="push_subscriptions"
     )
-    endpoint = models.URLField(max_length=ENDPOINT_MAX_LENGTH, unique=True)
+    endpoint = models.CharField(max_length=ENDPOINT_MAX_LENGTH, unique=True)
     p256dh = models.CharField(
         "p256dh key", max_length=100, help_text="base64url, the browser's P-256 public key"
     )
