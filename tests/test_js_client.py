@@ -196,6 +196,14 @@ class Browser:
                 f"{expr} never became {want}; it is {json.dumps(self.eval(expr))}\n{exc}"
             ) from None
 
+    def leave(self) -> None:
+        """Navigate away (to about:blank): the page, its sockets and streams are gone."""
+        self._call("leave", "")
+
+    def come_back(self) -> None:
+        """Load the test page again (its origin's localStorage kept)."""
+        self._call("return", "")
+
     def close(self) -> None:
         self.proc.stdin.close()
         try:
