@@ -37,7 +37,13 @@ JS_DIR = ROOT / "tests" / "js"
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_TIMEOUT_MS = 20_000  # upper bound for one awaited page condition; passing runs take far less
 RECONNECT_TIMEOUT_MS = 30_000  # includes the client's backoff (capped at 1 s in the page)
-NODE_TEST_FILES = ("socket.test.js", "composables.test.js", "sse.test.js", "reconnect.test.js")
+NODE_TEST_FILES = (
+    "socket.test.js",
+    "composables.test.js",
+    "sse.test.js",
+    "reconnect.test.js",
+    "fallback.test.js",
+)
 
 
 def _missing_tools() -> list[str]:
@@ -232,7 +238,8 @@ def browser(page_server, servers, server_env, tmp_path_factory) -> Iterator[Brow
 
 
 def test_client_unit_tests_pass_in_node(tools):
-    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats;
+    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats,
+    the SSE fallback and the offline state;
     the composables open nothing during server-side rendering and close with their scope."""
     done = subprocess.run(
         ["node", "--test", *(str(JS_DIR / name) for name in NODE_TEST_FILES)],
