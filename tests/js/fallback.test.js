@@ -8,7 +8,7 @@ import { after, describe, test } from 'node:test'
 import { memoryStorage, TopicStore } from '../../static/notify/persist.js'
 import { NotifySocketManager } from '../../static/notify/socket.js'
 
-import { scriptedEventSource, scriptedWebSocket } from './scripted.js'
+import { scriptedEventSource, scriptedWebSocket, waitFor } from './scripted.js'
 
 const TOPIC = 'alerts.k8s'
 const managers = []
@@ -33,22 +33,6 @@ function manager(options = {}) {
   m.on('notification', (n) => log.seqs.push(n.seq))
   m.on('transport', (t) => log.transports.push(t.transport))
   return { m, WebSocket, EventSource, log }
-}
-
-/** Resolve with the first payload of `event` for which `predicate` holds (5 s limit). */
-function waitFor(m, event, predicate = () => true) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      off()
-      reject(new Error(`timed out waiting for ${event}`))
-    }, 5000)
-    const off = m.on(event, (payload) => {
-      if (!predicate(payload)) return
-      clearTimeout(timer)
-      off()
-      resolve(payload)
-    })
-  })
 }
 
 /** Connect, have the socket fail `after` times before subscribing: the manager is on SSE. */

@@ -1,6 +1,7 @@
 // Scripted stand-ins for the browser's EventSource and WebSocket, for the node unit tests of
-// static/notify/ (sse.test.js, fallback.test.js). The test plays the server: it opens, sends,
-// drops or refuses each instance, which behaves as the HTML spec's does.
+// static/notify/ (sse.test.js, fallback.test.js), and `waitFor`, which every such test uses. The
+// test plays the server: it opens, sends, drops or refuses each instance, which behaves as the
+// HTML spec's does.
 
 /** Wait until `list` has `n` items (1-based), then resolve with the n-th (5 s limit). */
 function nthOf(list, waiters, n, what) {
@@ -130,4 +131,24 @@ export function scriptedWebSocket() {
     }
   }
   return ScriptedWebSocket
+}
+
+/**
+ * Resolve with the first payload of `event` on `emitter` (a manager or a stream: `on()` returns
+ * the function that removes the handler) for which `predicate(...handler arguments)` holds
+ * (5 s limit).
+ */
+export function waitFor(emitter, event, predicate = () => true) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      off()
+      reject(new Error(`timed out waiting for ${event}`))
+    }, 5000)
+    const off = emitter.on(event, (...args) => {
+      if (!predicate(...args)) return
+      clearTimeout(timer)
+      off()
+      resolve(args[0])
+    })
+  })
 }

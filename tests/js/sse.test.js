@@ -9,7 +9,7 @@ import { after, describe, test } from 'node:test'
 
 import { NotifyEventStream } from '../../static/notify/sse.js'
 
-import { scriptedEventSource } from './scripted.js'
+import { scriptedEventSource, waitFor } from './scripted.js'
 
 register('./resolve-vue.js', import.meta.url)
 const { effectScope, nextTick } = await import('vue')
@@ -26,22 +26,6 @@ function stream(options = {}) {
   const s = new NotifyEventStream(BASE, { events: ['pod.crash'], backoff: FAST, ...options, EventSource: Impl })
   streams.push(s)
   return { s, Impl }
-}
-
-/** Resolve with the first payload of `event` for which `predicate` holds (5 s limit). */
-function waitFor(s, event, predicate = () => true) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      off()
-      reject(new Error(`timed out waiting for ${event}`))
-    }, 5000)
-    const off = s.on(event, (payload) => {
-      if (!predicate(payload)) return
-      clearTimeout(timer)
-      off()
-      resolve(payload)
-    })
-  })
 }
 
 const seqsOf = (s) => {
