@@ -24,6 +24,7 @@
  */
 
 import { CloseCode, closeDecision, closeMeaning } from './codes.js'
+import { fallbackOptions, postPublish, retryDelay } from './fallback.js'
 import { TopicStore } from './persist.js'
 import { admitSeq, backoffDelay } from './reconnect.js'
 import { NotifyEventStream } from './sse.js'
@@ -72,49 +73,8 @@ export { backoffDelay } from './reconnect.js'
  *   give each server and user its own (e.g. `notify:${userId}`)
  */
 
-/**
- * @typedef {object} FallbackOptions
- * @property {number} [after=3]  consecutive WebSockets that close before `subscribed` without a
- *   close frame from the server (what a proxy refusing the upgrade looks like) before using SSE
- * @property {number} [openTimeoutMs=10000]  a WebSocket not open after this long: use SSE at once
- * @property {import('./reconnect.js').BackoffOptions} [retry={baseMs: 5000, maxMs: 60000}]  while
- *   on SSE, how long to wait before trying a WebSocket again (doubling from baseMs up to maxMs,
- *   jittered between half and all of it)
- * @property {boolean} [withCredentials]  send cookies with the event stream (default: when no
- *   `token` is given, i.e. the session cookie authenticates)
- */
-
-/** @typedef {'websocket'|'sse'} Transport */
-
-const FALLBACK_DEFAULTS = Object.freeze({ after: 3, openTimeoutMs: 10_000, retry: { baseMs: 5_000, maxMs: 60_000 } })
-
-/** What the `code` of a refused HTTP publish is, by status (as the socket's error frame codes). */
-const HTTP_PUBLISH_CODES = Object.freeze({
-  400: 'invalid',
-  401: 'unauthorized',
-  403: 'forbidden',
-  413: 'invalid',
-  415: 'invalid',
-  429: 'rate_limited',
-  503: 'unavailable',
-})
-
-/** @param {boolean|FallbackOptions|undefined} option @returns {Required<FallbackOptions>|null} */
-function fallbackOptions(option) {
-  if (option === false) return null
-  if (option !== undefined && option !== true && (typeof option !== 'object' || option === null)) {
-    throw new TypeError('fallback must be true, false or {after, openTimeoutMs, retry}')
-  }
-  const merged = { ...FALLBACK_DEFAULTS, ...(option === true || option === undefined ? {} : option) }
-  merged.retry = { ...FALLBACK_DEFAULTS.retry, ...(merged.retry ?? {}) }
-  if (!Number.isInteger(merged.after) || merged.after < 1) {
-    throw new TypeError(`fallback.after must be a positive integer, not ${merged.after}`)
-  }
-  if (!(merged.openTimeoutMs > 0)) {
-    throw new TypeError(`fallback.openTimeoutMs must be a positive number of ms, not ${merged.openTimeoutMs}`)
-  }
-  return merged
-}
+/** @typedef {import('./fallback.js').FallbackOptions} FallbackOptions */
+/** @typedef {import('./fallback.js').Transport} Transport */
 
 /** @typedef {'notification'|'subscribed'|'reset'|'gap'|'ack'|'event'|'presence'|'message'|'open'|'close'|'error'|'state'|'reconnect'|'dropped'|'transport'|'cached'} NotifyEventName */
 
@@ -473,51 +433,19 @@ export class NotifySocketManager {
   async _postPublish(topic, frame) {
     const { ref } = frame
     if (!this.pending.has(ref)) return // timed out or disconnected meanwhile
-    const fail = (message, fields) => {
-      this._settle(ref, (p) => p.reject(Object.assign(new Error(message), { ref, ...fields })))
-      this._emit('error', { code: fields.code, message, ref, status: fields.status }, topic)
-    }
-    const body = JSON.stringify({ event: frame.event, data: frame.data ?? {}, ref, ...(frame.severity ? { severity: frame.severity } : {}) })
-    if (byteLength(body) > this.options.maxMessageBytes) return fail('publish refused locally: too large', { code: 'too_large' })
-    let token
     try {
-      token = await this._token()
-    } catch (err) {
-      return fail(`token provider failed: ${err?.message ?? err}`, { code: 'token' })
-    }
-    if (!token) {
-      return fail('publishing over HTTP (the SSE fallback) needs a client token: pass options.token', { code: 'unauthorized' })
-    }
-    const fetchImpl = this.options.fetch ?? globalThis.fetch
-    let res
-    try {
-      res = await fetchImpl(this.publishUrl(topic), {
-        method: 'POST',
-        headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
-        body,
+      const ack = await postPublish(this.publishUrl(topic), frame, {
+        token: () => this._token(),
+        fetch: this.options.fetch ?? globalThis.fetch,
+        maxBytes: this.options.maxMessageBytes,
       })
+      this._settle(ref, (p) => p.resolve(ack))
+      this._emit('ack', ack, topic)
     } catch (err) {
-      // The request may have reached the server: as for a socket lost before the ack.
-      return fail(`publish over HTTP failed: ${err?.message ?? err}`, { code: 'network', outcomeUnknown: true })
+      err.ref = ref
+      this._settle(ref, (p) => p.reject(err))
+      this._emit('error', { code: err.code, message: err.message, ref, status: err.status }, topic)
     }
-    let answer = null
-    try {
-      answer = await res.json()
-    } catch {
-      // Not JSON (a proxy's error page): the status says enough.
-    }
-    if (res.status === 202 && answer?.type === 'ack') {
-      this._settle(ref, (p) => p.resolve(answer))
-      this._emit('ack', answer, topic)
-      return
-    }
-    const retryAfter = Number(res.headers?.get?.('Retry-After'))
-    fail(answer?.detail ?? `publish answered HTTP ${res.status}`, {
-      code: HTTP_PUBLISH_CODES[res.status] ?? 'http',
-      status: res.status,
-      frame: answer,
-      ...(retryAfter > 0 ? { retryAfterS: retryAfter } : {}),
-    })
   }
 
   /** @param {string} topic @param {Error} error @param {string} [onlyRef] */
@@ -836,10 +764,7 @@ export class NotifySocketManager {
   _scheduleProbe(conn) {
     if (this.topics.get(conn.topic) !== conn || conn.transport !== 'sse') return
     clearTimeout(conn.probeTimer)
-    const { baseMs, maxMs } = this.fallback.retry
-    const ceiling = Math.min(maxMs, baseMs * 2 ** conn.probeAttempt)
-    // At least half the ceiling: a socket that was just refused is not tried again at once.
-    const delayMs = ceiling / 2 + backoffDelay(conn.probeAttempt, { baseMs: baseMs / 2, maxMs: maxMs / 2 })
+    const delayMs = retryDelay(conn.probeAttempt, this.fallback.retry)
     conn.probeAttempt += 1
     conn.probeTimer = setTimeout(() => {
       conn.probeTimer = null
