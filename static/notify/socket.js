@@ -627,7 +627,8 @@ export class NotifySocketManager {
     conn.lastSeq = verdict.lastSeq
     conn.attempt = 0
     if (this.store) {
-      conn.recent = [...conn.recent.slice(1 - this.store.limit), frame]
+      const keep = this.store.limit - 1 // and this one
+      conn.recent = [...(keep > 0 ? conn.recent.slice(-keep) : []), frame]
       this._persist(conn)
     }
     this._emit('notification', frame, conn.topic)

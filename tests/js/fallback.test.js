@@ -279,14 +279,20 @@ describe('offline state (persist)', () => {
   })
 
   test('keeps at most persistLimit notifications', async () => {
-    const storage = faultyStorage()
-    const ctx = manager({ persist: storage, persistLimit: 2, fallback: false })
-    ctx.m.connect(TOPIC)
-    const ws = await ctx.WebSocket.nth(1)
-    ws.open()
-    for (const seq of [1, 2, 3]) ws.notify(seq)
-    await Promise.resolve()
-    assert.deepEqual(JSON.parse(storage.values.get(`notify:${TOPIC}`)).notifications.map((n) => n.seq), [2, 3])
+    for (const [limit, kept] of [
+      [2, [2, 3]],
+      [1, [3]],
+    ]) {
+      const storage = faultyStorage()
+      const ctx = manager({ persist: storage, persistLimit: limit, fallback: false })
+      ctx.m.connect(TOPIC)
+      const ws = await ctx.WebSocket.nth(1)
+      ws.open()
+      for (const seq of [1, 2, 3]) ws.notify(seq)
+      await Promise.resolve()
+      assert.deepEqual(JSON.parse(storage.values.get(`notify:${TOPIC}`)).notifications.map((n) => n.seq), kept)
+      assert.deepEqual(ctx.m.topics.get(TOPIC).recent.map((n) => n.seq), kept)
+    }
   })
 
   test('a failing storage (quota) warns once and the client goes on in memory', async () => {
