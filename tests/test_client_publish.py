@@ -130,6 +130,9 @@ async def test_a_bad_topic_name_is_refused_with_400(api, operator):
 
 
 async def test_publishing_faster_than_a_socket_may_is_refused_with_429(api, operator, monkeypatch):
+    from django.core.cache import cache
+
+    cache.clear()  # user ids repeat across test runs, and the window outlives a run
     monkeypatch.setattr(realtime_api, "PUBLISH_RATE", "1/m")
     headers = bearer(token_for(operator))
     first = await api.post(url("alerts.ops"), json={"event": "x"}, headers=headers)
