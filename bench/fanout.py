@@ -42,7 +42,10 @@ alternate in the same run on the same core):
   CAP_SYS_RESOURCE): the 25,000 are then spread over as few server processes (all on the server
   core, sharing Redis: the production shape) and client processes as the limit allows. Source
   addresses 127.0.0.2-9 spread the ephemeral ports.
-- sse: 500 SSE streams on /events/<topic>/, N=200 as in ws; events/s.
+- sse: 500 SSE streams on /events/<topic>/, N=200 as in ws; events/s. The limit: the bare
+  server's SSE listener (bare_ws_server.py --sse-port), which writes each message to each stream
+  as its own chunk; our edge writes a burst as one chunk per stream (the same caution as in ws:
+  the ratio compares designs).
 - metrics: with ``--metrics both`` (the default) the ws plain/deflate, latency and sse parts also
   run our server with ``METRICS_ENABLED=false`` in the same run and print on/off ratios of
   throughput, server CPU per delivery and latency: what recording metrics costs.
@@ -100,6 +103,7 @@ def base_cfg(svc: Services, server: ServerProcess, target: str) -> dict:
         "target": target,
         "host": "127.0.0.1",
         "port": server.port,
+        "sse_port": server.sse_port,
         "api_key": svc.api_key,
         "origin": BENCH_ORIGIN,
         "pids": {"server": server.pid, "redis": svc.redis_pid if target != "bare" else 0},
@@ -371,20 +375,24 @@ def proc_rss_mb(pid: int) -> float:
 def run_sse(svc, args) -> dict:
     out: dict = {"runs": []}
     topic = TOPICS["sse"]
-    if "ours" not in args.targets:
-        return out
-    for _ in range(args.runs):
-        extra = {
-            "path": f"/events/{topic}/?token={svc.token}",
-            "topic": topic,
-            "sse": True,
-            "subscribers": args.sse_subscribers,
-            "messages": args.sse_messages,
-            "warmup": 1,
-            "batch": 100,
-            "timeout_s": 120,
-        }
-        pair = {"ours": one_run(svc, args, "ours", "sse", extra)}
+    for run in range(args.runs):
+        pair = {}
+        for target in args.targets:
+            extra = {
+                "path": "/events/" if target == "bare" else f"/events/{topic}/?token={svc.token}",
+                "topic": topic,
+                "sse": True,
+                "subscribers": args.sse_subscribers,
+                "messages": args.sse_messages,
+                "warmup": 1,
+                "batch": 100,
+                "timeout_s": 120,
+            }
+            pair[target] = one_run(svc, args, target, "sse", extra)
+        ours, bare = pair.get("ours", {}), pair.get("bare", {})
+        if ours.get("msgs_per_s") and bare.get("msgs_per_s"):
+            pair["ratio"] = round(ours["msgs_per_s"] / bare["msgs_per_s"], 3)
+            print(f"    ratio ours/bare run {run + 1} sse: {pair['ratio']}")
         if args.metrics_off:
             pair[METRICS_OFF] = one_run(svc, args, METRICS_OFF, "sse" + SUFFIX[METRICS_OFF], extra)
             metrics_ratio(pair, "sse")
