@@ -246,7 +246,7 @@ class EventStream:
         """A burst of the topic's messages as one body chunk: one send (one write, one chunk
         header) per stream instead of one per message; the events inside are unchanged. The
         backlog bound (``SOCKET_SEND_QUEUE``) then counts such chunks."""
-        self.sender.push(_body(batch.joined(ENCODING)))
+        self.sender.push(_body(batch.joined(self.encoding)))
 
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
         name = UNNAMED if self.encoding == UNNAMED_ENCODING else event

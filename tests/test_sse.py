@@ -298,8 +298,15 @@ async def test_unnamed_stream_sends_replay_and_live_as_message_events(server):
         assert [(i.name, int(i.id), i.json["event"]) for i in replayed] == [("message", 2, "tick")]
         assert subscribed.name == "subscribed"
         await post(server, topic, "tock")
-        live = await stream.next_event()
-    assert (live.name, live.id, live.json["event"], live.json["seq"]) == ("message", "3", "tock", 3)
+        live = [await stream.next_event()]
+        await post_batch(server, topic, [{"n": n} for n in range(4, 7)])  # a burst, one chunk
+        live += [await stream.next_event() for _ in range(3)]
+    assert [(i.name, i.id, i.json["event"], i.json["seq"]) for i in live] == [
+        ("message", "3", "tock", 3),
+        ("message", "4", "tick", 4),
+        ("message", "5", "tick", 5),
+        ("message", "6", "tick", 6),
+    ]
 
 
 async def test_bad_unnamed_value_is_a_400(server):
