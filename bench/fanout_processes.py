@@ -213,7 +213,9 @@ print("BENCH_SETUP " + json.dumps({{"key": raw, "token": mint(user.pk, 24 * 3600
             self.redis.terminate()
             self.redis.wait(10)
 
-    def start(self, target: str) -> ServerProcess:
+    def start(self, target: str, workers: int = 1) -> ServerProcess:
+        """A fresh server: ``bare``, or ours (``workers`` uvicorn worker processes on one port,
+        as ``manage.py serve --workers`` runs them)."""
         port = free_port()
         if target == "bare":
             sse_port = free_port()
@@ -226,7 +228,7 @@ print("BENCH_SETUP " + json.dumps({{"key": raw, "token": mint(user.pk, 24 * 3600
             wait_port(sse_port, server.proc, 60, server.log)
             return server
         env = self.env
-        argv = [*served_argv(env, port), "--log-level", "warning", "--backlog", "4096"]
+        argv = [*served_argv(env, port, workers), "--log-level", "warning", "--backlog", "4096"]
         if target == "ours-metrics-off":
             env = {**env, "METRICS_ENABLED": "false"}
         return ServerProcess(argv, env, self.args.server_core, port, self.logdir, target)
