@@ -192,6 +192,11 @@ if DATABASE_URL:
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Fail fast when Postgres is down: ingest answers 503 instead of hanging.
         DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 3
+        # Django turns psycopg's prepared statements off for poolers; ingest's two hot statements
+        # ask for them (stream_writes.py), nothing else does (Django's client-side cursors never
+        # prepare). Off with DATABASE_PREPARED_STATEMENTS=false, e.g. behind an old PgBouncer.
+        if env_bool("DATABASE_PREPARED_STATEMENTS", True):
+            DATABASES["default"]["OPTIONS"]["prepare_threshold"] = 5
 else:
     DATABASES = {
         "default": {
