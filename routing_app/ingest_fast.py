@@ -161,15 +161,7 @@ def _item(body: bytes) -> NotificationIn | None:
         or any(type(r) is not str or len(r) > RECIPIENT_MAX_LENGTH for r in recipients)
     ):
         return None
-    return NotificationIn(
-        topic=topic,
-        event=event,
-        data=data if data is not None else {},
-        severity=severity,
-        source=source,
-        idempotency_key=key,
-        recipients=recipients,
-    )
+    return NotificationIn.of(topic, event, data, severity, source, key, recipients)
 
 
 @functools.cache

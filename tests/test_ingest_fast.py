@@ -25,34 +25,27 @@ JSON = {"Content-Type": "application/json"}
 def cases(tag: str) -> list[tuple[str, dict, bytes | dict, dict]]:
     """(name, extra key fields, body, headers) of each request, names made unique by ``tag``."""
     topic = f"fast.{tag}"
+    every_field = {
+        "topic": topic,
+        "event": "pod.crash",
+        "data": {"pod": "web-1", "n": [1, 2.5, None, True]},
+        "severity": "critical",
+        "source": "k8s",
+        "idempotency_key": f"k-{tag}",
+        "recipients": ["ops@example.com"],
+    }
     return [
         ("minimal", {}, {"topic": topic, "event": "e"}, JSON),
         (
             "every field",
             {},
-            {
-                "topic": topic,
-                "event": "pod.crash",
-                "data": {"pod": "web-1", "n": [1, 2.5, None, True]},
-                "severity": "critical",
-                "source": "k8s",
-                "idempotency_key": f"k-{tag}",
-                "recipients": ["ops@example.com"],
-            },
+            every_field,
             JSON,
         ),
         (
             "replayed",
             {},
-            {
-                "topic": topic,
-                "event": "pod.crash",
-                "data": {"pod": "web-1", "n": [1, 2.5, None, True]},
-                "severity": "critical",
-                "source": "k8s",
-                "idempotency_key": f"k-{tag}",
-                "recipients": ["ops@example.com"],
-            },
+            every_field,
             JSON,
         ),
         (
