@@ -35,14 +35,20 @@ alternate in the same run on the same core):
   channel, i.e. without ingest, to tell the fanout path's share from ingest's.
 - idle: server RSS growth per connection from 1 to 10,000 idle subscribed sockets, without and
   with permessage-deflate negotiated (RSS is user memory; kernel socket buffers are not in it),
-  and how long one message takes to reach them all; then 25,000 sockets held for ``--hold``
-  seconds (longer than the 30 s heartbeat by default, so app and protocol pings are answered at
-  scale) after which one notification posted to one server must reach all 25,000. Sockets per
-  process are capped by RLIMIT_NOFILE's hard limit (20,000 here; raising it needs
-  CAP_SYS_RESOURCE): the 25,000 are then spread over as few server processes (all on the server
-  core, sharing Redis: the production shape) and client processes as the limit allows. Source
-  addresses 127.0.0.2-9 spread the ephemeral ports.
-- sse: 500 SSE streams on /events/<topic>/, N=200 as in ws; events/s.
+  and how long one message takes to reach them all; then ``--hold-total`` sockets (25,000 by
+  default) held for ``--hold`` seconds (longer than the 30 s heartbeat by default, so app and
+  protocol pings are answered at scale) after which one notification posted to one server must
+  reach them all. Sockets per process are capped by RLIMIT_NOFILE's hard limit (20,000 here;
+  raising it needs CAP_SYS_RESOURCE): they are spread over as few client processes as the limit
+  allows, and over as many server processes (all on the server core, sharing Redis) or, with
+  ``--hold-workers N``, one server of N uvicorn workers on one port, as ``manage.py serve
+  --workers N`` runs (the kernel hands each accepted socket to one of them). Source addresses
+  127.0.0.2-9 spread the ephemeral ports. The 50,000 aim:
+  ``--only idle --no-memory --hold-total 50000 --hold-workers 4 --hold 600``.
+- sse: 500 SSE streams on /events/<topic>/, N=200 as in ws; events/s. The limit: the bare
+  server's SSE listener (bare_ws_server.py --sse-port), which writes each message to each stream
+  as its own chunk; our edge writes a burst as one chunk per stream (the same caution as in ws:
+  the ratio compares designs).
 - metrics: with ``--metrics both`` (the default) the ws plain/deflate, latency and sse parts also
   run our server with ``METRICS_ENABLED=false`` in the same run and print on/off ratios of
   throughput, server CPU per delivery and latency: what recording metrics costs.
@@ -100,6 +106,7 @@ def base_cfg(svc: Services, server: ServerProcess, target: str) -> dict:
         "target": target,
         "host": "127.0.0.1",
         "port": server.port,
+        "sse_port": server.sse_port,
         "api_key": svc.api_key,
         "origin": BENCH_ORIGIN,
         "pids": {"server": server.pid, "redis": svc.redis_pid if target != "bare" else 0},
@@ -259,7 +266,7 @@ def run_idle(svc, args) -> dict:
     out: dict = {"memory": [], "memory_deflate": [], "hold": []}
     topic = TOPICS["idle"]
     for _ in range(args.runs):
-        for key, deflate in (("memory", False), ("memory_deflate", True)):
+        for key, deflate in () if args.no_memory else (("memory", False), ("memory_deflate", True)):
             pair = {}
             for target in args.targets:
                 extra = {
@@ -292,18 +299,28 @@ def ingest_one(port: int, api_key: str, topic: str) -> tuple[int, float]:
 
 
 def idle_hold(svc, args, topic: str) -> dict:
-    """Hold ``idle_total`` connections across as few server and client processes as the fd hard
-    limit allows (all servers on the server core, sharing Redis), then publish once to all."""
-    total = args.idle_total
+    """Hold ``hold_total`` connections across as few client processes as the fd hard limit
+    allows, on as few server processes (all on the server core, sharing Redis) or, with
+    ``--hold-workers N``, on one server of N uvicorn workers sharing its port, as a user runs
+    ``manage.py serve --workers N``; then publish once to all."""
+    total = args.hold_total
     per_process = sockets_per_process()
     n = max(1, -(-total // per_process))
+    shape = (
+        f"one server of {args.hold_workers} workers"
+        if args.hold_workers
+        else f"{n} server process(es)"
+    )
     print(
-        f"  [{time.strftime('%H:%M:%S')}] idle_hold ours: {total} connections over {n} server and "
+        f"  [{time.strftime('%H:%M:%S')}] idle_hold ours: {total} connections over {shape} and "
         f"{n} client process(es) (fd hard limit {per_process + FD_MARGIN}); "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     wait_quiet(args)
-    servers = [svc.start("ours") for _ in range(n)]
+    if args.hold_workers:
+        servers = [svc.start("ours", workers=args.hold_workers)]
+    else:
+        servers = [svc.start("ours") for _ in range(n)]
     clients: list[ClientProcess] = []
     try:
         cfg = base_cfg(svc, servers[0], "ours") | {
@@ -325,7 +342,7 @@ def idle_hold(svc, args, topic: str) -> dict:
         for c in clients:
             c.send("hold")
         time.sleep(args.hold)
-        rss_mb = [round(proc_rss_mb(srv.pid), 1) for srv in servers]
+        rss_mb = [round(tree_rss_mb(srv.pid), 1) for srv in servers]
         armed = [c.recv(60) for c in clients]
         seq, sent = ingest_one(servers[0].port, svc.api_key, topic)
         for c in clients:
@@ -337,7 +354,8 @@ def idle_hold(svc, args, topic: str) -> dict:
         reached = sum(r["reached"] for r in results)
         closed = sum(p["closed_in_hold"] for _, p in armed)
         result = {
-            "servers": n,
+            "servers": len(servers),
+            "workers": args.hold_workers or 1,
             "opened": opened,
             "connect_failed": sum(r["connect_failed"] for r in results),
             "connect_errors": [e for r in results for e in r["connect_errors"]][:3],
@@ -360,6 +378,20 @@ def idle_hold(svc, args, topic: str) -> dict:
             srv.stop()
 
 
+def tree_rss_mb(pid: int) -> float:
+    """RSS of ``pid`` and its descendants (a multi-worker server's supervisor and workers)."""
+    total, frontier = 0.0, [pid]
+    while frontier:
+        current = frontier.pop()
+        total += proc_rss_mb(current)
+        for task in Path(f"/proc/{current}/task").iterdir():
+            try:
+                frontier += [int(c) for c in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+    return total
+
+
 def proc_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -371,20 +403,24 @@ def proc_rss_mb(pid: int) -> float:
 def run_sse(svc, args) -> dict:
     out: dict = {"runs": []}
     topic = TOPICS["sse"]
-    if "ours" not in args.targets:
-        return out
-    for _ in range(args.runs):
-        extra = {
-            "path": f"/events/{topic}/?token={svc.token}",
-            "topic": topic,
-            "sse": True,
-            "subscribers": args.sse_subscribers,
-            "messages": args.sse_messages,
-            "warmup": 1,
-            "batch": 100,
-            "timeout_s": 120,
-        }
-        pair = {"ours": one_run(svc, args, "ours", "sse", extra)}
+    for run in range(args.runs):
+        pair = {}
+        for target in args.targets:
+            extra = {
+                "path": "/events/" if target == "bare" else f"/events/{topic}/?token={svc.token}",
+                "topic": topic,
+                "sse": True,
+                "subscribers": args.sse_subscribers,
+                "messages": args.sse_messages,
+                "warmup": 1,
+                "batch": 100,
+                "timeout_s": 120,
+            }
+            pair[target] = one_run(svc, args, target, "sse", extra)
+        ours, bare = pair.get("ours", {}), pair.get("bare", {})
+        if ours.get("msgs_per_s") and bare.get("msgs_per_s"):
+            pair["ratio"] = round(ours["msgs_per_s"] / bare["msgs_per_s"], 3)
+            print(f"    ratio ours/bare run {run + 1} sse: {pair['ratio']}")
         if args.metrics_off:
             pair[METRICS_OFF] = one_run(svc, args, METRICS_OFF, "sse" + SUFFIX[METRICS_OFF], extra)
             metrics_ratio(pair, "sse")
@@ -437,6 +473,13 @@ def parse_args(argv=None):
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--hold", type=float, default=None, help="idle hold seconds at 25,000")
     parser.add_argument("--no-hold", action="store_true", help="idle: memory only, no 25,000 hold")
+    parser.add_argument("--no-memory", action="store_true", help="idle: the hold only")
+    parser.add_argument(
+        "--hold-total", type=int, default=None, help="idle hold connections (default 25,000)"
+    )
+    parser.add_argument(
+        "--hold-workers", type=int, default=0, help="idle hold on one server of N uvicorn workers"
+    )
     parser.add_argument(
         "--profile", default="", help="directory: py-spy records our server in each part's run 1"
     )
@@ -461,7 +504,7 @@ def parse_args(argv=None):
     args.paced_messages = 50 if q else 150
     args.latency_messages = 100 if q else 500
     args.idle_first = 2000 if q else 10_000
-    args.idle_total = 5000 if q else 25_000
+    args.hold_total = args.hold_total or (5000 if q else 25_000)
     args.hold = args.hold if args.hold is not None else (5.0 if q else 35.0)
     args.sse_subscribers = 500
     args.sse_messages = 60 if q else 200

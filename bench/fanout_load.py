@@ -299,7 +299,7 @@ async def connect_many(cfg: dict, count: int, path: str, *, offset: int = 0, sse
     Connection ``offset + i`` goes to ``cfg["ports"][(offset + i) % len]`` when several servers."""
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
     host = cfg["host"]
-    ports = cfg.get("ports") or [cfg["port"]]
+    ports = cfg.get("ports") or [cfg["sse_port" if sse else "port"]]
 
     async def one(i: int):
         port = ports[(offset + i) % len(ports)]

@@ -83,6 +83,7 @@ class ServerProcess:
 
     def __init__(self, argv: list[str], env: dict, core: int, port: int, logdir: Path, name: str):
         self.port = port
+        self.sse_port = port  # the bare server streams SSE on a port of its own
         self.log = logdir / f"{name}-{port}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -212,15 +213,22 @@ print("BENCH_SETUP " + json.dumps({{"key": raw, "token": mint(user.pk, 24 * 3600
             self.redis.terminate()
             self.redis.wait(10)
 
-    def start(self, target: str) -> ServerProcess:
+    def start(self, target: str, workers: int = 1) -> ServerProcess:
+        """A fresh server: ``bare``, or ours (``workers`` uvicorn worker processes on one port,
+        as ``manage.py serve --workers`` runs them)."""
         port = free_port()
         if target == "bare":
+            sse_port = free_port()
             argv = [sys.executable, str(BENCH_DIR / "bare_ws_server.py"), "--port", str(port)]
-            return ServerProcess(
+            argv += ["--sse-port", str(sse_port)]
+            server = ServerProcess(
                 argv, dict(os.environ), self.args.server_core, port, self.logdir, "bare"
             )
+            server.sse_port = sse_port
+            wait_port(sse_port, server.proc, 60, server.log)
+            return server
         env = self.env
-        argv = [*served_argv(env, port), "--log-level", "warning", "--backlog", "4096"]
+        argv = [*served_argv(env, port, workers), "--log-level", "warning", "--backlog", "4096"]
         if target == "ours-metrics-off":
             env = {**env, "METRICS_ENABLED": "false"}
         return ServerProcess(argv, env, self.args.server_core, port, self.logdir, target)

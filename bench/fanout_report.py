@@ -23,13 +23,15 @@ LIBRARIES = (
     "django-eventstream",
     "django-ninja",
 )
-AIMS = {
+AIMS = {  # the speed aims: fanout at least the bare server, durable latency, memory, SSE
     "ws_msgs_per_s": 50_000,
-    "ws_ratio": 0.40,
-    "p50_ms": 2.3,
-    "p99_ms": 10.0,
-    "kb_per_idle_conn": 30.0,
+    "ws_ratio": 1.0,
+    "p50_ms": 1.5,
+    "p99_ms": 5.0,
+    "kb_per_idle_conn": 20.0,
     "sse_events_per_s": 30_000,
+    "sse_ratio": 0.75,
+    "held_connections": 50_000,  # on one machine, one publish reaching all (--hold-total)
 }
 
 
@@ -181,16 +183,21 @@ def summarize(results: dict) -> None:
                 False,
             )
         )
-        met = "MET" if held and all(held) and opened and min(opened) >= 25_000 else "NOT MET"
-        checks.append(f"  25,000 held: {held} at {total} sockets -> {met}")
+        aim = AIMS["held_connections"]
+        met = "MET" if held and all(held) and opened and min(opened) >= aim else "NOT MET"
+        checks.append(f"  {aim:,} held: {held} at {total} sockets -> {met}")
     if "sse" in results:
         runs = results["sse"]["runs"]
+        for target in ("ours", "bare"):
+            print(
+                f"sse {target} delivered events/s: {_fmt(_values(runs, target, 'msgs_per_s'))}; "
+                f"client CPU %: {_fmt(_values(runs, target, 'client_cpu_pct'))}"
+            )
+        ratios = [r["ratio"] for r in runs if "ratio" in r]
+        print(f"sse ratio ours/bare: {_fmt(ratios)}")
         vals = _values(runs, "ours", "msgs_per_s")
-        print(
-            f"sse ours delivered events/s: {_fmt(vals)}; "
-            f"client CPU %: {_fmt(_values(runs, 'ours', 'client_cpu_pct'))}"
-        )
         checks.append(_check("SSE events/s", vals, AIMS["sse_events_per_s"], True))
+        checks.append(_check("SSE ratio ours/bare", ratios, AIMS["sse_ratio"], True))
     for line in metrics_cost_lines(results):
         print(line)
     print("aims:")

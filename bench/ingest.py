@@ -10,10 +10,15 @@ redis://127.0.0.1:6379/0), DEBUG off, pinned with taskset to core 0, while this 
 Redis are not pinned. Phases, each a warm-up then a measured window:
 
 - single posts: ``--clients`` concurrent clients, each POSTing one notification at a time;
-- batches: ``--batch-clients`` concurrent clients POSTing ``--batch-size`` notifications each.
+- batches: ``--batch-clients`` concurrent clients POSTing ``--batch-size`` notifications each;
+- light load: one client POSTing ``--paced-rate`` single notifications per second (the latency
+  of a durable commit when nothing else is going on: group commit has nothing to group).
 
-First the same single-post load against a bare ASGI app on the same server core ("the limit"):
-on a machine shared with other work, compare with that rather than with absolute figures.
+The limits, measured in the same run (bench/ingest_limits.py): the same loads against a bare
+ASGI app on the same server core; pgbench running the single post's own statement from
+``--clients`` connections, one transaction each, and paced from one connection; a COPY of
+``--batch-size``-row transactions from one client. Each figure is printed beside its ratio to
+its limit: on a machine shared with other work, compare ratios rather than absolute figures.
 Prints the machine, versions, accepted notifications/s, p50/p95/p99 latency, the server's CPU use
 and RSS, and the load generator's CPU use (near 100 % means the figure is the generator's limit).
 Afterwards it checks that every accepted notification is stored and each topic's seqs are 1..N.
@@ -44,6 +49,7 @@ from urllib.parse import urlparse, urlunparse
 
 import httpx
 import psycopg
+from ingest_limits import Limit, copy_limit, statement_limit
 from served import served_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +63,7 @@ class Phase:
     name: str
     items_per_request: int
     latencies_s: list[float] = field(default_factory=list)
+    rate_per_client: float | None = None  # paced: requests/s per client, else back to back
     accepted_requests: int = 0
     other_statuses: dict[int, int] = field(default_factory=dict)
     transport_errors: int = 0
@@ -283,7 +290,11 @@ async def run_phase(
     async def worker(client_no: int) -> None:
         connection = Http11Connection(parsed.hostname, parsed.port, path, key)
         n = 0
+        next_at = time.perf_counter()
         while not stop.is_set():
+            if phase.rate_per_client:
+                next_at += 1 / phase.rate_per_client
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             if phase.items_per_request == 1:
                 body = notification(client_no, n, topics)
             else:
@@ -345,25 +356,51 @@ def check_stored(db_url: str) -> str:
     return f"{total} notifications stored in {len(rows)} topics; {verdict}"
 
 
-def report(phase: Phase, limit: Phase | None = None) -> str:
+def report(phase: Phase, *limits: Phase | Limit) -> str:
     others = f"; other statuses {phase.other_statuses}" if phase.other_statuses else ""
     if phase.transport_errors:
         others += f"; {phase.transport_errors} transport errors"
-    ratio = f" ({phase.accepted_per_s / limit.accepted_per_s:.2f}x the bare app)" if limit else ""
+    if phase.rate_per_client:  # paced: the figure is the latency
+        ratio = "".join(
+            f" (p50 {phase.percentile_ms(0.5) / limit.percentile_ms(0.5):.1f}x, p99 "
+            f"{phase.percentile_ms(0.99) / limit.percentile_ms(0.99):.1f}x {_short(limit)})"
+            for limit in limits
+        )
+    else:
+        ratio = "".join(
+            f" ({phase.accepted_per_s / _per_s(limit):.2f}x {_short(limit)})" for limit in limits
+        )
     return (
-        f"{phase.name}: {phase.accepted_per_s:,.0f} notifications/s accepted{ratio}; latency "
-        f"p50 {phase.percentile_ms(0.50):.1f} ms, p95 {phase.percentile_ms(0.95):.1f} ms, "
-        f"p99 {phase.percentile_ms(0.99):.1f} ms\n    server CPU {phase.server_cpu_pct:.0f} % of "
+        f"{phase.name}: {phase.accepted_per_s:,.0f} notifications/s accepted; latency "
+        f"p50 {phase.percentile_ms(0.50):.2f} ms, p95 {phase.percentile_ms(0.95):.2f} ms, "
+        f"p99 {phase.percentile_ms(0.99):.2f} ms{ratio}\n    server CPU "
+        f"{phase.server_cpu_pct:.0f} % of "
         f"a core = {phase.cpu_us_per_item:,.0f} us per notification; "
         f"peak RSS {phase.peak_rss_kb / 1024:.0f} MB;"
         f" load generator CPU {phase.client_cpu_pct:.0f} %{others}"
     )
 
 
+def _per_s(limit: Phase | Limit) -> float:
+    return limit.accepted_per_s if isinstance(limit, Phase) else limit.per_s
+
+
+def _short(limit: Phase | Limit) -> str:
+    return "the bare app" if isinstance(limit, Phase) else "Postgres alone"
+
+
+def paced_phase(args: argparse.Namespace, label: str = "") -> Phase:
+    return Phase(
+        f"light load: single posts x1 at {args.paced_rate:.0f}/s{label}",
+        1,
+        rate_per_client=args.paced_rate,
+    )
+
+
 def ours(
     args: argparse.Namespace, base: str, key: str, pid: int, label: str, profile: bool
-) -> tuple[Phase, Phase]:
-    """The single-post and the batch phase against one notify server."""
+) -> tuple[Phase, Phase, Phase]:
+    """The single-post, the batch and the light-load phase against one notify server."""
     profiler = None
     if args.profile and profile:
         out = Path(f"/tmp/notify-ingest-profile-{os.getpid()}.svg")
@@ -409,14 +446,19 @@ def ours(
             pid,
         )
     )
-    return single, batch
+    paced = asyncio.run(
+        run_phase(
+            base, key, paced_phase(args, label), 1, args.topics, args.warmup, args.duration, pid
+        )
+    )
+    return single, batch, paced
 
 
-def metrics_cost(on: list[tuple[Phase, Phase]], off: list[tuple[Phase, Phase]]) -> str:
+def metrics_cost(on: list[tuple[Phase, ...]], off: list[tuple[Phase, ...]]) -> str:
     """What recording metrics costs: throughput and server CPU per notification with it against
     without, each summed over the rounds."""
     parts = []
-    for index, name in enumerate(("single posts", "batches")):
+    for index, name in enumerate(("single posts", "batches", "light load")):
         with_metrics, without = [run[index] for run in on], [run[index] for run in off]
         ratio = sum(p.accepted_per_s for p in with_metrics) / sum(p.accepted_per_s for p in without)
         cpu = _cpu_per_item(with_metrics) / _cpu_per_item(without)
@@ -437,6 +479,9 @@ def main() -> None:
     parser.add_argument("--batch-clients", type=int, default=16, help="concurrent batch posters")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--topics", type=int, default=10, help="topics the load spreads over")
+    parser.add_argument(
+        "--paced-rate", type=float, default=50.0, help="light load: single posts/s from one client"
+    )
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--server-core", type=int, default=0)
     parser.add_argument("--client-core", type=int, default=1)
@@ -491,20 +536,38 @@ def main() -> None:
                     bare.pid,
                 )
             )
+            bare_paced = asyncio.run(
+                run_phase(
+                    base,
+                    key,
+                    paced_phase(args, " (the bare app)"),
+                    1,
+                    args.topics,
+                    args.warmup,
+                    args.duration,
+                    bare.pid,
+                )
+            )
         finally:
             os.killpg(bare.pid, signal.SIGTERM)
             bare.wait(timeout=30)
+        pg_single = statement_limit(db_url, args.clients, args.duration, args.topics)
+        pg_paced = statement_limit(db_url, 1, args.duration, args.topics, rate=args.paced_rate)
+        pg_copy = copy_limit(db_url, args.batch_size, args.duration, args.topics)
         print(
             f"uvicorn ({args.workers} worker(s)) on core {args.server_core}, load generator on "
             f"core {args.client_core}; {args.topics} topics; {args.warmup:.0f} s warm-up + "
             f"{args.duration:.0f} s measured per phase"
         )
         print(report(limit))
+        print(report(bare_paced))
+        for pg_limit in (pg_single, pg_paced, pg_copy):
+            print(pg_limit.line())
         modes = {"on": [True], "off": [False], "both": [True, False]}[args.metrics]
         # Rounds alternate the order (on, off, off, on, ...) so that drift (a growing table,
         # autovacuum, other work) weighs on both alike.
         order = [m for r in range(args.rounds) for m in (modes if r % 2 == 0 else modes[::-1])]
-        runs: dict[bool, list[tuple[Phase, Phase]]] = {m: [] for m in modes}
+        runs: dict[bool, list[tuple[Phase, ...]]] = {m: [] for m in modes}
         for recording in order:
             # Each mode gets a server of its own, so the one without metrics never pays for them.
             mode_env = {
@@ -520,8 +583,10 @@ def main() -> None:
                 wait_ready(base, server)
                 phases = ours(args, base, key, server.pid, label, profile=not any(runs.values()))
                 runs[recording].append(phases)
-                for phase in phases:  # the bare app's figure is of single posts
-                    print(report(phase, limit if phase.items_per_request == 1 else None))
+                single, batch, paced = phases
+                print(report(single, limit, pg_single))
+                print(report(batch, pg_copy))
+                print(report(paced, bare_paced, pg_paced))
                 print(f"idle server RSS after the run: {rss_kb(server.pid) / 1024:.0f} MB")
             finally:
                 os.killpg(server.pid, signal.SIGTERM)

@@ -1,16 +1,30 @@
-"""HTTP endpoints of the realtime edge (tokens, presence, hub counts): a Router that the
-project's API (notify_project/api.py) mounts at ``/api/v1/``."""
+"""HTTP endpoints of the realtime edge (tokens, presence, publishing with a client token, hub
+counts): a Router that the project's API (notify_project/api.py) mounts at ``/api/v1/``."""
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from django.conf import settings
 from ninja import Field, Path, Router, Schema
 from ninja.decorators import decorate_view
+from ninja.security import HttpBearer
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
-from routing_app.api import TOPIC_SCHEMA, ErrorOut, json_body, storable_text
+from routing_app.api import (
+    SINGLE_BODY_MAX_BYTES,
+    TOPIC_SCHEMA,
+    ErrorOut,
+    json_body,
+    json_response,
+    storable_text,
+)
+from routing_app.ingest import EVENT_MAX_LENGTH
+from routing_app.ingest_deadline import UNAVAILABLE_RETRY_AFTER_S
+from routing_app.models import SEVERITIES
 from routing_app.sources import JsonInt
+
+from .frame_limits import CLIENT_FRAMES_PER_S
 
 router = Router(tags=["realtime"])
 log = logging.getLogger(__name__)
@@ -170,11 +184,12 @@ def _active_user(username: str):
     return model._default_manager.filter(**{model.USERNAME_FIELD: username}, is_active=True).first()
 
 
-def _limit_token_minting(who: str) -> None:
-    """django-ratelimit's fixed window per requester (API key or session user) at TOKEN_RATE.
+def _limit(group: str, who: str, rate: str, message: str | None = None) -> None:
+    """django-ratelimit's fixed window ``group`` per requester ``who`` (API key or user) at
+    ``rate``. Sync (cache calls): run it on a database thread.
 
-    Raises RateLimited (429 with Retry-After) when over it, LimiterUnavailable (503) when the
-    cache does not answer and the limiter fails closed."""
+    Raises RateLimited (429 with Retry-After, saying ``message`` when given) when over it,
+    LimiterUnavailable (503) when the cache does not answer and the limiter fails closed."""
     from django.conf import settings
     from django_ratelimit.core import get_usage
 
@@ -182,14 +197,12 @@ def _limit_token_minting(who: str) -> None:
 
     try:
         usage = get_usage(
-            None,
-            group="notify.tokens",
-            key=lambda _group, _request: who,
-            rate=settings.TOKEN_RATE,
-            increment=True,
+            None, group=group, key=lambda _group, _request: who, rate=rate, increment=True
         )
     except Exception as exc:  # noqa: BLE001  (the cache backend's own error types vary)
-        log.warning("token rate limiter unavailable (fail open: %s)", settings.RATELIMIT_FAIL_OPEN)
+        log.warning(
+            "%s rate limiter unavailable (fail open: %s)", group, settings.RATELIMIT_FAIL_OPEN
+        )
         if settings.RATELIMIT_FAIL_OPEN:
             return
         raise LimiterUnavailable() from exc
@@ -197,7 +210,15 @@ def _limit_token_minting(who: str) -> None:
         return
     if usage["time_left"] < 0:  # django-ratelimit's answer when its cache failed (fail closed)
         raise LimiterUnavailable()
-    raise RateLimited(max(1, usage["time_left"]), settings.TOKEN_RATE)
+    limited = RateLimited(max(1, usage["time_left"]), rate)
+    if message:
+        limited.message = message
+    raise limited
+
+
+def _limit_token_minting(who: str) -> None:
+    """At most TOKEN_RATE tokens per requester (``_limit``)."""
+    _limit("notify.tokens", who, settings.TOKEN_RATE)
 
 
 @router.post(
@@ -237,6 +258,115 @@ async def create_token(request, body: TokenBody):
             raise HttpError(403, "a session may ask for a token only for its own user")
     token = mint(user.pk, body.ttl)
     return {"token": token.token, "expires_at": datetime.fromtimestamp(token.expires_at, UTC)}
+
+
+# --- publishing with a client token (POST /api/v1/topics/{topic}/publish) ----------------------
+
+# As a socket may send: CLIENT_FRAMES_PER_S frames per second (frame_limits.FrameBudget).
+PUBLISH_RATE = f"{CLIENT_FRAMES_PER_S}/s"
+
+
+class _ClientToken(HttpBearer):
+    """django-ninja auth: ``Authorization: Bearer <client token>`` (``tokens.mint``, as for
+    sockets and SSE); ``request.auth`` becomes the user's ``Principal``. 401, saying why, for a
+    missing, forged or expired token or a user that is gone or inactive."""
+
+    async def __call__(self, request):  # type: ignore[override]
+        from ninja.errors import AuthenticationError
+
+        scheme, _, raw = request.headers.get(self.header, "").partition(" ")
+        if scheme.lower() != "bearer" or not raw.strip():
+            raise AuthenticationError(
+                401, "send a client token (POST /api/v1/tokens) as 'Authorization: Bearer <token>'"
+            )
+        return await self.authenticate(request, raw.strip())
+
+    async def authenticate(self, request, token: str):  # type: ignore[override]
+        from ninja.errors import AuthenticationError
+
+        from .socket_auth import principal_for_user_id
+        from .tokens import TokenError, verify
+
+        try:
+            principal = await principal_for_user_id(verify(token))
+        except TokenError as exc:
+            raise AuthenticationError(401, str(exc)) from None
+        if principal is None:
+            raise AuthenticationError(401, "the token's user no longer exists or is inactive")
+        return principal
+
+
+class PublishBody(BaseModel):
+    """What a socket's ``publish`` frame carries, without its ``type``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event: storable_text(1, EVENT_MAX_LENGTH) = Field(  # type: ignore[valid-type]
+        examples=["deploy.start"]
+    )
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="a JSON object, at most 64 KB encoded"
+    )
+    severity: Literal[tuple(SEVERITIES)] = "info"  # type: ignore[valid-type]
+    ref: StrictStr | StrictInt | None = Field(
+        None, description="echoed in the answer, as a socket's ref is in its ack"
+    )
+
+
+class AckOut(Schema):
+    type: Literal["ack"]
+    seq: int
+    id: str
+    ref: str | int | None = Field(None, description="the request's ref, when it sent one")
+
+
+@router.post(
+    "/topics/{topic}/publish",
+    auth=_ClientToken(),
+    response={202: AckOut, **errors(400, 401, 403, 413, 415, 429, 503)},
+    summary="Publish on a topic as a user (what a socket's publish does)",
+)
+@decorate_view(json_body(SINGLE_BODY_MAX_BYTES))
+async def publish_on_topic(
+    request,
+    body: PublishBody,
+    topic: str = Path(pattern=TOPIC_SCHEMA["pattern"], max_length=TOPIC_SCHEMA["maxLength"]),
+):
+    """Store a user's notification on ``topic``, exactly as a plain socket's ``publish`` frame:
+    the topic's rules must give the token's user the publish right (403), ingest validates it
+    (400, ``loc`` names the field), and the answer is the socket's ``ack``: ``{"type": "ack",
+    "seq", "id", "ref"?}``, once committed. For clients that cannot hold a WebSocket (the JS
+    client's SSE fallback). At most ``CLIENT_FRAMES_PER_S`` per second per user (429)."""
+    from ninja.errors import HttpError
+
+    from routing_app import db_threads
+    from routing_app.ingest import IngestError
+    from routing_app.topics import is_valid_topic
+
+    from . import frames
+    from .client_publish import PublishRefused, publish
+
+    if not is_valid_topic(topic):
+        raise HttpError(400, f"topic {topic!r} is not a valid topic name")
+    principal = request.auth
+    await db_threads.run(
+        _limit,
+        "notify.publish",
+        f"user:{principal.user_id}",
+        PUBLISH_RATE,
+        f"at most {PUBLISH_RATE} publishes per user: slow down",
+    )
+    try:
+        result = await publish(principal, topic, body.event, body.data, body.severity)
+    except PublishRefused as exc:
+        if exc.code == frames.ErrorCode.FORBIDDEN:
+            raise HttpError(403, str(exc)) from None
+        if exc.code == frames.ErrorCode.INVALID:
+            raise IngestError(exc.errors or [{"loc": [], "msg": str(exc)}]) from None
+        error = HttpError(503, str(exc))
+        error.retry_after_s = UNAVAILABLE_RETRY_AFTER_S
+        raise error from None
+    return json_response(request, frames.ack(result.seq, result.id, body.ref), 202)
 
 
 # --- hub counts (GET /api/v1/realtime/hub) ------------------------------------------------------

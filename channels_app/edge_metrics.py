@@ -42,7 +42,12 @@ from .frames import ErrorCode
 
 ENABLED = instruments.ENABLED
 
-TRANSPORT_OF_ENCODING = {"plain": "websocket", "phoenix": "phoenix", "sse": "sse"}
+TRANSPORT_OF_ENCODING = {
+    "plain": "websocket",
+    "phoenix": "phoenix",
+    "sse": "sse",
+    "sse-unnamed": "sse",  # sse.py, ?unnamed=1
+}
 
 # uvicorn's ``websocket.disconnect`` code when the server shuts down (1012, Service Restart).
 SERVER_RESTART_CODE = 1012

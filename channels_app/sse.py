@@ -21,6 +21,11 @@ whose docstrings give each shape in full)::
     retry: <ms>                              reconnects with Last-Event-ID and loses nothing
     data: {"type":"error","code":"too_slow"|"unavailable","message"}
 
+``?unnamed=1``: notifications and ephemeral events come as ``event: message`` (unnamed) with the
+same ids and data, for a client that cannot register a listener per event name (EventSource
+delivers a named event only to a listener for that name); ``subscribed``, ``reset`` and
+``stream-error`` keep their names.
+
 Resume: ``Last-Event-ID`` (header, sent by EventSource on its own reconnects) or the
 ``lastEventId`` query parameter (a new EventSource cannot set headers) carries the last seq the
 client has; the stream replays what the topic stored after it, then continues live with no gap and
@@ -28,9 +33,9 @@ no duplicate at the seam (the hub handles the seam). django-eventstream's ``<cha
 is accepted too. No id: live only.
 
 Refusals are plain HTTP answers with a JSON body ``{"detail": ...}`` and no stream: 400 bad topic
-name or Last-Event-ID, or a Host not in ``ALLOWED_HOSTS``; 401 forged/expired token (or anonymous
-on a topic that needs a login); 403 topic not allowed or page origin not allowed; 405 method.
-EventSource treats a non-200 answer as
+name, Last-Event-ID or ``unnamed``, or a Host not in ``ALLOWED_HOSTS``; 401 forged/expired token
+(or anonymous on a topic that needs a login); 403 topic not allowed or page origin not allowed;
+405 method. EventSource treats a non-200 answer as
 final (no reconnect loop). Transient trouble after acceptance (Redis or the database unreachable)
 is a ``stream-error`` with ``retry``, so EventSource tries again by itself.
 
@@ -70,7 +75,7 @@ from routing_app.topics import is_valid_topic
 from . import edge_metrics, frames
 from .authz import READ, Principal, adecide, decide
 from .frames import ErrorCode
-from .hub import HubUnavailable, Message, Unsubscribed, hub
+from .hub import Batch, HubUnavailable, Message, Unsubscribed, hub
 from .presence import ConnectionPresence
 from .sender import ConnectionSender, limit_kernel_buffer
 from .socket_auth import header, origin_allowed, principal_for_scope
@@ -79,6 +84,11 @@ from .tokens import TokenError
 log = logging.getLogger(__name__)
 
 ENCODING = "sse"
+# ?unnamed=1: every notification and topic event as an unnamed ("message") event, for a client
+# that cannot know the event names in advance (EventSource delivers a named event only to a
+# listener registered for that name): the JS client's fallback from WebSocket.
+UNNAMED_ENCODING = "sse-unnamed"
+UNNAMED = "message"
 TRANSPORT = "sse"  # in the metrics
 UNAVAILABLE_RETRY_MS = 5000  # EventSource waits this long before reconnecting after trouble
 OPEN_CHUNK = b": open\n\n"
@@ -97,7 +107,13 @@ def encode_sse(message: Message) -> bytes:
     ).encode()
 
 
+def encode_sse_unnamed(message: Message) -> bytes:
+    """The same event under the name ``message``; cached as ``encode_sse``'s is."""
+    return sse_encode_event(UNNAMED, message.encoded("plain"), event_id=message.seq).encode()
+
+
 hub.register_encoder(ENCODING, encode_sse)
+hub.register_encoder(UNNAMED_ENCODING, encode_sse_unnamed)
 
 
 def _json(data: dict) -> str:
@@ -147,6 +163,19 @@ def last_event_id(scope: dict, topic: str) -> int | None:
     return since
 
 
+def unnamed_events(scope: dict) -> bool:
+    """The ``unnamed`` query parameter: ``1``/``true`` sends every notification and topic event
+    as an unnamed ``message`` event; absent, ``0`` or ``false`` names each by its ``event``.
+    Raises BadRequest for any other value."""
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("unnamed", [])
+    value = values[-1].strip().lower() if values else ""
+    if value in ("", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise BadRequest(f"unnamed must be 1, true, 0 or false, not {value[:40]!r}")
+
+
 def needs_reset(since: int, last_seq: int, oldest_seq: int | None) -> bool:
     """``since`` cannot be resumed: retention deleted seqs after it, or it is ahead of the stream.
     (The hub's rule in ``Hub._join``; decided here first so ``reset`` precedes any event.)"""
@@ -191,11 +220,19 @@ class EventStream:
     """A hub subscriber writing one topic to one SSE response (see ``sender.ConnectionSender``:
     immediate writes, bounded backlog, then ``overflow``)."""
 
-    encoding = ENCODING
-    __slots__ = ("topic", "sender", "finished", "presence", "subscribed", "_keepalive")
+    __slots__ = (
+        "topic",
+        "encoding",
+        "sender",
+        "finished",
+        "presence",
+        "subscribed",
+        "_keepalive",
+    )
 
-    def __init__(self, topic: str, send, principal: Principal) -> None:
+    def __init__(self, topic: str, send, principal: Principal, unnamed: bool = False) -> None:
         self.topic = topic
+        self.encoding = UNNAMED_ENCODING if unnamed else ENCODING
         self.presence = ConnectionPresence(topic, principal, "sse")
         self.sender = ConnectionSender(send, settings.SOCKET_SEND_QUEUE, self.overflow)
         self.finished = asyncio.get_running_loop().create_future()
@@ -205,8 +242,20 @@ class EventStream:
     def deliver(self, frame: bytes, message: Message) -> None:
         self.sender.push(_body(frame))
 
+    def deliver_batch(self, batch: Batch) -> None:
+        """A burst of the topic's messages as one body chunk: one send (one write, one chunk
+        header) per stream instead of one per message; the events inside are unchanged. Behind
+        a send that is waiting, one chunk per message, so that the backlog bound
+        (``SOCKET_SEND_QUEUE`` chunks) still counts messages for a reader that fell behind."""
+        if self.sender.backlog:
+            for frame in batch.frames(self.encoding):
+                self.sender.push(_body(frame))
+        else:
+            self.sender.push(_body(batch.joined(self.encoding)))
+
     def deliver_event(self, topic: str, event: str, payload: dict) -> None:
-        self.sender.push(_body(_event(event, frames.event(topic, event, payload))))
+        name = UNNAMED if self.encoding == UNNAMED_ENCODING else event
+        self.sender.push(_body(_event(name, frames.event(topic, event, payload))))
 
     def push(self, chunk: bytes) -> None:
         self.sender.push(_body(chunk))
@@ -283,6 +332,7 @@ async def sse_app(scope: dict, receive, send) -> None:
         return
     try:
         since = last_event_id(scope, topic)
+        unnamed = unnamed_events(scope)
         principal = await principal_for_scope(scope)
         decision = await adecide(principal, topic, READ)
     except BadRequest as exc:
@@ -303,7 +353,7 @@ async def sse_app(scope: dict, receive, send) -> None:
                 send, scope, 401, f"{decision.reason}: log in, or pass a token as ?token="
             )
         return
-    await _stream(scope, receive, send, topic, since, principal)
+    await _stream(scope, receive, send, topic, since, principal, unnamed)
 
 
 async def _unavailable(scope: dict, send, message: str) -> None:
@@ -329,12 +379,18 @@ async def _preflight(scope: dict, send) -> None:
 
 
 async def _stream(
-    scope: dict, receive, send, topic: str, since: int | None, principal: Principal
+    scope: dict,
+    receive,
+    send,
+    topic: str,
+    since: int | None,
+    principal: Principal,
+    unnamed: bool = False,
 ) -> None:
     # As for sockets: a reader that stops is dropped after ~SOCKET_SEND_QUEUE events, not after
     # the kernel has buffered megabytes for it.
     limit_kernel_buffer(send)
-    events = EventStream(topic, send, principal)
+    events = EventStream(topic, send, principal, unnamed)
     start = {
         "type": "http.response.start",
         "status": 200,

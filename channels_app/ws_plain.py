@@ -33,8 +33,8 @@ from django.db import DatabaseError
 
 from routing_app.topics import is_valid_topic
 
-from . import edge_metrics, frame_limits, frames, socket_auth
-from .authz import PUBLISH, READ, adecide
+from . import client_publish, edge_metrics, frame_limits, frames, socket_auth
+from .authz import READ, adecide
 from .close_codes import CloseCode
 from .frames import ErrorCode
 from .hub import JSON_SEPARATORS, Batch, HubUnavailable, Message, SubscribeResult, Unsubscribed, hub
@@ -312,27 +312,16 @@ async def _on_frame(sock: PlainSocket, event: dict) -> None:
 
 
 async def _publish(sock: PlainSocket, frame: dict, ref) -> None:
-    from routing_app.ingest import IngestError, NotificationIn, aingest
-
-    decision = await adecide(sock.principal, sock.topic, PUBLISH)
-    if not decision.allowed:
-        sock.error(ErrorCode.FORBIDDEN, decision.reason, ref)
-        return
-    event, data, severity = frame.get("event"), frame.get("data", {}), frame.get("severity", "info")
-    if not isinstance(event, str) or not isinstance(severity, str):
-        sock.error(ErrorCode.INVALID, "publish needs event (a string) and data (an object)", ref)
-        return
-    item = NotificationIn(
-        topic=sock.topic, event=event, data=data, severity=severity, source="user"
-    )
     try:
-        [result] = await aingest([item])
-    except IngestError as exc:
-        sock.error(ErrorCode.INVALID, str(exc), ref)
-        return
-    except DatabaseError:
-        log.warning("publish from a socket failed: database unavailable", exc_info=True)
-        sock.error(ErrorCode.UNAVAILABLE, "could not store the notification; try again", ref)
+        result = await client_publish.publish(
+            sock.principal,
+            sock.topic,
+            frame.get("event"),
+            frame.get("data", {}),
+            frame.get("severity", "info"),
+        )
+    except client_publish.PublishRefused as exc:
+        sock.error(exc.code, str(exc), ref)
         return
     sock.send_json(frames.ack(result.seq, result.id, ref))
 

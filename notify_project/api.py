@@ -19,6 +19,7 @@ from ninja import NinjaAPI
 from ninja.errors import HttpError, ValidationError
 
 from channels_app.api import router as realtime_router
+from channels_app.push_api import router as push_router
 from routing_app import apikeys
 from routing_app.api import RENDERER, error_response
 from routing_app.api import router as ingest_router
@@ -123,3 +124,4 @@ def _on_unexpected_error(request: HttpRequest, exc: Exception) -> HttpResponse:
 api.add_router("", ingest_router)
 api.add_router("", realtime_router)
 api.add_router("", delivery_router)
+api.add_router("", push_router)

@@ -192,6 +192,11 @@ if DATABASE_URL:
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Fail fast when Postgres is down: ingest answers 503 instead of hanging.
         DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = 3
+        # Django turns psycopg's prepared statements off for poolers; ingest's two hot statements
+        # ask for them (stream_writes.py), nothing else does (Django's client-side cursors never
+        # prepare). Off with DATABASE_PREPARED_STATEMENTS=false, e.g. behind an old PgBouncer.
+        if env_bool("DATABASE_PREPARED_STATEMENTS", True):
+            DATABASES["default"]["OPTIONS"]["prepare_threshold"] = 5
 else:
     DATABASES = {
         "default": {
@@ -380,6 +385,32 @@ if SMS_MAX_SEGMENTS < 1:
     raise ImproperlyConfigured("SMS_MAX_SEGMENTS must be at least 1")
 
 DEMO_ADMIN_PASSWORD = env_str("DEMO_ADMIN_PASSWORD", "admin")
+
+# Web Push (routing_app/push/): the VAPID key pair, base64url as `manage.py push keys` prints
+# it (the private key's raw 32 bytes, the public key's 65-byte uncompressed point: the browser's
+# applicationServerKey), and the contact push services may use (mailto: or https:). Unset: push
+# channels' providers are unhealthy and GET /api/v1/push/key answers 503.
+WEBPUSH_VAPID_PRIVATE_KEY = env_str("WEBPUSH_VAPID_PRIVATE_KEY")
+WEBPUSH_VAPID_PUBLIC_KEY = env_str("WEBPUSH_VAPID_PUBLIC_KEY")
+WEBPUSH_VAPID_SUBJECT = env_str("WEBPUSH_VAPID_SUBJECT", "mailto:notify@localhost")
+if bool(WEBPUSH_VAPID_PRIVATE_KEY) != bool(WEBPUSH_VAPID_PUBLIC_KEY):
+    raise ImproperlyConfigured(
+        "set both WEBPUSH_VAPID_PRIVATE_KEY and WEBPUSH_VAPID_PUBLIC_KEY (python manage.py push "
+        "keys prints a pair), or neither"
+    )
+if not WEBPUSH_VAPID_SUBJECT.startswith(("mailto:", "https:")):
+    raise ImproperlyConfigured(
+        f"WEBPUSH_VAPID_SUBJECT={WEBPUSH_VAPID_SUBJECT!r} must be a mailto: or https: URL "
+        "(RFC 8292 section 2.1), e.g. mailto:ops@example.com"
+    )
+# How long a push service keeps a message for an offline browser, seconds (a push channel's
+# option ttl overrides it). pywebpush's default, 0, lets the service drop it at once.
+WEBPUSH_TTL_S = env_int("WEBPUSH_TTL_S", 24 * 3600)
+if not 0 <= WEBPUSH_TTL_S <= 28 * 24 * 3600:
+    raise ImproperlyConfigured("WEBPUSH_TTL_S must be between 0 and 2419200 (28 days)")
+# Subscriptions whose endpoint is plain http:// on a loopback address (a local push-service
+# stand-in in development and tests); every other endpoint must be https://.
+WEBPUSH_LOOPBACK_HTTP = env_bool("WEBPUSH_LOOPBACK_HTTP", DEBUG)
 
 # --- metrics (routing_app/metrics/) ---------------------------------------------------------
 

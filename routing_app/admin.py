@@ -33,6 +33,7 @@ from .models import (
     Source,
     Topic,
 )
+from .push.admin import PushSubscriptionAdmin  # noqa: F401  (registers it)
 from .stream_writes import trim_retention
 
 # --- topics and their streams ---------------------------------------------------------------

@@ -147,14 +147,14 @@ class NotificationBody(BaseModel):
     )
 
     def to_item(self) -> NotificationIn:
-        return NotificationIn(
-            topic=self.topic,
-            event=self.event,
-            data=self.data if self.data is not None else {},
-            severity=self.severity,
-            source=self.source,
-            idempotency_key=self.idempotency_key,
-            recipients=self.recipients,
+        return NotificationIn.of(
+            self.topic,
+            self.event,
+            self.data,
+            self.severity,
+            self.source,
+            self.idempotency_key,
+            self.recipients,
         )
 
 

@@ -29,6 +29,7 @@ from django.core.cache import caches
 from django.db.models.signals import post_delete, post_save
 from django.http import HttpRequest
 from django.utils import timezone
+from django_redis.cache import RedisCache
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError
 from ninja.security import HttpBearer
 
@@ -209,20 +210,37 @@ def take(info: KeyInfo, requests: int = 1) -> tuple[int, int]:
     retry_after_s = max(1, math.ceil((window + 1) * period_s - now))
     if not fallback.should_probe():
         return _take_unshared(info, requests, retry_after_s)
-    cache = caches[settings.RATELIMIT_USE_CACHE]
     cache_key = f"rate:{RATE_GROUP}:{info.prefix}:{period_s}:{window}"
     try:
-        cache.add(cache_key, 0, timeout=period_s + RATE_KEY_FUDGE_S)
-        try:
-            total = cache.incr(cache_key, requests)
-        except ValueError:  # the key expired between add and incr
-            cache.add(cache_key, requests, timeout=period_s + RATE_KEY_FUDGE_S)
-            total = requests
+        total = _count(cache_key, requests, period_s + RATE_KEY_FUDGE_S)
     except redis.RedisError as exc:
         fallback.store_failed(exc)
         return _take_unshared(info, requests, retry_after_s)
     fallback.store_answered()
     return max(0, min(requests, limit - (total - requests))), retry_after_s
+
+
+def _count(cache_key: str, requests: int, ttl_s: int) -> int:
+    """Add ``requests`` to the window's counter (created with ``ttl_s``); return the new total.
+
+    On django-redis, ``SET NX EX`` and ``INCRBY`` go in one pipeline: one round trip, where
+    ``cache.add`` then ``cache.incr`` take two and django-redis's ``incr`` sends a Lua script
+    each time (measured at light load: 0.82 ms per group before, the largest share of a single
+    post's answer after the database). The counter is the same integer key ``cache.incr`` keeps.
+    """
+    cache = caches[settings.RATELIMIT_USE_CACHE]
+    if isinstance(cache, RedisCache):
+        key = cache.make_key(cache_key)
+        with cache.client.get_client(write=True).pipeline(transaction=False) as pipe:
+            pipe.set(key, 0, ex=ttl_s, nx=True)
+            pipe.incrby(key, requests)
+            return pipe.execute()[1]
+    cache.add(cache_key, 0, timeout=ttl_s)
+    try:
+        return cache.incr(cache_key, requests)
+    except ValueError:  # the key expired between add and incr
+        cache.add(cache_key, requests, timeout=ttl_s)
+        return requests
 
 
 def _take_unshared(info: KeyInfo, requests: int, retry_after_s: int) -> tuple[int, int]:

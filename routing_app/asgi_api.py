@@ -33,6 +33,7 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
+from . import ingest_fast
 from .allowed_hosts import host_allowed, refuse
 from .metrics.instruments import INGEST_DURATION
 
@@ -97,13 +98,16 @@ class IngestASGIHandler(ASGIHandler):
 
 
 def with_ingest_api(http_app):
-    """ASGI ``http`` app: ingest endpoints to ``IngestASGIHandler``, the rest to ``http_app``."""
+    """ASGI ``http`` app: ingest endpoints to ``IngestASGIHandler`` (a well-formed single post to
+    its fast path, ingest_fast.py), the rest to ``http_app``."""
     ingest = IngestASGIHandler()
 
     async def app(scope: dict, receive, send) -> None:
         if scope["type"] == "http" and INGEST_PATH.match(scope["path"]):
             if not host_allowed(scope):  # Django's CommonMiddleware would have, via get_host
                 return await refuse(scope, receive, send)
+            if ingest_fast.takes(scope):
+                return await ingest_fast.serve(ingest, scope, receive, send)
             return await ingest(scope, receive, send)
         return await http_app(scope, receive, send)
 

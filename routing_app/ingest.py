@@ -80,6 +80,28 @@ class NotificationIn:
     # ``data`` as stored (compact JSON), set by validate() so it is encoded once
     data_json: str | None = field(default=None, init=False, repr=False, compare=False)
 
+    @classmethod
+    def of(
+        cls,
+        topic: str,
+        event: str,
+        data: dict | None = None,
+        severity: str = "info",
+        source: str = "api",
+        idempotency_key: str | None = None,
+        recipients=(),
+    ) -> NotificationIn:
+        """From the fields a request or a caller gives (no data: an empty object)."""
+        return cls(
+            topic=topic,
+            event=event,
+            data=data if data is not None else {},
+            severity=severity,
+            source=source,
+            idempotency_key=idempotency_key,
+            recipients=list(recipients or ()),
+        )
+
     def body_hash(self) -> str:
         body = [self.topic, self.event, self.data, self.severity, sorted(self.recipients)]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -169,8 +169,11 @@ class Channel(models.Model):
         EMAIL = "email", "Email"
         SMS = "sms", "SMS"
         WEBHOOK = "webhook", "Webhook"
+        PUSH = "push", "Web Push"
 
     REALTIME_KINDS = {Kind.WEBSOCKET, Kind.PHOENIX, Kind.SSE, Kind.PUBSUB}
+    # The kinds delivered per recipient through delivery/ (rows, providers, breakers).
+    OUTBOUND_KINDS = {Kind.EMAIL, Kind.SMS, Kind.WEBHOOK, Kind.PUSH}
     # Options each kind accepts, with the type each must have.
     KIND_OPTIONS: dict[str, dict[str, type]] = {
         "websocket": {},
@@ -180,6 +183,7 @@ class Channel(models.Model):
         "email": {"from_email": str, "reply_to": str},
         "sms": {"from_number": str, "max_segments": int},
         "webhook": {"headers": dict},
+        "push": {"ttl": int, "url": str},
     }
 
     name = models.CharField(max_length=100, unique=True)
@@ -287,7 +291,7 @@ class Channel(models.Model):
             seen.add(backup.pk)
             backup = backup.backup
         if self.backup_id and self.backup and self.backup.kind in self.REALTIME_KINDS:
-            errors.setdefault("backup", "a backup must be an email, SMS or webhook channel")
+            errors.setdefault("backup", "a backup must be an email, SMS, webhook or push channel")
         if errors:
             raise ValidationError(errors)
 
@@ -305,7 +309,8 @@ class Provider(models.Model):
     url = models.CharField(
         max_length=500,
         help_text="smtp://user@host:port, smtps://, anymail://postmark, console://, "
-        "https://sms-gateway/2010-04-01/Accounts/<sid>/Messages.json, or the webhook URL.",
+        "https://sms-gateway/2010-04-01/Accounts/<sid>/Messages.json, the webhook URL, or "
+        "webpush:// (each push goes to its subscription's endpoint).",
     )
     weight = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
     enabled = models.BooleanField(default=True)
@@ -350,6 +355,7 @@ class Provider(models.Model):
             "email": ("smtp://", "smtps://", "anymail://", "console://"),
             "sms": ("http://", "https://", "console://"),
             "webhook": ("http://", "https://"),
+            "push": ("webpush://",),
         }
         try:
             # The channel may be unsaved (added together with this provider in one admin form).
@@ -492,6 +498,7 @@ class ApiKey(models.Model):
 # Deliveries, their attempts and the providers' breaker states live in delivery/models.py.
 from .alerts.models import Alert, AlertRule, Silence  # noqa: E402
 from .delivery.models import Attempt, BreakerState, Delivery  # noqa: E402
+from .push.models import PushSubscription  # noqa: E402
 
 __all__ = [
     "Alert",
@@ -504,6 +511,7 @@ __all__ = [
     "Delivery",
     "Notification",
     "Provider",
+    "PushSubscription",
     "Route",
     "Silence",
     "Topic",

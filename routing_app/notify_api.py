@@ -12,18 +12,6 @@ from __future__ import annotations
 from .ingest import IngestResult, NotificationIn, aingest, ingest
 
 
-def _item(topic, event, data, severity, source, idempotency_key, recipients) -> NotificationIn:
-    return NotificationIn(
-        topic=topic,
-        event=event,
-        data=data if data is not None else {},
-        severity=severity,
-        source=source,
-        idempotency_key=idempotency_key,
-        recipients=list(recipients or ()),
-    )
-
-
 def notify(
     topic: str,
     event: str,
@@ -42,7 +30,7 @@ def notify(
     transaction, and disappears with it on rollback; until then the topic's row stays locked, so
     other writers of the topic wait: keep such transactions short.
     """
-    item = _item(topic, event, data, severity, source, idempotency_key, recipients)
+    item = NotificationIn.of(topic, event, data, severity, source, idempotency_key, recipients)
     return ingest([item])[0]
 
 
@@ -57,5 +45,5 @@ async def anotify(
     recipients: list[str] | None = None,
 ) -> IngestResult:
     """``notify`` for async code (runs the transaction on a database thread)."""
-    item = _item(topic, event, data, severity, source, idempotency_key, recipients)
+    item = NotificationIn.of(topic, event, data, severity, source, idempotency_key, recipients)
     return (await aingest([item]))[0]

@@ -14,7 +14,7 @@ way, and routing_app alone (no realtime edge installed) stores and routes withou
 Realtime fanout is per topic, not per route: every notification is published once on its topic's
 stream, because a client's resume reads the same stream from the database (a live path filtered by
 routes would disagree with the replayed one). Routes choose the outbound channels: ``pubsub``,
-``email``, ``sms``, ``webhook``.
+``email``, ``sms``, ``webhook``, ``push`` (one delivery per browser subscription of each user).
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 from .addresses import address_kind
 from .delivery import dispatch
 from .metrics.instruments import ingested
-from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, Route
+from .models import SEVERITY_RANK, Channel, Contact, Delivery, Notification, PushSubscription, Route
 from .pubsub import publish_pubsub
 from .topics import topic_matches
 
 log = logging.getLogger(__name__)
 
 ROUTES_CACHE_S = 5.0  # routes change rarely; other processes see an edit within this time
-OUTBOUND_KINDS = {Channel.Kind.EMAIL, Channel.Kind.SMS, Channel.Kind.WEBHOOK}
+OUTBOUND_KINDS = Channel.OUTBOUND_KINDS
+# The kinds a user is reached over: their contact's email and phone, their push subscriptions.
+USER_KINDS = (Channel.Kind.EMAIL, Channel.Kind.SMS, Channel.Kind.PUSH)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def invalidate_routes(**_kwargs) -> None:
     _cache = None
 
 
-for _model in (Route, Channel, Contact):
+for _model in (Route, Channel, Contact, PushSubscription):
     post_save.connect(invalidate_routes, sender=_model, dispatch_uid=f"routes-{_model.__name__}")
     post_delete.connect(
         invalidate_routes, sender=_model, dispatch_uid=f"routes-d-{_model.__name__}"
@@ -107,26 +109,36 @@ for _through in (Route.channels.through, Route.users.through, Route.groups.throu
     m2m_changed.connect(invalidate_routes, sender=_through, dispatch_uid=f"routes-m2m-{_through}")
 
 
-def user_address(user, kind: str) -> str | None:
-    """Where ``user`` is reached over a channel of ``kind`` (email, sms), or None."""
+def user_addresses(user, kind: str) -> list[str]:
+    """Where ``user`` is reached over a channel of ``kind``: their email or phone (at most one),
+    the endpoints of their push subscriptions, newest first (any number); [] for other kinds."""
+    if kind == Channel.Kind.PUSH:
+        return [s.endpoint for s in user.push_subscriptions.all()]
     try:
         contact = user.contact
     except Contact.DoesNotExist:
         contact = None
     if kind == Channel.Kind.EMAIL:
-        return (contact.email if contact else "") or user.email or None
-    if kind == Channel.Kind.SMS:
-        return (contact.phone if contact else "") or None
-    return None
+        address = (contact.email if contact else "") or user.email
+    elif kind == Channel.Kind.SMS:
+        address = contact.phone if contact else ""
+    else:
+        address = ""
+    return [address] if address else []
+
+
+def user_address(user, kind: str) -> str | None:
+    """The first of ``user_addresses``, or None: where one delivery reaches ``user`` (a test
+    send, a failover: a push subscription's newest browser)."""
+    addresses = user_addresses(user, kind)
+    return addresses[0] if addresses else None
 
 
 def _user_addresses(users) -> dict[str, list[tuple[str, int]]]:
-    out: dict[str, list[tuple[str, int]]] = {"email": [], "sms": []}
+    out: dict[str, list[tuple[str, int]]] = {kind: [] for kind in USER_KINDS}
     for user in users:
         for kind, addresses in out.items():
-            address = user_address(user, kind)
-            if address:
-                addresses.append((address, user.pk))
+            addresses.extend((address, user.pk) for address in user_addresses(user, kind))
     return out
 
 
@@ -139,12 +151,14 @@ def compiled_routes() -> list[CompiledRoute]:
     routes = []
     query = Route.objects.filter(enabled=True).prefetch_related("channels", "users", "groups")
     for route in query:
-        users = {u.pk: u for u in route.users.select_related("contact")}
+        users = {
+            u.pk: u
+            for u in route.users.select_related("contact").prefetch_related("push_subscriptions")
+        }
         group_ids = [g.pk for g in route.groups.all()]
         if group_ids:
-            for user in User.objects.filter(groups__in=group_ids, is_active=True).select_related(
-                "contact"
-            ):
+            members = User.objects.filter(groups__in=group_ids, is_active=True)
+            for user in members.select_related("contact").prefetch_related("push_subscriptions"):
                 users[user.pk] = user
         by_kind = _user_addresses(users.values())
         by_kind["webhook"] = []

@@ -17,6 +17,14 @@ Three ways, chosen by measurement (CPU per ingest on Postgres 15, psycopg 3, thi
   value by value). The topic locks are held from the first statement to the commit: one round
   trip to take them however many topics, not one per topic, keeps that window short.
 - Other databases (SQLite, the embedded mode): an ``UPDATE`` per topic, then ``bulk_create``.
+
+On Postgres the two fixed statements (the one-topic insert and the lock of several topics) run
+as prepared statements with server-side binding (``_prepared``), not as the text with values
+interpolated that Django's psycopg cursor sends: Postgres then neither parses nor plans them
+again. Measured for the single post's statement and its commit: p50 0.72 -> 0.46 ms back to
+back, 1.83 -> 1.33 ms at 50/s. Behind PgBouncer in transaction mode this needs PgBouncer 1.21 or
+later with ``max_prepared_statements`` set, or ``DATABASE_PREPARED_STATEMENTS=false`` (settings.py,
+docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+import psycopg
 from django.db import connection, models, transaction
 from django.utils import timezone
 
@@ -154,9 +163,7 @@ def _advance_all(counts: dict[str, int]) -> dict[str, tuple[int, int]]:
     new = [name for name in names if name not in _known_topics]
     if new:  # before any lock, so creating never waits while we hold a topic's lock
         Topic.objects.bulk_create([Topic(name=name) for name in new], ignore_conflicts=True)
-    with connection.cursor() as cursor:
-        cursor.execute(_ADVANCE_ALL_SQL, [names, names, [counts[name] for name in names]])
-        advanced = cursor.fetchall()
+    advanced = _prepared(_ADVANCE_ALL_SQL, [names, names, [counts[name] for name in names]])
     taken = {name: (topic_id, last_seq - counts[name] + 1) for name, topic_id, last_seq in advanced}
     # Only once committed: a topic this transaction created is invisible to others until then,
     # and a writer that skipped creating it would lock it out of name order (a deadlock).
@@ -196,12 +203,20 @@ def _insert_statement(name: str, rows: list[Notification]) -> tuple[int, int] | 
         f"SELECT {', '.join(selected)} FROM t, (VALUES {', '.join([one_row] * len(rows))}) "
         f"AS v({value_names}) RETURNING topic_id, seq"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        inserted = cursor.fetchall()
+    inserted = _prepared(sql, params)
     if not inserted:
         return None
     return inserted[0][0], min(seq for _, seq in inserted)
+
+
+def _prepared(sql: str, params: list) -> list[tuple]:
+    """Postgres: run ``sql`` (``%s`` placeholders) in the current transaction as a prepared
+    statement with server-side binding (see the module docstring); its rows. Errors are Django's
+    database errors, as from any cursor."""
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(sql, params, prepare=True)
+        return cursor.fetchall()
 
 
 def _copy(rows: list[Notification]) -> None:

@@ -25,12 +25,13 @@ from routing_app.models import (
     Delivery,
     Notification,
     Provider,
+    PushSubscription,
     Route,
     Silence,
     Topic,
 )
 
-READ_ONLY_MODELS = {Notification, Delivery, BreakerState, Alert}
+READ_ONLY_MODELS = {Notification, Delivery, BreakerState, Alert, PushSubscription}
 RAW_KEY_RE = re.compile(r"nk_[0-9a-f]{8}_[A-Za-z0-9_-]{20,}")
 
 
@@ -55,6 +56,13 @@ def every_kind_of_row(admin_user, api_key):
     route.channels.add(email)
     route.users.add(admin_user)
     Contact.objects.create(user=admin_user, phone="+4915112345678")
+    PushSubscription.objects.create(
+        user=admin_user,
+        endpoint="https://fcm.googleapis.com/fcm/send/alice-laptop",
+        p256dh="B" + "A" * 86,
+        auth="A" * 22,
+        user_agent="Firefox/140",
+    )
     [result] = ingest([NotificationIn(topic="alerts.k8s", event="pod.crash", data={"pod": "a"})])
     notification = Notification.objects.get(pk=result.id)
     row = Delivery.objects.create(

@@ -166,6 +166,32 @@ async def test_a_batch_reaches_each_subscriber_as_one_batch_per_topic_in_order(c
     await hub.unsubscribe("hub.batch.b", second)
 
 
+async def test_an_sse_stream_gets_a_burst_as_one_body_chunk_in_order(clean_hub):
+    """The SSE edge writes a burst in one send (one chunk), its events unchanged and in order."""
+    from channels_app.authz import Principal
+    from channels_app.sse import EventStream, encode_sse
+
+    chunks: list[bytes] = []
+    got_ten = asyncio.Event()
+
+    async def send(event: dict) -> None:
+        chunks.append(event["body"])
+        if b"id: 10\n" in event["body"]:
+            got_ten.set()
+
+    stream = EventStream("hub.sse.burst", send, Principal(None))
+    await hub.subscribe("hub.sse.burst", stream)
+    await sync_to_async(ingest)([NotificationIn(topic="hub.sse.burst", event="tick")] * 10)
+    await asyncio.wait_for(got_ten.wait(), 10)
+    assert len(chunks) == 1
+    stored = await sync_to_async(stream_reads.history_page)("hub.sse.burst", 0, 100)
+    expected = [
+        encode_sse(Message("hub.sse.burst", env["seq"], env)) for env in stored.notifications
+    ]
+    assert chunks[0] == b"".join(expected)
+    await hub.unsubscribe("hub.sse.burst", stream)
+
+
 @pytest.mark.skipif(not settings.REDIS_URL, reason="bus payloads need Redis")
 async def test_a_bus_array_in_any_json_layout_is_accepted_in_order(clean_hub, held_publishes):
     import redis.asyncio as aioredis

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import caches
 from django.db import connection
 
-from routing_app import db_threads
+from routing_app import apikeys, db_threads
 from routing_app.models import ApiKey, Notification
 from tests.apiclient import bearer, create_key
 from tests.servers import free_port
@@ -350,6 +353,21 @@ async def test_key_over_its_rate_gets_429_with_retry_after(api, transactional_db
     assert [s.status_code for s in statuses] == [202, 202, 429]
     assert 1 <= int(statuses[2].headers["Retry-After"]) <= 60
     assert await rows() == [("alerts.disk", 1), ("alerts.disk", 2)]
+
+
+@pytest.mark.skipif(not settings.REDIS_URL, reason="the shared counter lives in Redis")
+def test_a_keys_counter_is_shared_and_expires_after_its_window(db):
+    """The counter every process of every host adds to: one integer key per key and window
+    (what ``cache.incr`` keeps), created with the window's lifetime so it never outlives it."""
+    prefix = uuid.uuid4().hex[:8]
+    key = apikeys.KeyInfo(1, "k", prefix, "", frozenset(), frozenset(), (), "3/m", False)
+    assert [apikeys.take(key)[0] for _ in range(4)] == [1, 1, 1, 0]
+    assert apikeys.take(key, 5)[0] == 0
+
+    cache = caches[settings.RATELIMIT_USE_CACHE]
+    [name] = cache.keys(f"rate:*:{prefix}:*")
+    assert cache.get(name) == 9
+    assert 0 < cache.ttl(name) <= 60 + apikeys.RATE_KEY_FUDGE_S
 
 
 async def test_batch_item_with_data_over_64_kb_gets_400_naming_it(api, ingest_key):

@@ -37,7 +37,13 @@ JS_DIR = ROOT / "tests" / "js"
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_TIMEOUT_MS = 20_000  # upper bound for one awaited page condition; passing runs take far less
 RECONNECT_TIMEOUT_MS = 30_000  # includes the client's backoff (capped at 1 s in the page)
-NODE_TEST_FILES = ("socket.test.js", "composables.test.js", "sse.test.js", "reconnect.test.js")
+NODE_TEST_FILES = (
+    "socket.test.js",
+    "composables.test.js",
+    "sse.test.js",
+    "reconnect.test.js",
+    "fallback.test.js",
+)
 
 
 def _missing_tools() -> list[str]:
@@ -196,6 +202,14 @@ class Browser:
                 f"{expr} never became {want}; it is {json.dumps(self.eval(expr))}\n{exc}"
             ) from None
 
+    def leave(self) -> None:
+        """Navigate away (to about:blank): the page, its sockets and streams are gone."""
+        self._call("leave", "")
+
+    def come_back(self) -> None:
+        """Load the test page again (its origin's localStorage kept)."""
+        self._call("return", "")
+
     def close(self) -> None:
         self.proc.stdin.close()
         try:
@@ -224,7 +238,8 @@ def browser(page_server, servers, server_env, tmp_path_factory) -> Iterator[Brow
 
 
 def test_client_unit_tests_pass_in_node(tools):
-    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats;
+    """Backoff bounds, queue flush order and overflow, resume/dedupe, close codes, heartbeats,
+    the SSE fallback and the offline state;
     the composables open nothing during server-side rendering and close with their scope."""
     done = subprocess.run(
         ["node", "--test", *(str(JS_DIR / name) for name in NODE_TEST_FILES)],

@@ -35,6 +35,9 @@ def test_every_status_the_realtime_endpoints_answer_is_listed(schema):
         schema, "get", "/topics/{topic}/presence"
     )
     assert {"200", "401"} <= statuses(schema, "get", "/realtime/hub")
+    assert {"202", "400", "401", "403", "413", "415", "429", "503"} <= statuses(
+        schema, "post", "/topics/{topic}/publish"
+    )
 
 
 def test_error_answers_have_the_documented_shape(schema):

@@ -287,6 +287,34 @@ async def test_subscribed_comes_after_the_replay_and_before_live(server):
         assert (live.name, live.id) == ("tock", "5")
 
 
+async def test_unnamed_stream_sends_replay_and_live_as_message_events(server):
+    """?unnamed=1: a client that cannot list event names gets every notification as an unnamed
+    event with the same id and data; subscribed keeps its name."""
+    topic = unique_topic("sse.unnamed")
+    await post_batch(server, topic, [{"n": n} for n in range(1, 3)])
+    url = server.events_url(topic, token=server.token("sam"), lastEventId=1, unnamed=1)
+    async with open_stream(url) as stream:
+        replayed, subscribed = await stream.until_subscribed()
+        assert [(i.name, int(i.id), i.json["event"]) for i in replayed] == [("message", 2, "tick")]
+        assert subscribed.name == "subscribed"
+        await post(server, topic, "tock")
+        live = [await stream.next_event()]
+        await post_batch(server, topic, [{"n": n} for n in range(4, 7)])  # a burst, one chunk
+        live += [await stream.next_event() for _ in range(3)]
+    assert [(i.name, i.id, i.json["event"], i.json["seq"]) for i in live] == [
+        ("message", "3", "tock", 3),
+        ("message", "4", "tick", 4),
+        ("message", "5", "tick", 5),
+        ("message", "6", "tick", 6),
+    ]
+
+
+async def test_bad_unnamed_value_is_a_400(server):
+    answer = await refusal(server.events_url("sse.bad", token=server.token("sam"), unnamed="yes"))
+    assert answer.status_code == 400
+    assert "unnamed must be 1, true, 0 or false" in answer.json()["detail"]
+
+
 async def test_django_eventstream_style_last_event_id_is_accepted(server):
     topic = unique_topic("sse.compat-id")
     await post_batch(server, topic, [{"n": n} for n in range(1, 4)])

@@ -65,3 +65,19 @@ def test_batch_to_a_topic_deleted_since_recreates_it_from_seq_1():
     assert [r.seq for r in results if r.topic == "gone.b"] == [1, 2, 3, 4, 5, 6]
     assert [r.seq for r in results if r.topic == "keep.a"] == [7, 8, 9, 10, 11, 12]
     assert seqs_by_topic()["gone.b"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are Postgres's")
+@pytest.mark.django_db(transaction=True)
+def test_the_stream_statements_run_prepared_on_postgres():
+    """Both fixed statements are prepared once per connection, not parsed and planned per post."""
+    ingest([NotificationIn(topic="prep.one", event="tick")])  # the one-topic statement
+    ingest(batch(["prep.a", "prep.b"], 20))  # the lock of several topics, then COPY
+    ingest([NotificationIn(topic="prep.one", event="tick")])
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert sum("INSERT INTO" in s and "routing_app_notification" in s for s in prepared) == 1
+    assert sum("FOR UPDATE" in s and "routing_app_topic" in s for s in prepared) == 1
+    assert seqs_by_topic()["prep.one"] == [1, 2]

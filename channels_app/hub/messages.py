@@ -108,6 +108,14 @@ class Batch:
             frames = self._cache[key] = [m.encoded(encoding) for m in self.messages]
         return frames
 
+    def joined(self, encoding: str) -> bytes:
+        """The messages' ``encoding`` frames (bytes, such as SSE events) concatenated."""
+        key = ("joined", encoding)
+        data = self._cache.get(key)
+        if data is None:
+            data = self._cache[key] = b"".join(self.frames(encoding))
+        return data
+
     def ws_bytes(self, encoding: str) -> bytes:
         """The messages' prebuilt WebSocket frames (``Message.ws_frame``), concatenated."""
         key = ("ws", encoding)

@@ -10,7 +10,7 @@ import logging
 from django.conf import settings
 from django.utils import timezone
 
-from ..models import Provider
+from ..models import Channel, Provider
 from .breaker import BreakerConfig, BreakerUnavailable, breakers_from_settings
 from .transitions import mirror
 from .transports import DeliveryError, transport_for
@@ -47,7 +47,7 @@ def check_all() -> dict[str, bool]:
     results = {}
     breakers = breakers_from_settings()
     providers = Provider.objects.filter(
-        enabled=True, channel__kind__in=["email", "sms", "webhook"]
+        enabled=True, channel__kind__in=Channel.OUTBOUND_KINDS
     ).select_related("channel")
     for provider in providers:
         results[str(provider)] = check_provider(provider)

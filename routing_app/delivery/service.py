@@ -42,6 +42,7 @@ from .breaker import BreakerConfig, Reads, breakers_from_settings
 from .failover import fail_over
 from .models import Attempt
 from .row_updates import update_each
+from .transports import transport_for
 from .tries import ATTEMPT_RESULT_FIELDS, ChannelPlan, Try, TryResult, call_waits, record_batch
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,20 @@ def claim(ids: list[int]) -> list[Delivery]:
     )
     for row in rows:
         row.channel = channels[row.channel_id]
+    _prepare(rows)
     return rows
+
+
+def _prepare(rows: list[Delivery]) -> None:
+    """Let each kind whose transport has a ``prepare`` hook load what its calls will need
+    (transports/__init__.py), on this thread, once per batch and kind."""
+    by_kind: dict[str, list[Delivery]] = {}
+    for row in rows:
+        by_kind.setdefault(row.channel.kind, []).append(row)
+    for kind, kind_rows in by_kind.items():
+        prepare = getattr(transport_for(kind), "prepare", None)
+        if prepare is not None:
+            prepare(kind_rows)
 
 
 def _claim_in_one_statement(connection, ids: list[int], now) -> list[int]:
@@ -247,8 +261,9 @@ TEST_TOPIC = "system.channel-tests"
 
 def send_test(channel: Channel, user) -> Delivery:
     """A test notification (topic ``system.channel-tests``) delivered over ``channel`` to
-    ``user`` (their address of the channel's kind; a webhook channel's own providers), through
-    the same path as any delivery. ValueError says why when it cannot be sent."""
+    ``user`` (their address of the channel's kind, their newest push subscription; a webhook
+    channel's own providers), through the same path as any delivery. ValueError says why when
+    it cannot be sent."""
     from ..ingest import NotificationIn, ingest
     from ..router import OUTBOUND_KINDS, user_address
 
@@ -256,6 +271,11 @@ def send_test(channel: Channel, user) -> Delivery:
         raise ValueError(f"{channel.name} is a realtime channel: open a socket to test it")
     recipient = "*" if channel.kind == Channel.Kind.WEBHOOK else user_address(user, channel.kind)
     if not recipient:
+        if channel.kind == Channel.Kind.PUSH:
+            raise ValueError(
+                "you have no push subscription: open a page that subscribes this browser "
+                "(static/notify/push.js, subscribePush)"
+            )
         raise ValueError(
             f"you have no {'email address' if channel.kind == 'email' else 'phone number'}: "
             "add one to your user's contact"

@@ -47,7 +47,7 @@ def sweep(limit: int | None = None) -> Sweep:
     """One sweep (see the module docstring); ``limit`` bounds the rows enqueued."""
     now = timezone.now()
     reset = 0
-    channels = Channel.objects.filter(kind__in=["email", "sms", "webhook"]).annotate(
+    channels = Channel.objects.filter(kind__in=Channel.OUTBOUND_KINDS).annotate(
         provider_count=Count("providers")
     )
     for channel in channels:

@@ -4,9 +4,9 @@ outcome; on a transient failure the next provider at once, until one accepts or 
 The steps are apart so that a batch (service.py) can run the first call of every row together:
 ``next_call`` (choose; writes only when it refuses), the caller saves the attempt rows,
 ``send`` (the network call alone: no database, any thread), ``settle`` (breaker, metrics, the
-attempt's fields; writes only for a dead row), then the caller saves the attempts and finishes
-the sent rows. ``run`` is the same for one row alone (the rows a batch could not finish at its
-first call).
+attempt's fields, the kind's ``settled`` hook; writes only for a dead row and in that hook), then
+the caller saves the attempts and finishes the sent rows. ``run`` is the same for one row alone
+(the rows a batch could not finish at its first call).
 """
 
 from __future__ import annotations
@@ -193,6 +193,9 @@ class Try:
         error, attempt = call.error, call.attempt
         if not recorded:
             self._record_breaker(call)
+        settled = getattr(transport_for(self.plan.channel.kind), "settled", None)
+        if settled is not None:
+            settled(self.row, error)
         attempt.duration_ms = round(call.duration_ms)
         if error is None:
             attempt.outcome = Outcome.SENT

@@ -55,7 +55,7 @@ def _deliveries() -> Iterable[Metric]:
 
 def _providers() -> Iterable[Metric]:
     from ..delivery.breaker import BreakerConfig, BreakerUnavailable, State, breakers_from_settings
-    from ..models import Provider
+    from ..models import Channel, Provider
 
     states = GaugeMetricFamily(
         "notify_breaker_state",
@@ -69,7 +69,7 @@ def _providers() -> Iterable[Metric]:
     )
     breakers = breakers_from_settings()
     for provider in Provider.objects.select_related("channel").filter(
-        channel__kind__in=["email", "sms", "webhook"]
+        channel__kind__in=Channel.OUTBOUND_KINDS
     ):
         name = str(provider)
         healthy.add_metric([name], 1 if provider.healthy and provider.enabled else 0)

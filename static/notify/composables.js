@@ -73,7 +73,15 @@ function appendBounded(list, item, limit) {
  * @property {string|(() => (string|Promise<string>))} [token]  token or token provider
  * @property {number|null} [since]  resume after this seq (e.g. persisted by the app)
  * @property {number} [limit=100]  notifications kept in `notifications` (oldest dropped first)
- * @property {(n: object) => void} [onNotification]  called for every new notification
+ * @property {(n: object) => void} [onNotification]  called for every new notification (not for
+ *   those restored by `persist`)
+ * @property {boolean|import('./persist.js').StorageAdapter} [persist=false]  keep the topic's last
+ *   notifications and seq across page loads (true: localStorage, or a storage adapter); the next
+ *   load shows them at once, each with `cached: true`, and resumes after their seq
+ * @property {number} [persistLimit=50]  notifications kept by `persist`
+ * @property {string} [persistKey]  prefix of the storage keys (see NotifySocketManager)
+ * @property {boolean|import('./socket.js').FallbackOptions} [fallback=true]  fall back to SSE
+ *   where WebSockets cannot be used (see NotifySocketManager)
  * @property {object} [socketOptions]  extra NotifySocketManager options (backoff, heartbeat...)
  */
 
@@ -82,6 +90,9 @@ function appendBounded(list, item, limit) {
  *
  * `topic` may be a string, a ref or a getter: when it changes, the old topic is left and the list
  * starts again for the new one.
+ *
+ * `transport` says what delivers the topic now ('sse' while on the fallback); `cached` is true
+ * while the list shows only what `persist` kept from an earlier visit (until the server answered).
  *
  * @param {string|import('vue').Ref<string>|(() => string)} topic
  * @param {NotifyTopicOptions} [options]
@@ -92,6 +103,8 @@ function appendBounded(list, item, limit) {
  *   state: import('vue').Ref<string>,
  *   error: import('vue').ShallowRef<object|null>,
  *   reset: import('vue').ShallowRef<object|null>,
+ *   transport: import('vue').Ref<'websocket'|'sse'>,
+ *   cached: import('vue').Ref<boolean>,
  *   publish: (event: string, data: any, extra?: {severity?: string}) => Promise<object>,
  *   send: (frame: object) => boolean,
  *   clear: () => void,
@@ -107,6 +120,8 @@ export function useNotifyTopic(topic, options = {}) {
   const state = ref('idle')
   const error = shallowRef(null)
   const reset = shallowRef(null)
+  const transport = ref('websocket')
+  const cached = ref(false)
 
   const ownManager = !options.manager
   const manager =
@@ -114,6 +129,10 @@ export function useNotifyTopic(topic, options = {}) {
     new NotifySocketManager({
       url: options.url,
       token: options.token,
+      ...(options.persist !== undefined ? { persist: options.persist } : {}),
+      ...(options.persistLimit !== undefined ? { persistLimit: options.persistLimit } : {}),
+      ...(options.persistKey !== undefined ? { persistKey: options.persistKey } : {}),
+      ...(options.fallback !== undefined ? { fallback: options.fallback } : {}),
       ...(options.socketOptions ?? {}),
     })
 
@@ -132,8 +151,21 @@ export function useNotifyTopic(topic, options = {}) {
     unlisten.push(manager.on(event, (payload, t) => t === current && handler(payload)))
   }
 
+  /** Show what `persist` restored (only while nothing newer is shown). @param {object[]} items */
+  function showCached(items) {
+    if (!items.length || notifications.value.length) return
+    notifications.value = items.slice(-limit)
+    lastSeq.value = items[items.length - 1].seq ?? lastSeq.value
+    cached.value = true
+  }
+
   function open(name) {
     current = name
+    // Before acquire: a synchronous storage restores during connect().
+    listen('cached', ({ notifications: items }) => showCached(items))
+    listen('transport', ({ transport: t }) => {
+      transport.value = t
+    })
     listen('notification', (n) => {
       notifications.value = appendBounded(notifications.value, n, limit)
       lastSeq.value = n.seq ?? lastSeq.value
@@ -141,6 +173,7 @@ export function useNotifyTopic(topic, options = {}) {
     })
     listen('subscribed', (frame) => {
       connected.value = true
+      cached.value = false
       error.value = null
       if (lastSeq.value == null) lastSeq.value = frame.last_seq ?? null
     })
@@ -160,6 +193,8 @@ export function useNotifyTopic(topic, options = {}) {
     // A shared manager may already be live on this topic: its "subscribed" will not come again.
     state.value = manager.state(name)
     connected.value = state.value === 'open'
+    transport.value = manager.transport(name)
+    showCached(manager.cached(name))
   }
 
   function leave() {
@@ -183,6 +218,7 @@ export function useNotifyTopic(topic, options = {}) {
             notifications.value = []
             lastSeq.value = null
             reset.value = null
+            cached.value = false
           }
           if (name) open(name)
         },
@@ -211,6 +247,8 @@ export function useNotifyTopic(topic, options = {}) {
     state: readonly(state),
     error,
     reset,
+    transport: readonly(transport),
+    cached: readonly(cached),
     publish: (event, data, extra) =>
       current ? manager.publish(current, event, data, extra) : Promise.reject(new Error('not connected')),
     send: (frame) => (current ? manager.send(current, frame) : false),

@@ -12,13 +12,22 @@
  *   so a reconnect neither loses nor repeats notifications the server still retains;
  * - outgoing frames sent while disconnected are queued (bounded) and flushed in order on reconnect;
  * - a silent connection (no frame for a while after our ping) is treated as dead and replaced;
- * - no reconnect after `disconnect()`/`close()`, nor after a refusal that retrying cannot cure.
+ * - no reconnect after `disconnect()`/`close()`, nor after a refusal that retrying cannot cure;
+ * - where WebSockets cannot be used (a proxy that refuses the upgrade, a socket that never opens),
+ *   it falls back to Server-Sent Events (`NotifyEventStream`, sse.js) with the same events, resume
+ *   and de-duplication, publishes over HTTP meanwhile, and goes back to the WebSocket once one
+ *   works again (docs/js-client.md, "Fallback to SSE");
+ * - with `persist`, the last notifications and seq of each topic outlive the page: the next load
+ *   shows them at once (flagged `cached`) and resumes after that seq (persist.js).
  *
  * @module notify/socket
  */
 
 import { CloseCode, closeDecision, closeMeaning } from './codes.js'
+import { fallbackOptions, postPublish, retryDelay } from './fallback.js'
+import { TopicStore } from './persist.js'
 import { admitSeq, backoffDelay } from './reconnect.js'
+import { NotifyEventStream } from './sse.js'
 
 // Re-exported: applications written against this module import them from here.
 export { CloseCode, closeMeaning, FATAL_CLOSE_CODES } from './codes.js'
@@ -53,9 +62,21 @@ export { backoffDelay } from './reconnect.js'
  * @property {number} [ackTimeoutMs=10000]  `publish()` rejects when no ack arrives in this time
  * @property {typeof WebSocket} [WebSocket]  WebSocket implementation (default: the global one)
  * @property {boolean} [reconnectOnOnline=true]  in a browser, retry at once when the network returns
+ * @property {boolean|FallbackOptions} [fallback=true]  fall back to SSE where WebSockets cannot be
+ *   used (only where an EventSource implementation exists); false: WebSocket only
+ * @property {typeof EventSource} [EventSource]  EventSource implementation (default: the global one)
+ * @property {typeof fetch} [fetch]  fetch implementation for publishing over HTTP (default: global)
+ * @property {boolean|import('./persist.js').StorageAdapter} [persist=false]  keep each topic's
+ *   last notifications and seq across page loads: true (localStorage) or a storage adapter
+ * @property {number} [persistLimit=50]  notifications kept per topic by `persist`
+ * @property {string} [persistKey='notify']  prefix of the storage keys (`<persistKey>:<topic>`);
+ *   give each server and user its own (e.g. `notify:${userId}`)
  */
 
-/** @typedef {'notification'|'subscribed'|'reset'|'gap'|'ack'|'event'|'presence'|'message'|'open'|'close'|'error'|'state'|'reconnect'|'dropped'} NotifyEventName */
+/** @typedef {import('./fallback.js').FallbackOptions} FallbackOptions */
+/** @typedef {import('./fallback.js').Transport} Transport */
+
+/** @typedef {'notification'|'subscribed'|'reset'|'gap'|'ack'|'event'|'presence'|'message'|'open'|'close'|'error'|'state'|'reconnect'|'dropped'|'transport'|'cached'} NotifyEventName */
 
 const OPEN = 1 // WebSocket.OPEN, spelled out so no global is needed at import time
 
@@ -80,6 +101,28 @@ class TopicConnection {
     this.holders = 0
     /** True while a connection attempt is fetching its token (so we do not start two). */
     this.dialing = false
+    /** @type {Transport} what delivers the topic now */
+    this.transport = 'websocket'
+    /** Did the current WebSocket open / say `subscribed`? */
+    this.wsOpened = false
+    this.wsSubscribed = false
+    /** Consecutive WebSockets that failed before `subscribed` (counted towards the fallback). */
+    this.wsFailures = 0
+    this.openTimer = null
+    /** @type {NotifyEventStream|null} the SSE stream while on the fallback */
+    this.stream = null
+    /** @type {(() => void)[]} */
+    this.streamOff = []
+    /** While on SSE: the timer of the next WebSocket try, and how many tries failed. */
+    this.probeTimer = null
+    this.probeAttempt = 0
+    /** HTTP publishes of this topic, one after the other (they keep the order of the calls). */
+    this.httpChain = Promise.resolve()
+    /** With `persist`: the last notifications delivered (oldest first), and those restored. */
+    this.recent = []
+    this.cached = []
+    /** @type {Promise<void>|null} an async storage still loading the stored state */
+    this.restoring = null
   }
 }
 
@@ -93,7 +136,10 @@ let refCounter = 0
  * longer has everything after our seq: reload state), "gap" ({from,to}: seqs skipped by the server,
  * should never happen), "ack", "event", "presence", "message" (unknown frame types), "open",
  * "close" ({code,reason,willReconnect,delayMs}), "error" ({code,message,...}), "state"
- * ({state,previous}), "reconnect" ({attempt,delayMs}), "dropped" ({frame,reason}).
+ * ({state,previous}), "reconnect" ({attempt,delayMs}), "dropped" ({frame,reason}),
+ * "transport" ({transport,previous,reason}: the topic moved to 'sse' or back to 'websocket'),
+ * "cached" ({notifications,lastSeq}: the state `persist` kept from an earlier page load, each
+ * notification flagged `cached: true`; emitted during `connect()` with a synchronous storage).
  */
 export class NotifySocketManager {
   /** @param {NotifySocketOptions} [options] */
@@ -113,6 +159,12 @@ export class NotifySocketManager {
     if (!['drop-oldest', 'reject'].includes(this.options.queueOverflow)) {
       throw new TypeError(`queueOverflow must be 'drop-oldest' or 'reject'`)
     }
+    /** @type {Required<FallbackOptions>|null} */
+    this.fallback = fallbackOptions(this.options.fallback)
+    /** @type {TopicStore|null} */
+    this.store = this.options.persist
+      ? new TopicStore(this.options.persist, { limit: this.options.persistLimit, prefix: this.options.persistKey })
+      : null
     /** @type {Map<string, TopicConnection>} */
     this.topics = new Map()
     /** @type {Map<string, Set<Function>>} */
@@ -191,6 +243,7 @@ export class NotifySocketManager {
     if (!conn) {
       conn = new TopicConnection(topic, opts.since ?? null)
       this.topics.set(topic, conn)
+      if (this.store) this._restore(conn)
     } else if (opts.since != null && (conn.lastSeq == null || opts.since > conn.lastSeq)) {
       conn.lastSeq = opts.since
     }
@@ -232,6 +285,7 @@ export class NotifySocketManager {
     if (!conn) return
     this.topics.delete(topic)
     this._stopTimers(conn)
+    this._closeStream(conn)
     const ws = conn.ws
     conn.ws = null
     if (ws) {
@@ -269,6 +323,26 @@ export class NotifySocketManager {
   /** Frames waiting for `topic`'s socket. @param {string} topic @returns {number} */
   queued(topic) {
     return this.topics.get(topic)?.queue.length ?? 0
+  }
+
+  /** What delivers `topic` now: 'websocket', or 'sse' while on the fallback (a "transport"
+   * event says when it changes). @param {string} topic @returns {Transport} */
+  transport(topic) {
+    return this.topics.get(topic)?.transport ?? 'websocket'
+  }
+
+  /** The notifications `persist` restored for `topic` from an earlier page load, each with
+   * `cached: true` (empty without `persist`, or before an async storage answered).
+   * @param {string} topic @returns {object[]} */
+  cached(topic) {
+    return this.topics.get(topic)?.cached.slice() ?? []
+  }
+
+  /** Forget what `persist` stored for `topic` (e.g. when the user logs out). @param {string} topic */
+  forget(topic) {
+    this.store?.remove(topic)
+    const conn = this.topics.get(topic)
+    if (conn) conn.recent = conn.cached = []
   }
 
   // --- sending ------------------------------------------------------------------------------
@@ -325,7 +399,7 @@ export class NotifySocketManager {
     refCounter += 1
     const ref = `p${refCounter}`
     return new Promise((resolve, reject) => {
-      const entry = { resolve, reject, topic, timer: null }
+      const entry = { resolve, reject, topic, timer: null, via: 'socket' }
       this.pending.set(ref, entry)
       // Timed from the call: a publish queued through a long outage fails instead of hanging.
       entry.timer = setTimeout(() => {
@@ -334,10 +408,44 @@ export class NotifySocketManager {
       }, this.options.ackTimeoutMs)
       const frame = { type: 'publish', event, data, ref }
       if (extra.severity) frame.severity = extra.severity
-      if (!this.send(topic, frame)) {
+      const conn = this.topics.get(topic)
+      if (conn?.transport === 'sse') {
+        this._publishOverHttp(conn, frame)
+      } else if (!this.send(topic, frame)) {
         this._failPending(topic, new Error('publish refused locally'), ref)
       }
     })
+  }
+
+  /**
+   * Publish `frame` with `POST /api/v1/topics/<topic>/publish` and the client token (while on
+   * SSE); settles its pending entry as the socket's ack or error frame would.
+   * @param {TopicConnection} conn @param {{ref: string, event: string, data: any, severity?: string}} frame
+   */
+  _publishOverHttp(conn, frame) {
+    const entry = this.pending.get(frame.ref)
+    if (!entry) return
+    entry.via = 'http'
+    conn.httpChain = conn.httpChain.then(() => this._postPublish(conn.topic, frame))
+  }
+
+  /** @param {string} topic @param {{ref: string, event: string, data: any, severity?: string}} frame */
+  async _postPublish(topic, frame) {
+    const { ref } = frame
+    if (!this.pending.has(ref)) return // timed out or disconnected meanwhile
+    try {
+      const ack = await postPublish(this.publishUrl(topic), frame, {
+        token: () => this._token(),
+        fetch: this.options.fetch ?? globalThis.fetch,
+        maxBytes: this.options.maxMessageBytes,
+      })
+      this._settle(ref, (p) => p.resolve(ack))
+      this._emit('ack', ack, topic)
+    } catch (err) {
+      err.ref = ref
+      this._settle(ref, (p) => p.reject(err))
+      this._emit('error', { code: err.code, message: err.message, ref, status: err.status }, topic)
+    }
   }
 
   /** @param {string} topic @param {Error} error @param {string} [onlyRef] */
@@ -356,20 +464,25 @@ export class NotifySocketManager {
   async _dial(conn) {
     if (conn.dialing) return
     conn.dialing = true
-    this._setState(conn, 'connecting')
+    // While on SSE a dial is a try of the WebSocket: the topic's state is the stream's.
+    const probing = conn.transport === 'sse'
+    if (!probing) this._setState(conn, 'connecting')
     let token = null
     try {
+      if (conn.restoring) await conn.restoring // resume after the stored seq, not before it
       token = await this._token()
     } catch (err) {
       conn.dialing = false
       if (this.topics.get(conn.topic) !== conn) return
       this._emit('error', { code: 'token', message: `token provider failed: ${err?.message ?? err}` }, conn.topic)
-      this._scheduleReconnect(conn, { code: CloseCode.ABNORMAL, reason: 'token provider failed' })
+      if (probing) this._scheduleProbe(conn)
+      else this._scheduleReconnect(conn, { code: CloseCode.ABNORMAL, reason: 'token provider failed' })
       return
     }
     conn.dialing = false
     // disconnect() may have been called while we awaited the token.
-    if (this.topics.get(conn.topic) !== conn || conn.state !== 'connecting') return
+    if (this.topics.get(conn.topic) !== conn) return
+    if (probing ? conn.transport !== 'sse' || conn.ws : conn.state !== 'connecting') return
     const Impl = this.options.WebSocket ?? globalThis.WebSocket
     let ws
     try {
@@ -382,6 +495,13 @@ export class NotifySocketManager {
       return
     }
     conn.ws = ws
+    conn.wsOpened = conn.wsSubscribed = false
+    if (this._fallbackOn()) {
+      conn.openTimer = setTimeout(() => {
+        conn.openTimer = null
+        if (conn.ws === ws && !conn.wsOpened) this._socketNeverOpened(conn, ws)
+      }, this.fallback.openTimeoutMs)
+    }
     ws.onopen = () => conn.ws === ws && this._opened(conn)
     ws.onmessage = (ev) => conn.ws === ws && this._received(conn, ev.data)
     ws.onerror = () => {
@@ -398,13 +518,23 @@ export class NotifySocketManager {
    */
   url(topic, since, token) {
     const base = wsBase(this.options.url)
-    // Keep ':' readable (user:42); the ASGI server decodes the path either way.
-    const path = encodeURIComponent(topic).replace(/%3A/gi, ':')
+    const path = topicPath(topic)
     const params = new URLSearchParams()
     if (token) params.set('token', token)
     if (since != null) params.set('since', String(since))
     const query = params.toString()
     return `${base}/ws/${path}/${query ? `?${query}` : ''}`
+  }
+
+  /** The SSE fallback's stream of `topic` (every notification as an unnamed event).
+   * @param {string} topic @returns {string} */
+  eventsUrl(topic) {
+    return `${httpBase(this.options.url)}/events/${topicPath(topic)}/?unnamed=1`
+  }
+
+  /** Where `publish` posts while on SSE. @param {string} topic @returns {string} */
+  publishUrl(topic) {
+    return `${httpBase(this.options.url)}/api/v1/topics/${topicPath(topic)}/publish`
   }
 
   async _token() {
@@ -415,9 +545,14 @@ export class NotifySocketManager {
 
   /** @param {TopicConnection} conn */
   _opened(conn) {
+    clearTimeout(conn.openTimer)
+    conn.openTimer = null
+    conn.wsOpened = true
     conn.lastFrameAt = Date.now()
-    this._setState(conn, 'open')
-    this._emit('open', { topic: conn.topic }, conn.topic)
+    if (conn.transport === 'websocket') {
+      this._setState(conn, 'open')
+      this._emit('open', { topic: conn.topic }, conn.topic)
+    }
     // Flush before anything else can be sent, so queued frames keep their order.
     const queue = conn.queue
     conn.queue = []
@@ -442,16 +577,14 @@ export class NotifySocketManager {
       case 'subscribed':
         // The subscription works: only now is it safe to forget past failures (a server that
         // accepts and then closes at once would otherwise be retried in a tight loop).
-        conn.attempt = 0
-        if (conn.lastSeq == null && typeof frame.last_seq === 'number') conn.lastSeq = frame.last_seq
+        conn.attempt = conn.wsFailures = 0
+        conn.wsSubscribed = true
+        this._subscribed(conn, frame)
+        // Live on the socket (replayed from our seq, so no gap): the SSE stream can go.
+        if (conn.transport === 'sse') this._switchToSocket(conn)
         return this._emit('subscribed', frame, topic)
       case 'reset':
-        // Part of what we missed is gone, and the server replayed nothing: the stream goes on
-        // after `last_seq`, so that is where we are now (a later resume must not ask again).
-        if (typeof frame.last_seq === 'number') {
-          conn.lastSeq = Math.max(conn.lastSeq ?? 0, frame.last_seq)
-        }
-        return this._emit('reset', frame, topic)
+        return this._reset(conn, frame)
       case 'ping':
         if (conn.ws?.readyState === OPEN) conn.ws.send('{"type":"pong"}')
         return
@@ -485,14 +618,171 @@ export class NotifySocketManager {
     fn(entry)
   }
 
-  /** @param {TopicConnection} conn @param {any} frame */
+  /** One rule for both transports: each seq once, in order, whichever delivered it first.
+   * @param {TopicConnection} conn @param {any} frame */
   _notification(conn, frame) {
     const verdict = admitSeq(conn.lastSeq, frame.seq)
-    if (!verdict.deliver) return // already delivered: replay overlap
+    if (!verdict.deliver) return // already delivered: replay overlap, or the other transport
     if (verdict.gap) this._emit('gap', verdict.gap, conn.topic)
     conn.lastSeq = verdict.lastSeq
     conn.attempt = 0
+    if (this.store) {
+      const keep = this.store.limit - 1 // and this one
+      conn.recent = [...(keep > 0 ? conn.recent.slice(-keep) : []), frame]
+      this._persist(conn)
+    }
     this._emit('notification', frame, conn.topic)
+  }
+
+  /** A `subscribed` from either transport. @param {TopicConnection} conn @param {any} frame */
+  _subscribed(conn, frame) {
+    if (conn.lastSeq == null && typeof frame?.last_seq === 'number') {
+      conn.lastSeq = frame.last_seq
+      this._persist(conn) // the next page load resumes from here, even if nothing arrives
+    }
+  }
+
+  /** A `reset` from either transport. @param {TopicConnection} conn @param {any} frame */
+  _reset(conn, frame) {
+    // Part of what we missed is gone, and the server replayed nothing: the stream goes on
+    // after `last_seq`, so that is where we are now (a later resume must not ask again).
+    if (typeof frame?.last_seq === 'number') {
+      conn.lastSeq = Math.max(conn.lastSeq ?? 0, frame.last_seq)
+      this._persist(conn)
+    }
+    this._emit('reset', frame, conn.topic)
+  }
+
+  /** @param {TopicConnection} conn */
+  _persist(conn) {
+    this.store?.save(conn.topic, { lastSeq: conn.lastSeq, notifications: conn.recent })
+  }
+
+  /** Load what `persist` kept for `conn`'s topic: at once from a synchronous storage, else
+   * before the first dial. @param {TopicConnection} conn */
+  _restore(conn) {
+    const apply = (state) => {
+      conn.restoring = null
+      if (!state || this.topics.get(conn.topic) !== conn) return
+      conn.recent = state.notifications
+      if (state.lastSeq != null && (conn.lastSeq == null || state.lastSeq > conn.lastSeq)) conn.lastSeq = state.lastSeq
+      conn.cached = state.notifications.map((n) => ({ ...n, cached: true }))
+      this._emit('cached', { notifications: conn.cached.slice(), lastSeq: conn.lastSeq }, conn.topic)
+    }
+    const loaded = this.store.load(conn.topic)
+    if (loaded && typeof loaded.then === 'function') conn.restoring = loaded.then(apply)
+    else apply(loaded)
+  }
+
+  // --- the SSE fallback -------------------------------------------------------------------------
+
+  /** Is the fallback on, and can it work here (an EventSource implementation)? */
+  _fallbackOn() {
+    return !!this.fallback && !!(this.options.EventSource ?? globalThis.EventSource)
+  }
+
+  /** The socket is still not open after `openTimeoutMs` (a proxy holding the upgrade).
+   * @param {TopicConnection} conn @param {WebSocket} ws */
+  _socketNeverOpened(conn, ws) {
+    detach(ws)
+    try {
+      ws.close()
+    } catch {
+      // A socket still connecting may refuse close() in some implementations; it is dropped.
+    }
+    conn.ws = null
+    this._stopTimers(conn)
+    const why = { code: CloseCode.ABNORMAL, reason: `WebSocket not open after ${this.fallback.openTimeoutMs} ms` }
+    if (conn.transport === 'sse') return this._scheduleProbe(conn)
+    this._failPendingSent(conn)
+    this._emit('close', { ...why, willReconnect: true, fallback: 'sse' }, conn.topic)
+    this._fallBack(conn, why)
+  }
+
+  /** Deliver `conn`'s topic over SSE from its last seq, and try the WebSocket again later.
+   * @param {TopicConnection} conn @param {{code: number, reason: string}} why */
+  _fallBack(conn, why) {
+    conn.transport = 'sse'
+    conn.wsFailures = 0
+    conn.probeAttempt = 0
+    this._emit('transport', { transport: 'sse', previous: 'websocket', reason: why.reason || closeMeaning(why.code) }, conn.topic)
+    this._openStream(conn)
+    // Publishes waiting for the socket go over HTTP now, in their order; other frames wait.
+    const waiting = conn.queue
+    conn.queue = []
+    for (const text of waiting) {
+      const frame = JSON.parse(text)
+      if (frame.type === 'publish' && this.pending.has(frame.ref)) this._publishOverHttp(conn, frame)
+      else conn.queue.push(text)
+    }
+    this._scheduleProbe(conn)
+  }
+
+  /** @param {TopicConnection} conn */
+  _openStream(conn) {
+    const topic = conn.topic
+    const stream = new NotifyEventStream(this.eventsUrl(topic), {
+      token: this.options.token,
+      lastEventId: conn.lastSeq != null ? String(conn.lastSeq) : null,
+      backoff: this.options.backoff,
+      EventSource: this.options.EventSource,
+      withCredentials: this.fallback.withCredentials ?? this.options.token == null,
+    })
+    conn.stream = stream
+    const on = (event, fn) => conn.streamOff.push(stream.on(event, (payload) => conn.stream === stream && fn(payload)))
+    on('event', ({ data }) => {
+      if (data?.type === 'notification') this._notification(conn, data)
+      else if (data?.type === 'event') this._emit('event', data, topic)
+      else this._emit('message', data, topic)
+    })
+    on('subscribed', (frame) => {
+      conn.attempt = 0
+      this._subscribed(conn, frame)
+      this._emit('subscribed', frame, topic)
+    })
+    on('reset', ({ data }) => this._reset(conn, data))
+    on('state', ({ state }) => {
+      if (state !== 'closed' && state !== 'idle') this._setState(conn, state)
+    })
+    on('open', () => this._emit('open', { topic, transport: 'sse' }, topic))
+    on('error', (err) => {
+      const message = err instanceof Error ? err.message : (err?.data ?? 'event stream error')
+      this._emit('error', { code: 'sse', message: String(message) }, topic)
+    })
+    stream.open()
+  }
+
+  /** @param {TopicConnection} conn */
+  _closeStream(conn) {
+    for (const off of conn.streamOff) off()
+    conn.streamOff = []
+    conn.stream?.close()
+    conn.stream = null
+  }
+
+  /** While on SSE: try a WebSocket again after a growing, jittered delay.
+   * @param {TopicConnection} conn */
+  _scheduleProbe(conn) {
+    if (this.topics.get(conn.topic) !== conn || conn.transport !== 'sse') return
+    clearTimeout(conn.probeTimer)
+    const delayMs = retryDelay(conn.probeAttempt, this.fallback.retry)
+    conn.probeAttempt += 1
+    conn.probeTimer = setTimeout(() => {
+      conn.probeTimer = null
+      if (this.topics.get(conn.topic) === conn && conn.transport === 'sse' && !conn.ws) this._dial(conn)
+    }, delayMs)
+  }
+
+  /** A WebSocket tried while on SSE is live: it carries the topic from now on.
+   * @param {TopicConnection} conn */
+  _switchToSocket(conn) {
+    clearTimeout(conn.probeTimer)
+    conn.probeTimer = null
+    conn.probeAttempt = 0
+    this._closeStream(conn)
+    conn.transport = 'websocket'
+    this._setState(conn, 'open')
+    this._emit('transport', { transport: 'websocket', previous: 'sse', reason: 'WebSocket works again' }, conn.topic)
   }
 
   /** @param {TopicConnection} conn @param {number} code @param {string} reason */
@@ -504,8 +794,21 @@ export class NotifySocketManager {
       this._emit('close', { code, reason, willReconnect: false }, conn.topic)
       this._emit('error', { code, message: reason || closeMeaning(code), fatal: true }, conn.topic)
       this._failPending(conn.topic, new Error(reason || closeMeaning(code)))
+      this._closeStream(conn)
       this._setState(conn, 'stopped')
       return
+    }
+    // A WebSocket tried while on SSE failed: the stream goes on; try again later.
+    if (conn.transport === 'sse') return this._scheduleProbe(conn)
+    // No close frame from the server and never subscribed: what a proxy that refuses (or cuts)
+    // the upgrade looks like. Some in a row: use SSE.
+    if (this._fallbackOn() && !conn.wsSubscribed && (code === CloseCode.ABNORMAL || !conn.wsOpened)) {
+      conn.wsFailures += 1
+      if (conn.wsFailures >= this.fallback.after) {
+        this._failPendingSent(conn)
+        this._emit('close', { code, reason, willReconnect: true, fallback: 'sse' }, conn.topic)
+        return this._fallBack(conn, { code, reason: reason || `${conn.wsFailures} WebSockets failed before subscribing` })
+      }
     }
     this._scheduleReconnect(conn, { code, reason })
   }
@@ -536,7 +839,7 @@ export class NotifySocketManager {
   _failPendingSent(conn) {
     const stillQueued = new Set(conn.queue.map((text) => JSON.parse(text).ref).filter(Boolean))
     for (const [ref, entry] of this.pending) {
-      if (entry.topic !== conn.topic || stillQueued.has(ref)) continue
+      if (entry.topic !== conn.topic || entry.via !== 'socket' || stillQueued.has(ref)) continue
       clearTimeout(entry.timer)
       this.pending.delete(ref)
       entry.reject(Object.assign(new Error('connection lost before ack'), { ref, outcomeUnknown: true }))
@@ -546,6 +849,12 @@ export class NotifySocketManager {
   /** The network came back (browser "online"): skip the remaining backoff of waiting topics. */
   _retryNow() {
     for (const conn of this.topics.values()) {
+      if (conn.transport === 'sse' && conn.probeTimer) {
+        clearTimeout(conn.probeTimer)
+        conn.probeTimer = null
+        this._dial(conn)
+        continue
+      }
       if (conn.state !== 'reconnecting') continue
       clearTimeout(conn.reconnectTimer)
       conn.reconnectTimer = null
@@ -590,7 +899,9 @@ export class NotifySocketManager {
     clearTimeout(conn.reconnectTimer)
     clearInterval(conn.heartbeatTimer)
     clearTimeout(conn.deadlineTimer)
-    conn.reconnectTimer = conn.heartbeatTimer = conn.deadlineTimer = null
+    clearTimeout(conn.openTimer)
+    clearTimeout(conn.probeTimer)
+    conn.reconnectTimer = conn.heartbeatTimer = conn.deadlineTimer = conn.openTimer = conn.probeTimer = null
   }
 
   /** @param {TopicConnection} conn @param {TopicState} state */
@@ -612,12 +923,28 @@ function byteLength(text) {
   return new TextEncoder().encode(text).length
 }
 
-/** @param {string|undefined} url @returns {string} ws(s)://host[:port][/prefix] without trailing slash */
-function wsBase(url) {
+/** @param {string|undefined} url @returns {string} the server's base URL without trailing slash */
+function serverBase(url) {
   let base = url
   if (!base) {
     if (typeof location === 'undefined') throw new Error('options.url is required outside a browser')
     base = location.origin
   }
-  return base.replace(/^http(s?):\/\//i, 'ws$1://').replace(/\/+$/, '')
+  return base.replace(/\/+$/, '')
+}
+
+/** @param {string|undefined} url @returns {string} ws(s)://host[:port][/prefix] */
+function wsBase(url) {
+  return serverBase(url).replace(/^http(s?):\/\//i, 'ws$1://')
+}
+
+/** @param {string|undefined} url @returns {string} http(s)://host[:port][/prefix] */
+function httpBase(url) {
+  return serverBase(url).replace(/^ws(s?):\/\//i, 'http$1://')
+}
+
+/** A topic as a path segment; ':' stays readable (user:42), the ASGI server decodes it either way.
+ * @param {string} topic @returns {string} */
+function topicPath(topic) {
+  return encodeURIComponent(topic).replace(/%3A/gi, ':')
 }

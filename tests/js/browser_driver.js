@@ -1,6 +1,7 @@
 // Drives one headless Chromium page for tests/test_js_client.py, over JSON lines:
 //   stdin  {"id": 1, "op": "eval", "expr": "harness.seqs('a')"}             -> value of the expression
 //          {"id": 2, "op": "wait", "expr": "...", "timeoutMs": 10000}        -> first truthy value
+//          {"id": 3, "op": "leave"} / {"id": 4, "op": "return"}  -> about:blank, then the page again
 //   stdout {"id": 1, "ok": true, "value": ...} | {"id": 1, "ok": false, "error": "..."}
 // The first stdout line is {"ready": true} once the page's harness has loaded.
 // Usage: node browser_driver.js <page url>; env NOTIFY_API (server base URL) and NOTIFY_API_KEY
@@ -59,6 +60,11 @@ for await (const line of rl) {
     } else if (op === 'wait') {
       const handle = await page.waitForFunction(expr, null, { timeout: timeoutMs, polling: 50 })
       value = await handle.jsonValue()
+    } else if (op === 'leave') {
+      await page.goto('about:blank') // the page is gone: its sockets and streams close
+    } else if (op === 'return') {
+      await page.goto(pageUrl)
+      await page.waitForFunction(() => window.harnessReady === true, null, { timeout: timeoutMs })
     } else {
       throw new Error(`unknown op ${op}`)
     }

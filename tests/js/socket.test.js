@@ -9,6 +9,8 @@ import { WebSocket, WebSocketServer } from 'ws'
 
 import { backoffDelay, NotifySocketManager } from '../../static/notify/socket.js'
 
+import { waitFor } from './scripted.js'
+
 const FAST = { backoff: { baseMs: 5, maxMs: 20 }, reconnectOnOnline: false, WebSocket }
 const managers = []
 
@@ -19,22 +21,6 @@ function manager(options = {}) {
 }
 
 after(() => managers.forEach((m) => m.close()))
-
-/** Resolve with the first payload of `event` for which `predicate` holds (5 s limit). */
-function waitFor(m, event, predicate = () => true) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      off()
-      reject(new Error(`timed out waiting for ${event}`))
-    }, 5000)
-    const off = m.on(event, (payload, topic) => {
-      if (!predicate(payload, topic)) return
-      clearTimeout(timer)
-      off()
-      resolve(payload)
-    })
-  })
-}
 
 /** A free TCP port on 127.0.0.1 (nothing listens on it once this resolves). */
 async function freePort() {

@@ -9,83 +9,14 @@ import { after, describe, test } from 'node:test'
 
 import { NotifyEventStream } from '../../static/notify/sse.js'
 
+import { scriptedEventSource, waitFor } from './scripted.js'
+
 register('./resolve-vue.js', import.meta.url)
 const { effectScope, nextTick } = await import('vue')
 const { useServerSentEvents } = await import('../../static/notify/composables.js')
 
 const BASE = 'http://notify.test/events/alerts.k8s/'
 const FAST = { baseMs: 8, maxMs: 20 }
-
-/** A scripted EventSource; each instance is recorded in its class's `instances`. */
-function scriptedEventSource() {
-  const waiters = []
-  class ScriptedEventSource {
-    static instances = []
-
-    /** Resolve with instance number `n` (1-based) once it exists (5 s limit). */
-    static nth(n) {
-      return new Promise((resolve, reject) => {
-        const check = () => {
-          if (ScriptedEventSource.instances.length < n) return false
-          resolve(ScriptedEventSource.instances[n - 1])
-          return true
-        }
-        if (check()) return
-        const timer = setTimeout(() => reject(new Error(`no EventSource #${n}`)), 5000)
-        waiters.push(() => check() && (clearTimeout(timer), true))
-      })
-    }
-
-    constructor(url, init) {
-      this.url = new URL(url)
-      this.init = init
-      this.readyState = 0
-      this.lastId = ''
-      this.handlers = new Map()
-      this.onopen = this.onerror = null
-      ScriptedEventSource.instances.push(this)
-      for (const w of [...waiters]) if (w()) waiters.splice(waiters.indexOf(w), 1)
-    }
-    addEventListener(type, fn) {
-      if (!this.handlers.has(type)) this.handlers.set(type, new Set())
-      this.handlers.get(type).add(fn)
-    }
-    removeEventListener(type, fn) {
-      this.handlers.get(type)?.delete(fn)
-    }
-    close() {
-      this.readyState = 2
-    }
-    // --- the server's side -------------------------------------------------------------------
-    open() {
-      this.readyState = 1
-      this.onopen?.({ type: 'open' })
-    }
-    /** Dispatch one event; `id` undefined: no `id:` line (the last id is reported, per spec). */
-    send(type, data, id) {
-      if (id !== undefined) this.lastId = String(id)
-      const ev = { type, data: typeof data === 'string' ? data : JSON.stringify(data), lastEventId: this.lastId }
-      for (const fn of [...(this.handlers.get(type) ?? [])]) fn(ev)
-    }
-    notify(seq, event = 'pod.crash') {
-      this.send(event, { type: 'notification', topic: 'alerts.k8s', seq, event, data: { seq } }, seq)
-    }
-    subscribed(lastSeq) {
-      this.send('subscribed', { type: 'subscribed', topic: 'alerts.k8s', last_seq: lastSeq })
-    }
-    /** The connection dropped; the browser reconnects by itself (readyState CONNECTING). */
-    drop() {
-      this.readyState = 0
-      this.onerror?.({ type: 'error' })
-    }
-    /** An HTTP refusal (401, 403...): the browser gives up for good (readyState CLOSED). */
-    refuse() {
-      this.readyState = 2
-      this.onerror?.({ type: 'error' })
-    }
-  }
-  return ScriptedEventSource
-}
 
 const streams = []
 after(() => streams.forEach((s) => s.close()))
@@ -95,22 +26,6 @@ function stream(options = {}) {
   const s = new NotifyEventStream(BASE, { events: ['pod.crash'], backoff: FAST, ...options, EventSource: Impl })
   streams.push(s)
   return { s, Impl }
-}
-
-/** Resolve with the first payload of `event` for which `predicate` holds (5 s limit). */
-function waitFor(s, event, predicate = () => true) {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      off()
-      reject(new Error(`timed out waiting for ${event}`))
-    }, 5000)
-    const off = s.on(event, (payload) => {
-      if (!predicate(payload)) return
-      clearTimeout(timer)
-      off()
-      resolve(payload)
-    })
-  })
 }
 
 const seqsOf = (s) => {

@@ -5,7 +5,16 @@ A transport is a module-level object with
 - ``send(delivery, provider, *, timeout_s) -> Receipt``: hand one delivery to one provider within
   ``timeout_s`` (the breaker's call timeout); raise ``DeliveryError`` when it was not accepted;
 - ``check_health(provider, *, timeout_s) -> None``: raise ``DeliveryError`` when the provider
-  cannot take calls now (SMTP connect + EHLO + NOOP, HTTP GET of the ``health_url`` option).
+  cannot take calls now (SMTP connect + EHLO + NOOP, HTTP GET of the ``health_url`` option);
+
+and, where a kind needs them (push does), two hooks that run on the thread that claimed the rows
+and may use the database, which ``send`` must not:
+
+- ``prepare(deliveries) -> None``: load what ``send`` will need of the claimed rows (push: each
+  recipient's subscription, its keys);
+- ``settled(delivery, error) -> None``: after a call, what the kind keeps of its outcome
+  (``error`` None: sent; push: the subscription's last success, or its removal when the push
+  service says it is gone).
 
 ``delivery`` is a ``Delivery`` with its ``notification`` (and that one's ``topic``) and ``channel``
 loaded; ``provider`` a ``Provider``. Secrets come from the environment variable the provider's
@@ -36,7 +45,9 @@ class DeliveryError(Exception):
     Otherwise transient: the next provider is tried at once and the delivery retried later, not
     before ``retry_after_s`` when the provider said so. ``timeout``: the call ran past its time.
     ``disable_provider``: the provider itself is gone (a webhook's 410): disable it, with this
-    error's message as the reason.
+    error's message as the reason. ``recipient_gone``: the recipient's address no longer exists
+    (a push subscription the push service answers 404/410 for): the transport's ``settled``
+    forgets it.
     """
 
     def __init__(
@@ -48,6 +59,7 @@ class DeliveryError(Exception):
         http_status: int | None = None,
         timeout: bool = False,
         disable_provider: bool = False,
+        recipient_gone: bool = False,
     ) -> None:
         super().__init__(message)
         self.permanent = permanent
@@ -55,6 +67,7 @@ class DeliveryError(Exception):
         self.http_status = http_status
         self.timeout = timeout
         self.disable_provider = disable_provider
+        self.recipient_gone = recipient_gone
 
 
 class Transport(Protocol):
@@ -84,13 +97,18 @@ def provider_secret(provider) -> str:
 @functools.cache
 def _registry() -> dict[str, Transport]:
     # Imported on first use: the transports import this module's types.
-    from . import email, sms, webhook
+    from . import email, push, sms, webhook
 
-    return {"email": email.transport, "sms": sms.transport, "webhook": webhook.transport}
+    return {
+        "email": email.transport,
+        "sms": sms.transport,
+        "webhook": webhook.transport,
+        "push": push.transport,
+    }
 
 
 def transport_for(kind: str) -> Transport:
-    """The transport of a channel kind: ``email``, ``sms`` or ``webhook``."""
+    """The transport of a channel kind: ``email``, ``sms``, ``webhook`` or ``push``."""
     try:
         return _registry()[kind]
     except KeyError:

@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from routing_app.delivery import transitions
 from routing_app.delivery.breaker import BreakerConfig, breakers_from_settings
-from routing_app.models import Provider
+from routing_app.models import Channel, Provider
 
 
 def find_provider(spec: str) -> Provider:
@@ -42,7 +42,7 @@ class Command(BaseCommand):
                 if provider
                 else list(
                     Provider.objects.select_related("channel").filter(
-                        channel__kind__in=["email", "sms", "webhook"]
+                        channel__kind__in=Channel.OUTBOUND_KINDS
                     )
                 )
             )

@@ -8,7 +8,12 @@ import { useNotifyTopic, useServerSentEvents } from '/static/notify/composables.
 import { NotifySocketManager } from '/static/notify/socket.js'
 
 const api = new URL(location.href).searchParams.get('api')
-const token = () => window.__notifyToken()
+/** While held (holdTokens), token requests wait: nothing can reach the server. */
+let tokenGate = null
+const token = async () => {
+  if (tokenGate) await tokenGate.promise
+  return window.__notifyToken()
+}
 
 /** Every WebSocket / EventSource a mounted app opened, by app id, to check they were closed. */
 const opened = {}
@@ -114,6 +119,32 @@ const domSeqs = (id) => {
   return el ? [...el.querySelectorAll('li')].map((li) => Number(li.dataset.seq)) : null
 }
 
+/** A topic list with `persist` (localStorage under its own key): cached items are marked. */
+const persisted = {}
+const PersistedList = (id, topic) =>
+  defineComponent({
+    setup() {
+      const t = useNotifyTopic(topic, {
+        url: api,
+        token,
+        persist: true,
+        persistKey: `notify-test:${id}`,
+        socketOptions: { WebSocket: tracked(WebSocket, id), backoff: { baseMs: 100, maxMs: 1000 } },
+      })
+      persisted[id] = t
+      return () =>
+        h('div', [
+          h('p', { class: 'state' }, t.state.value),
+          h('p', { class: 'connected' }, String(t.connected.value)),
+          h('p', { class: 'cached' }, String(t.cached.value)),
+          h(
+            'ol',
+            t.notifications.value.map((n) => h('li', { 'data-seq': n.seq, 'data-cached': String(!!n.cached) }, n.event)),
+          ),
+        ])
+    },
+  })
+
 /** Composables used outside any component (as from a store or plugin), by id. */
 const detached = {}
 
@@ -151,7 +182,8 @@ window.harness = {
   },
   /** A bare manager (no Vue) following `topic`; its log records what it delivered. */
   startManager(name, topic, since = null) {
-    const m = new NotifySocketManager({ url: api, token, backoff: { baseMs: 100, maxMs: 1000 } })
+    // WebSocket only: these tests count the socket's own subscriptions across a server restart.
+    const m = new NotifySocketManager({ url: api, token, backoff: { baseMs: 100, maxMs: 1000 }, fallback: false })
     const log = { seqs: [], states: [], errors: [], resets: [], closes: [], subscribed: 0 }
     m.on('notification', (n) => log.seqs.push(n.seq))
     m.on('subscribed', () => {
@@ -166,6 +198,71 @@ window.harness = {
     logs[name] = log
     return true
   },
+  /**
+   * A bare manager with a quick SSE fallback (two failed sockets, WebSocket retried after
+   * 0.3-1 s): its log records seqs, transports, acks and publish errors.
+   */
+  startFallback(name, topic) {
+    const m = new NotifySocketManager({
+      url: api,
+      token,
+      backoff: { baseMs: 100, maxMs: 500 },
+      fallback: { after: 2, retry: { baseMs: 300, maxMs: 1000 } },
+      WebSocket: tracked(WebSocket, `${name}-ws`),
+      EventSource: tracked(EventSource, `${name}-sse`),
+    })
+    const log = { seqs: [], transports: [], acks: [], errors: [], subscribed: 0 }
+    m.on('notification', (n) => log.seqs.push(n.seq))
+    m.on('subscribed', () => {
+      log.subscribed += 1
+    })
+    m.on('transport', (t) => log.transports.push(t.transport))
+    m.on('error', (e) => log.errors.push(e.code))
+    m.connect(topic)
+    managers[name] = m
+    logs[name] = log
+    return true
+  },
+  /** Publish through manager `name`; the ack (or the error's code) lands in its log. */
+  publish(name, event, data) {
+    const m = managers[name]
+    m.publish([...m.topics.keys()][0], event, data).then(
+      (ack) => logs[name].acks.push(ack),
+      (err) => logs[name].acks.push({ error: err.code ?? err.message }),
+    )
+    return true
+  },
+  transport: (name) => managers[name].transport([...managers[name].topics.keys()][0]),
+  holdTokens() {
+    let release
+    const promise = new Promise((resolve) => {
+      release = resolve
+    })
+    tokenGate = { promise, release }
+    return true
+  },
+  releaseTokens() {
+    tokenGate?.release()
+    tokenGate = null
+    return true
+  },
+  /**
+   * Mount a persisted list and report, in the same turn (before any network event could be
+   * handled), what the composable holds and how many sockets were opened.
+   */
+  mountPersisted(id, topic) {
+    mountInto(id, PersistedList(id, topic))
+    const t = persisted[id]
+    return {
+      seqs: t.notifications.value.map((n) => n.seq),
+      cached: t.notifications.value.map((n) => !!n.cached),
+      flag: t.cached.value,
+      sockets: (opened[id] ?? []).length,
+    }
+  },
+  /** The `data-cached` marks the app at `id` renders, in display order. */
+  cachedMarks: (id) => [...document.querySelectorAll(`#${id} li`)].map((li) => li.dataset.cached === 'true'),
+  cachedText: (id) => document.querySelector(`#${id} .cached`)?.textContent ?? null,
   managerLog: (name) => ({ ...logs[name], state: managers[name].state([...managers[name].topics.keys()][0]) }),
   stopManager(name) {
     managers[name].close()
