@@ -3,9 +3,11 @@
 - ``free_port``, ``wait_listening``: a port to listen on, and waiting until something does;
 - ``RedisServer``: a redis-server of the test's own (never the shared one), restartable on its port;
 - ``fresh_database``, ``server_environment``: an empty database and the environment of the server
-  processes of one test module; ``seed``, ``run_script``, ``trim_retention`` work on it;
+  processes of one test module; ``seed`` (a copy of one seeded template per run, on Postgres),
+  ``run_script``, ``trim_retention`` work on it;
 - ``NotifyServer``: uvicorn serving notify with exactly the command line of ``manage.py serve``;
 - ``CeleryWorker``: ``celery -A notify_project worker`` as ``manage.py serve`` runs it;
+- ``spawned``: several of those started at once;
 - ``Inbox``: what arrives on other threads, waited for without sleeps.
 
 The peers of the email, SMS and webhook channels (an SMTP server, an HTTP receiver) are in
