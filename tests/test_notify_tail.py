@@ -133,13 +133,15 @@ def test_tail_prints_only_new_notifications_in_order_and_ends_on_ctrl_c(server, 
     assert "Traceback" not in tail.output()
 
 
-def test_tail_since_replays_then_follows_as_json_and_ends_quietly_when_the_pipe_closes(server):
+def test_tail_without_redis_replays_after_since_follows_as_json_and_ends_at_a_closed_pipe(server):
+    """Without REDIS_URL (as in the embedded mode) the tail hears no wake-up: it reads the stream
+    at intervals, and still prints each notification once, in order."""
     for n in range(1, 4):
         server.post("tail.pipe", "tick", {"n": n})
     tail = subprocess.Popen(
         notify_argv("tail", "tail.pipe", "--since", "1", "--format", "json"),
         cwd=ROOT,
-        env=server.env,
+        env={**server.env, "REDIS_URL": ""},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
