@@ -187,7 +187,10 @@ class ApiKeyAuth(HttpBearer):
         return await self.authenticate(request, raw.strip())
 
     async def authenticate(self, request: HttpRequest, token: str) -> KeyInfo:
-        info = await authenticate_raw(token, deadline_of(request))
+        return self.scoped(await authenticate_raw(token, deadline_of(request)))
+
+    def scoped(self, info: KeyInfo) -> KeyInfo:
+        """``info`` when the key has this auth's scope; else 403 saying which it lacks."""
         if self.scope and self.scope not in info.scopes:
             raise AuthorizationError(403, f"this API key lacks the '{self.scope}' scope")
         return info
