@@ -96,8 +96,14 @@ def uvicorn_websocket(send: Send):
     Used only for the fast path below; every attribute it relies on is checked here, so a future
     uvicorn that changes them falls back to plain ASGI sends instead of breaking.
     """
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    except ImportError:  # another server, or a uvicorn without that protocol
+        return None
     proto = getattr(send, "__self__", None)
-    if type(proto).__name__ != "WebSocketsSansIOProtocol":
+    # A subclass counts (manage.py serve runs notify_project.uvicorn_protocols'): matching the
+    # class by name turned this path off for it, and every frame went through ASGI sends.
+    if not isinstance(proto, WebSocketsSansIOProtocol):
         return None
     for name in ("transport", "writable", "conn", "close_sent", "disconnected"):
         if not hasattr(proto, name):

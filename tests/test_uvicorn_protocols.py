@@ -49,3 +49,16 @@ async def test_the_flag_waits_until_set_and_clears():
     assert not late.done()
     flag.set()
     assert await asyncio.wait_for(late, 1) is True
+
+
+def test_the_served_protocol_takes_the_direct_write_path():
+    """``manage.py serve``'s WebSocket protocol (our subclass) is recognised by the sender, so a
+    batch of prebuilt frames leaves in one transport write instead of an ASGI send per frame."""
+    from channels_app.sender import uvicorn_websocket
+    from notify_project.uvicorn_protocols import WebSocketsProtocol
+
+    proto = object.__new__(WebSocketsProtocol)
+    for name in ("transport", "writable", "conn", "close_sent", "disconnected"):
+        setattr(proto, name, None)
+    assert uvicorn_websocket(proto.send) is proto
+    assert uvicorn_websocket(object().__str__) is None
