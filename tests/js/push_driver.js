@@ -39,18 +39,20 @@ try {
     }),
   ]).finally(() => clearTimeout(timer))
   await cdp.send('ServiceWorker.deliverPushMessage', { origin, registrationId, data: message })
-  const handle = await page.waitForFunction(
-    async () => {
+  // Polled from here: waitForFunction takes a promise the page returns for a truthy answer, so
+  // an async predicate could end the wait before any notification was shown.
+  const deadline = Date.now() + WAIT_MS
+  let shown = []
+  while (!shown.length && Date.now() < deadline) {
+    shown = await page.evaluate(async () => {
       const registration = await navigator.serviceWorker.ready
-      const shown = await registration.getNotifications()
-      return shown.length
-        ? shown.map((n) => ({ title: n.title, body: n.body, tag: n.tag, data: n.data }))
-        : null
-    },
-    null,
-    { timeout: WAIT_MS, polling: 50 },
-  )
-  process.stdout.write(`${JSON.stringify({ notifications: await handle.jsonValue() })}\n`)
+      const found = await registration.getNotifications()
+      return found.map((n) => ({ title: n.title, body: n.body, tag: n.tag, data: n.data }))
+    })
+    if (!shown.length) await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  if (!shown.length) throw new Error(`no notification shown within ${WAIT_MS} ms`)
+  process.stdout.write(`${JSON.stringify({ notifications: shown })}\n`)
 } catch (err) {
   process.stdout.write(`${JSON.stringify({ error: String(err?.stack ?? err) })}\n`)
 } finally {
