@@ -342,6 +342,20 @@ def run_script(env: dict[str, str], script: str, *args: str) -> str:
     return done.stdout
 
 
+@contextlib.contextmanager
+def seeded_server(directory: Path, name: str, **extra: str) -> Iterator[tuple[NotifyServer, dict]]:
+    """notify running for the block on a seeded database of its own (``server_environment``
+    with ``extra``): the server and what ``seed`` made for it."""
+    with server_environment(directory, name, **extra) as env:
+        setup = seed(env)
+        process = NotifyServer(env, directory / "server.log")
+        try:
+            process.start()
+            yield process, setup
+        finally:
+            process.stop()
+
+
 def seed(env: dict[str, str]) -> dict:
     """Migrate ``env``'s database and create the personas the server tests use: sam, oscar
     (staff) and olga, an API key with the scopes ingest and tokens, an hour's client token each

@@ -17,7 +17,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from ptyprocess import PtyProcess
 
-from tests.servers import ROOT, WAIT_S, Inbox, NotifyServer, seed, server_environment
+from tests.servers import ROOT, WAIT_S, Inbox, NotifyServer, seeded_server
 
 INTERRUPTED_EXIT = 130
 # The text format: time, topic, #seq, severity, event, data.
@@ -39,15 +39,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("tail")
-    with server_environment(workdir, "tail") as env:
-        setup = seed(env)
-        process = NotifyServer(env, workdir / "server.log")
-        try:
-            process.start()
-            yield Server(process, setup)
-        finally:
-            process.stop()
+    with seeded_server(tmp_path_factory.mktemp("tail"), "tail") as (process, setup):
+        yield Server(process, setup)
 
 
 def notify_argv(*args: str) -> list[str]:

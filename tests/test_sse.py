@@ -26,7 +26,7 @@ from django.conf import settings
 from django.core import signing
 
 from channels_app import sse, tokens
-from tests.servers import NotifyServer, RedisServer, seed, server_environment, trim_retention
+from tests.servers import NotifyServer, RedisServer, seeded_server, trim_retention
 
 EVENT_TIMEOUT_S = 20  # upper bound for one awaited event; passing runs take far less
 APP_ORIGIN = "http://app.test"  # the server's NOTIFY_ALLOWED_ORIGINS
@@ -70,16 +70,10 @@ class Server:
 def running_server(workdir: Path, name: str, **overrides: str) -> Iterator[Server]:
     """A seeded database and a uvicorn process serving notify on it (``overrides``: more env)."""
     sse_env = {"SSE_KEEPALIVE_S": "1", "SOCKET_SEND_QUEUE": str(SEND_QUEUE)}
-    with server_environment(
+    with seeded_server(
         workdir, name, NOTIFY_ALLOWED_ORIGINS=APP_ORIGIN, **sse_env, **overrides
-    ) as env:
-        setup = seed(env)
-        process = NotifyServer(env, workdir / "server.log")
-        try:
-            process.start()
-            yield Server(process, setup)
-        finally:
-            process.stop()
+    ) as (process, setup):
+        yield Server(process, setup)
 
 
 @pytest.fixture(scope="module")
